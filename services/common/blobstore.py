@@ -1,0 +1,189 @@
+"""Checkpoint and image blobs in the S3 store (MinIO in production, Swift s3api locally).
+
+Every blob is addressed by a ``BlobRef`` carrying its sha256 and size, recorded at upload; a
+download whose bytes do not hash to the recorded digest raises ``IntegrityError`` and is never
+handed on. The minio client is synchronous, so every call runs in a worker thread: the event loop
+of a service never waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from services.common.config import S3Config
+
+MULTIPART_PART_SIZE = 16 * 1024 * 1024
+SHA256_META = "sha256"
+
+
+class BlobError(Exception):
+    """The store could not be reached or refused the operation."""
+
+
+class BlobNotFound(BlobError):
+    """No object under that key."""
+
+
+class IntegrityError(BlobError):
+    """The bytes fetched do not match the digest or size recorded at upload."""
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """Where a blob lives and what its bytes must hash to (the ``blob_ref`` schema)."""
+
+    bucket: str
+    key: str
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlobRef:
+        return cls(str(data["bucket"]), str(data["key"]), str(data["sha256"]), int(data["size"]))
+
+
+class BlobStore:
+    """Async put/get/stat/delete of verified blobs in one bucket."""
+
+    def __init__(self, config: S3Config) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=60.0),
+            maxsize=16,
+            retries=urllib3.Retry(total=3, backoff_factor=0.1, status_forcelist=(500, 502, 503)),
+        )
+        self._client = Minio(
+            config.endpoint,
+            access_key=config.access_key,
+            secret_key=config.secret_key,
+            region=config.region,
+            secure=config.secure,
+            http_client=http,
+        )
+        self._bucket_ready = False
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except S3Error as exc:
+            if exc.code in {"NoSuchKey", "NoSuchObject"}:
+                raise BlobNotFound(f"s3://{self.bucket}/{exc.object_name}: not found") from exc
+            raise BlobError(f"S3 {exc.code}: {exc.message} ({self.config.endpoint})") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BlobError(f"S3 store at {self.config.endpoint} unreachable: {exc}") from exc
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket on first use (idempotent)."""
+        if self._bucket_ready:
+            return
+        if not await self._call(self._client.bucket_exists, self.bucket):
+            try:
+                await self._call(self._client.make_bucket, self.bucket, self.config.region)
+            except BlobError as exc:
+                if "BucketAlreadyOwnedByYou" not in str(exc):
+                    raise
+        self._bucket_ready = True
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str = "application/json") -> BlobRef:
+        """Upload ``data`` and return its reference (sha256 computed here, stored as metadata)."""
+        await self.ensure_bucket()
+        digest = hashlib.sha256(data).hexdigest()
+        await self._call(
+            self._client.put_object,
+            self.bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+            metadata={SHA256_META: digest},
+            part_size=MULTIPART_PART_SIZE,
+        )
+        return BlobRef(self.bucket, key, digest, len(data))
+
+    async def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> BlobRef:
+        """Upload a file (multipart above 16 MiB) and return its reference."""
+        await self.ensure_bucket()
+        digest = await asyncio.to_thread(_sha256_file, path)
+        await self._call(
+            self._client.fput_object,
+            self.bucket,
+            key,
+            str(path),
+            content_type=content_type,
+            metadata={SHA256_META: digest},
+            part_size=MULTIPART_PART_SIZE,
+        )
+        return BlobRef(self.bucket, key, digest, path.stat().st_size)
+
+    async def get_bytes(self, ref: BlobRef) -> bytes:
+        """Download and verify; raise IntegrityError rather than return bytes that do not match."""
+        data: bytes = await self._call(self._read_object, ref.bucket, ref.key)
+        _verify(ref, len(data), hashlib.sha256(data).hexdigest())
+        return data
+
+    def _read_object(self, bucket: str, key: str) -> bytes:
+        response = self._client.get_object(bucket, key)
+        try:
+            return bytes(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    async def get_file(self, ref: BlobRef, path: Path) -> None:
+        """Download to ``path`` atomically: the file appears only once verified."""
+        partial = path.with_name(path.name + ".partial")
+        await self._call(self._client.fget_object, ref.bucket, ref.key, str(partial))
+        try:
+            _verify(ref, partial.stat().st_size, await asyncio.to_thread(_sha256_file, partial))
+        except IntegrityError:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(path)
+
+    async def stat(self, key: str) -> BlobRef:
+        """The reference of a stored blob, from its recorded metadata."""
+        info = await self._call(self._client.stat_object, self.bucket, key)
+        metadata = {k.lower(): v for k, v in (info.metadata or {}).items()}
+        digest = metadata.get(f"x-amz-meta-{SHA256_META}", "")
+        return BlobRef(self.bucket, key, digest, int(info.size or 0))
+
+    async def delete(self, key: str) -> None:
+        await self._call(self._client.remove_object, self.bucket, key)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        def collect() -> list[str]:
+            objects = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return [o.object_name for o in objects if o.object_name]
+
+        await self.ensure_bucket()
+        keys: list[str] = await self._call(collect)
+        return keys
+
+
+def _verify(ref: BlobRef, size: int, digest: str) -> None:
+    if size != ref.size or digest != ref.sha256:
+        raise IntegrityError(
+            f"s3://{ref.bucket}/{ref.key}: expected sha256 {ref.sha256[:12]}… ({ref.size} B), "
+            f"got {digest[:12]}… ({size} B): the blob is corrupt or was replaced"
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

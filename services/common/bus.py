@@ -1,0 +1,366 @@
+"""The message bus every Ferry service uses: one MQTT v5 connection with validated JSON payloads.
+
+Why a wrapper over aiomqtt: every payload is checked against ``schemas/`` on send and on receive,
+a malformed message is reported on ``ferry/v1/errors`` instead of killing the service, requests and
+replies use MQTT 5 response topic + correlation data, and a lost broker connection is re-established
+with backoff (resubscribing) without the service noticing more than a delay.
+
+``manual_ack=True`` keeps QoS 1 messages unacknowledged until the service calls ``ack``; with a
+persistent session (``session_expiry`` > 0) anything not acked is redelivered to whichever client
+takes the session over next — that is how an app's input survives a migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+import orjson
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from services.common import contract, topics
+from services.common.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+
+class BusError(Exception):
+    """The broker could not be reached, or a publish/subscribe failed."""
+
+
+class RequestTimeout(BusError):
+    """No reply arrived within the timeout; the request may or may not have been carried out."""
+
+
+class RemoteError(Exception):
+    """The other side answered a request with an error; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One received, decoded and validated message."""
+
+    topic: str
+    payload: dict[str, Any]
+    retain: bool = False
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    mid: int = 0
+    qos: int = 0
+    generation: int = 0
+    received: float = field(default_factory=time.time)
+
+
+def now_ms() -> int:
+    """Wall clock in integer milliseconds, the timestamp unit of every Ferry payload."""
+    return time.time_ns() // 1_000_000
+
+
+class Bus:
+    """An MQTT v5 client for one Ferry component (see the module docstring)."""
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        client_id: str,
+        *,
+        will: tuple[str, dict[str, Any]] | None = None,
+        session_expiry: int = 0,
+        manual_ack: bool = False,
+        validate_inbound: bool = True,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.reply_topic = topics.replies(client_id)
+        self._will = will
+        self._session_expiry = session_expiry
+        self._manual_ack = manual_ack
+        self._validate_inbound = validate_inbound
+        self._connect_timeout = connect_timeout
+        self._client: aiomqtt.Client | None = None
+        self._generation = 0
+        self._subscriptions: dict[str, int] = {}
+        self._pending: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> Bus:
+        await self._connect()
+        self._reader = asyncio.create_task(self._read_forever(), name=f"bus-{self.client_id}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no last will is sent); pending requests fail."""
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.__aexit__(None, None, None)
+            self._client = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(BusError("bus closed"))
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _new_client(self) -> aiomqtt.Client:
+        will = None
+        if self._will is not None:
+            will_topic, will_payload = self._will
+            contract.validate(will_topic, will_payload)
+            will = aiomqtt.Will(will_topic, orjson.dumps(will_payload), qos=1, retain=True)
+        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props.SessionExpiryInterval = self._session_expiry
+        connect_props.ReceiveMaximum = 1000
+        client = aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will,
+            clean_start=self._session_expiry == 0,
+            keepalive=self.broker.keepalive,
+            properties=connect_props,
+            timeout=10,
+        )
+        if self._manual_ack:
+            # aiomqtt does not expose manual acks; paho (its engine) does, publicly.
+            client._client.manual_ack_set(True)
+        return client
+
+    async def _connect(self) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(aiomqtt.MqttError),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self._connect_timeout),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    client = self._new_client()
+                    await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise BusError(
+                f"cannot connect to MQTT broker {self.broker.host}:{self.broker.port} "
+                f"as {self.client_id!r}: {exc}"
+            ) from exc
+        self._client = client
+        self._generation += 1
+        await client.subscribe(self.reply_topic, qos=1)
+        for topic_filter, qos in self._subscriptions.items():
+            await client.subscribe(topic_filter, qos=qos)
+
+    async def _read_forever(self) -> None:
+        while not self._closing:
+            client = self._client
+            assert client is not None
+            try:
+                async for message in client.messages:
+                    self._dispatch(message)
+            except aiomqtt.MqttError as exc:
+                if self._closing:
+                    return
+                log.warning("%s: lost broker connection (%s); reconnecting", self.client_id, exc)
+                with contextlib.suppress(Exception):
+                    await client.__aexit__(None, None, None)
+                await self._connect()
+
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        try:
+            payload = orjson.loads(message.payload) if message.payload else {}
+            if not isinstance(payload, dict):
+                raise contract.ContractError("payload is not a JSON object")
+            if self._validate_inbound:
+                contract.validate(topic, payload)
+        except orjson.JSONDecodeError as exc:
+            self._reject(topic, f"not valid JSON: {exc}", response_topic, correlation, message)
+            return
+        except contract.ContractError as exc:
+            self._reject(topic, str(exc), response_topic, correlation, message)
+            return
+        inbound = Inbound(
+            topic=topic,
+            payload=payload,
+            retain=bool(message.retain),
+            response_topic=response_topic,
+            correlation=bytes(correlation) if correlation is not None else None,
+            mid=message.mid,
+            qos=message.qos,
+            generation=self._generation,
+        )
+        if topic == self.reply_topic:
+            future = self._pending.pop(inbound.correlation or b"", None)
+            if future is not None and not future.done():
+                future.set_result(payload)
+            self.ack(inbound)
+            return
+        self._inbox.put_nowait(inbound)
+
+    def _reject(
+        self,
+        topic: str,
+        reason: str,
+        response_topic: str | None,
+        correlation: bytes | None,
+        message: aiomqtt.Message,
+    ) -> None:
+        """Report a bad message where operators look, answer its sender, and drop it."""
+        log.warning("%s: rejected message on %s: %s", self.client_id, topic, reason)
+        report = {"source": self.client_id, "topic": topic, "reason": reason, "time": now_ms()}
+        asyncio.create_task(self._publish_quietly(topics.ERRORS, report))
+        if response_topic:
+            error = {"ok": False, "error": {"code": "invalid_message", "message": reason}}
+            asyncio.create_task(self._publish_quietly(response_topic, error, correlation))
+        if self._manual_ack and message.qos > 0 and self._client is not None:
+            self._client._client.ack(message.mid, message.qos)
+
+    async def _publish_quietly(
+        self, topic: str, payload: dict[str, Any], correlation: bytes | None = None
+    ) -> None:
+        try:
+            await self.publish(topic, payload, correlation=correlation)
+        except Exception as exc:
+            log.warning("%s: could not publish to %s: %s", self.client_id, topic, exc)
+
+    # -- publish / subscribe ----------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        payload: dict[str, Any] | None,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
+        """Validate and publish; ``payload=None`` with ``retain=True`` clears a retained message."""
+        if self._client is None:
+            raise BusError(f"{self.client_id}: not connected")
+        if payload is not None:
+            contract.validate(topic, payload)
+        props = None
+        if response_topic or correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation is not None:
+                props.CorrelationData = correlation
+        body = orjson.dumps(payload) if payload is not None else b""
+        try:
+            await self._client.publish(topic, body, qos=qos, retain=retain, properties=props)
+        except aiomqtt.MqttError as exc:
+            raise BusError(f"publish to {topic} failed: {exc}") from exc
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now and again after every reconnect."""
+        if self._client is None:
+            raise BusError(f"{self.client_id}: not connected")
+        self._subscriptions[topic_filter] = qos
+        await self._client.subscribe(topic_filter, qos=qos)
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        self._subscriptions.pop(topic_filter, None)
+        if self._client is not None:
+            await self._client.unsubscribe(topic_filter)
+
+    async def messages(self) -> AsyncIterator[Inbound]:
+        """Valid messages on this client's subscriptions, in arrival order (replies excluded)."""
+        while True:
+            yield await self._inbox.get()
+
+    def pending(self) -> int:
+        """Received messages not yet taken from ``messages()``."""
+        return self._inbox.qsize()
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a QoS 1 message (manual-ack buses only; a no-op otherwise).
+
+        An ack for a message from an earlier connection is dropped: the broker will redeliver it.
+        """
+        if not self._manual_ack or message.qos == 0 or self._client is None:
+            return
+        if message.generation != self._generation:
+            return
+        self._client._client.ack(message.mid, message.qos)
+
+    # -- request / reply --------------------------------------------------------------------
+
+    async def request(
+        self, topic: str, payload: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Send a request and wait for its reply; return ``result`` or raise RemoteError."""
+        correlation = uuid.uuid4().hex.encode()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = future
+        try:
+            await self.publish(
+                topic, payload, response_topic=self.reply_topic, correlation=correlation
+            )
+            reply = await asyncio.wait_for(future, timeout or self.broker.request_timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply on {topic} within {timeout or self.broker.request_timeout:g} s"
+            ) from None
+        finally:
+            self._pending.pop(correlation, None)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise RemoteError(
+                error.get("code", "unknown"), error.get("message", ""), error.get("details")
+            )
+        result: dict[str, Any] = reply.get("result") or {}
+        return result
+
+    async def reply(
+        self,
+        request: Inbound,
+        result: dict[str, Any] | None = None,
+        *,
+        error: RemoteError | None = None,
+    ) -> None:
+        """Answer a request on its response topic (a request without one gets nothing)."""
+        if not request.response_topic:
+            return
+        body: dict[str, Any]
+        if error is None:
+            body = {"ok": True, "result": result or {}}
+        else:
+            body = {"ok": False, "error": {"code": error.code, "message": error.message}}
+            if error.details:
+                body["error"]["details"] = error.details
+        await self.publish(request.response_topic, body, correlation=request.correlation)

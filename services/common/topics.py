@@ -1,0 +1,67 @@
+"""Every MQTT topic Ferry uses, built in one place (each must appear in schemas/asyncapi.yaml)."""
+
+from __future__ import annotations
+
+PREFIX = "ferry/v1"
+ERRORS = f"{PREFIX}/errors"
+SCHEDULER_COMMANDS = f"{PREFIX}/scheduler/commands"
+STATESTORE_REQUESTS = f"{PREFIX}/statestore/requests"
+ALL = f"{PREFIX}/#"
+
+
+def node_status(node: str) -> str:
+    return f"{PREFIX}/nodes/{node}/status"
+
+
+def node_heartbeat(node: str) -> str:
+    return f"{PREFIX}/nodes/{node}/heartbeat"
+
+
+def node_commands(node: str) -> str:
+    return f"{PREFIX}/nodes/{node}/commands"
+
+
+def component_status(component: str) -> str:
+    return f"{PREFIX}/components/{component}/status"
+
+
+def replies(client_id: str) -> str:
+    return f"{PREFIX}/replies/{client_id}"
+
+
+def app_input(service: str) -> str:
+    return f"{PREFIX}/apps/{service}/in"
+
+
+def app_output(service: str) -> str:
+    return f"{PREFIX}/apps/{service}/out"
+
+
+def mobility(device: str) -> str:
+    return f"{PREFIX}/mobility/{device}"
+
+
+def migration_events(migration_id: str) -> str:
+    return f"{PREFIX}/migrations/{migration_id}/events"
+
+
+def service_state(service: str) -> str:
+    return f"{PREFIX}/services/{service}/state"
+
+
+# Templates as written in asyncapi.yaml; tests check each is declared there.
+TEMPLATES = (
+    ERRORS,
+    SCHEDULER_COMMANDS,
+    STATESTORE_REQUESTS,
+    node_status("{node}"),
+    node_heartbeat("{node}"),
+    node_commands("{node}"),
+    component_status("{component}"),
+    replies("{client}"),
+    app_input("{service}"),
+    app_output("{service}"),
+    mobility("{device}"),
+    migration_events("{migration}"),
+    service_state("{service}"),
+)
