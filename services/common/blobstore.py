@@ -97,7 +97,9 @@ class BlobStore:
                     raise
         self._bucket_ready = True
 
-    async def put_bytes(self, key: str, data: bytes, content_type: str = "application/json") -> BlobRef:
+    async def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/json"
+    ) -> BlobRef:
         """Upload ``data`` and return its reference (sha256 computed here, stored as metadata)."""
         await self.ensure_bucket()
         digest = hashlib.sha256(data).hexdigest()
@@ -113,7 +115,9 @@ class BlobStore:
         )
         return BlobRef(self.bucket, key, digest, len(data))
 
-    async def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> BlobRef:
+    async def put_file(
+        self, key: str, path: Path, content_type: str = "application/octet-stream"
+    ) -> BlobRef:
         """Upload a file (multipart above 16 MiB) and return its reference."""
         await self.ensure_bucket()
         digest = await asyncio.to_thread(_sha256_file, path)
@@ -126,7 +130,8 @@ class BlobStore:
             metadata={SHA256_META: digest},
             part_size=MULTIPART_PART_SIZE,
         )
-        return BlobRef(self.bucket, key, digest, path.stat().st_size)
+        size = (await asyncio.to_thread(path.stat)).st_size
+        return BlobRef(self.bucket, key, digest, size)
 
     async def get_bytes(self, ref: BlobRef) -> bytes:
         """Download and verify; raise IntegrityError rather than return bytes that do not match."""

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -101,6 +101,7 @@ class Bus:
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Bus:
         await self._connect()
@@ -241,12 +242,17 @@ class Bus:
         """Report a bad message where operators look, answer its sender, and drop it."""
         log.warning("%s: rejected message on %s: %s", self.client_id, topic, reason)
         report = {"source": self.client_id, "topic": topic, "reason": reason, "time": now_ms()}
-        asyncio.create_task(self._publish_quietly(topics.ERRORS, report))
+        self._in_background(self._publish_quietly(topics.ERRORS, report))
         if response_topic:
             error = {"ok": False, "error": {"code": "invalid_message", "message": reason}}
-            asyncio.create_task(self._publish_quietly(response_topic, error, correlation))
+            self._in_background(self._publish_quietly(response_topic, error, correlation))
         if self._manual_ack and message.qos > 0 and self._client is not None:
             self._client._client.ack(message.mid, message.qos)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _publish_quietly(
         self, topic: str, payload: dict[str, Any], correlation: bytes | None = None

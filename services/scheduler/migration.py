@@ -1,0 +1,321 @@
+"""Where a migration's phases are decided: the state machine of migrate, suspend and resume.
+
+migrate:  planned → target_ready → source_paused → checkpoint_stored → target_serving
+          → source_stopped → committed
+suspend:  planned → source_paused → checkpoint_stored → source_stopped → committed
+resume:   planned → target_ready → target_serving → committed
+Any failure: rolling_back → rolled_back (the source serves again, the target is discarded).
+
+The source is stopped only after the target confirmed it serves. Before rolling back, the target
+is asked whether it already serves: if it does, it may have applied (and acknowledged) input, so
+the migration is rolled *forward* instead — discarding it would lose that input.
+Every phase is an event on ``ferry/v1/migrations/{id}/events`` time-stamped by the actor that did
+it; downtime is the target's ``resumed_at`` minus the source's ``paused_at``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from services.common import topics
+from services.common.bus import Bus, BusError, RemoteError, now_ms
+from services.scheduler.clients import ExecutorClient, StatestoreClient
+
+log = logging.getLogger(__name__)
+
+FINAL_PHASES = ("committed", "rolled_back", "failed")
+
+
+def new_migration_id() -> str:
+    return f"m-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class Plan:
+    """What a migration, suspend or resume is to do; stored so a new scheduler can finish it."""
+
+    id: str
+    kind: str
+    service: str
+    trigger: str
+    source: str | None
+    target: str | None
+    source_instance: str | None
+    target_instance: str | None
+    epoch: int
+    record: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def to_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Plan:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+
+class MigrationFailed(Exception):
+    """A phase failed; ``phase`` is the one that was under way."""
+
+    def __init__(self, phase: str, cause: BaseException) -> None:
+        super().__init__(f"{phase}: {cause}")
+        self.phase = phase
+        self.cause = cause
+
+
+class MigrationRunner:
+    """Drives plans through their phases against the executors and records every step."""
+
+    def __init__(self, bus: Bus, executors: ExecutorClient, store: StatestoreClient) -> None:
+        self.bus = bus
+        self.executors = executors
+        self.store = store
+
+    async def emit(
+        self,
+        plan: Plan,
+        phase: str,
+        actor: str | None = "scheduler",
+        at: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        event: dict[str, Any] = {
+            "migration": plan.id,
+            "service": plan.service,
+            "kind": plan.kind,
+            "phase": phase,
+            "time": int(at if at is not None else now_ms()),
+            "actor": actor or "scheduler",
+            "source": plan.source,
+            "target": plan.target,
+            "trigger": plan.trigger,
+        }
+        if detail:
+            event["detail"] = detail
+        await self.bus.publish(topics.migration_events(plan.id), event)
+
+    async def plan(self, plan: Plan) -> None:
+        """Record the plan before anything moves (a restarted scheduler reads it back)."""
+        await self.store.put_migration(plan.to_record())
+        await self.emit(plan, "planned")
+
+    # -- the three flows --------------------------------------------------------------------
+
+    async def run(self, plan: Plan) -> dict[str, Any]:
+        """Carry out a planned migration/suspend/resume; returns the final event's detail."""
+        flow = {"migrate": self._migrate, "suspend": self._suspend, "resume": self._resume}
+        try:
+            return await flow[plan.kind](plan)
+        except MigrationFailed as failure:
+            log.warning("%s %s of %s failed: %s", plan.kind, plan.id, plan.service, failure)
+            return await self.roll_back(plan, f"{failure.phase} failed: {failure.cause}")
+
+    async def _step(self, phase: str, coro: Any) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = await coro
+        except (RemoteError, BusError) as exc:
+            raise MigrationFailed(phase, exc) from exc
+        return result
+
+    async def _preboot(self, plan: Plan) -> None:
+        assert plan.target and plan.target_instance
+        service = plan.record
+        ready = await self._step(
+            "target pre-boot",
+            self.executors.start(
+                plan.target,
+                service=plan.service,
+                instance=plan.target_instance,
+                app=service["app"],
+                runtime=service["runtime"],
+                image=service["image"],
+                params=service.get("params") or {},
+                mode="wait",
+                migration=plan.id,
+            ),
+        )
+        await self.emit(plan, "target_ready", plan.target, detail=ready.get("timings"))
+
+    async def _checkpoint(self, plan: Plan, stop_after: bool) -> dict[str, Any]:
+        assert plan.source and plan.source_instance
+        return await self._step(
+            "checkpoint",
+            self.executors.checkpoint(
+                plan.source,
+                service=plan.service,
+                instance=plan.source_instance,
+                migration=plan.id,
+                stop_after=stop_after,
+            ),
+        )
+
+    async def _record_checkpoint(self, plan: Plan, checkpoint: dict[str, Any]) -> None:
+        """Events and the checkpoint record, off the critical path of the restore."""
+        assert plan.source
+        ref = checkpoint["checkpoint"]
+        await self.emit(plan, "source_paused", plan.source, at=checkpoint["paused_at"])
+        await self.emit(
+            plan,
+            "checkpoint_stored",
+            plan.source,
+            detail={"bytes": ref["size"], "key": ref["key"], **checkpoint.get("timings", {})},
+        )
+        await self.store.record_checkpoint(
+            {
+                "service": plan.service,
+                "migration": plan.id,
+                **ref,
+                "watermark": checkpoint.get("watermark") or {},
+                "time": int(checkpoint["paused_at"]),
+            }
+        )
+
+    async def _restore(self, plan: Plan, ref: dict[str, Any]) -> dict[str, Any]:
+        assert plan.target and plan.target_instance
+        return await self._step(
+            "restore",
+            self.executors.restore(
+                plan.target,
+                service=plan.service,
+                instance=plan.target_instance,
+                checkpoint=ref,
+                migration=plan.id,
+            ),
+        )
+
+    async def _migrate(self, plan: Plan) -> dict[str, Any]:
+        assert plan.source and plan.target
+        await self._preboot(plan)
+        checkpoint = await self._checkpoint(plan, stop_after=False)
+        # Downtime runs from here: restore first, bookkeeping alongside it.
+        restored, _ = await asyncio.gather(
+            self._restore(plan, checkpoint["checkpoint"]),
+            self._record_checkpoint(plan, checkpoint),
+        )
+        await self.emit(
+            plan,
+            "target_serving",
+            plan.target,
+            at=restored["resumed_at"],
+            detail=restored["timings"],
+        )
+        detail = {
+            "downtime_ms": round(restored["resumed_at"] - checkpoint["paused_at"], 3),
+            "bytes_moved": checkpoint["checkpoint"]["size"],
+        }
+        return await self._commit(plan, detail)
+
+    async def _suspend(self, plan: Plan) -> dict[str, Any]:
+        checkpoint = await self._checkpoint(plan, stop_after=True)
+        await self._record_checkpoint(plan, checkpoint)
+        await self.emit(plan, "source_stopped", plan.source)
+        await self.store.put_service(
+            {**plan.record, "node": None, "instance": None, "status": "suspended"}
+        )
+        detail = {"bytes_moved": checkpoint["checkpoint"]["size"]}
+        await self.emit(plan, "committed", detail={**detail, "total_ms": self._total_ms(plan)})
+        return detail
+
+    async def _resume(self, plan: Plan) -> dict[str, Any]:
+        latest = await self.store.latest_checkpoint(plan.service)
+        if latest is None:
+            raise MigrationFailed("resume", LookupError(f"{plan.service} has no checkpoint"))
+        await self._preboot(plan)
+        ref = {k: latest[k] for k in ("bucket", "key", "sha256", "size")}
+        restored = await self._restore(plan, ref)
+        await self.emit(
+            plan,
+            "target_serving",
+            plan.target,
+            at=restored["resumed_at"],
+            detail=restored["timings"],
+        )
+        return await self._commit(plan, {"bytes_moved": ref["size"]})
+
+    async def _commit(self, plan: Plan, detail: dict[str, Any]) -> dict[str, Any]:
+        """The target serves: record it, then (only then) stop the source for good."""
+        await self.store.put_service(
+            {
+                **plan.record,
+                "node": plan.target,
+                "instance": plan.target_instance,
+                "epoch": plan.epoch,
+                "status": "serving",
+            }
+        )
+        if plan.source and plan.source_instance:
+            try:
+                await self.executors.stop(plan.source, plan.service, plan.source_instance)
+                await self.emit(plan, "source_stopped", plan.source)
+            except (RemoteError, BusError) as exc:
+                # The target serves and owns the input session; a source we cannot reach holds
+                # nothing that matters. Note it in the record rather than undo a good migration.
+                detail["source_stop_error"] = str(exc)
+        detail["total_ms"] = self._total_ms(plan)
+        await self.emit(plan, "committed", detail=detail)
+        return detail
+
+    # -- failure ----------------------------------------------------------------------------
+
+    async def target_serving(self, plan: Plan) -> bool:
+        """Does the target already run this plan's instance with input flowing?"""
+        if not plan.target or not plan.target_instance:
+            return False
+        try:
+            status = await self.executors.call(plan.target, "status")
+        except (RemoteError, BusError):
+            return False
+        return any(
+            i["instance"] == plan.target_instance and i["state"] == "serving"
+            for i in status.get("instances", [])
+        )
+
+    async def roll_back(self, plan: Plan, reason: str) -> dict[str, Any]:
+        """Undo a failed plan so the source serves again; or finish it if the target serves."""
+        if plan.kind != "suspend" and await self.target_serving(plan):
+            log.warning("%s: target already serving; rolling forward", plan.id)
+            return await self._commit(plan, {"rolled_forward": reason})
+        await self.emit(plan, "rolling_back", detail={"error": reason})
+        notes: dict[str, Any] = {"error": reason}
+        if plan.target and plan.target_instance:
+            try:
+                await self.executors.stop(plan.target, plan.service, plan.target_instance)
+            except (RemoteError, BusError) as exc:
+                notes["target_stop_error"] = str(exc)
+        status = "suspended" if plan.kind == "resume" else "serving"
+        if plan.source and plan.source_instance:
+            try:
+                await self.executors.resume(plan.source, plan.service, plan.source_instance)
+            except (RemoteError, BusError) as exc:
+                notes["source_resume_error"] = str(exc)
+                status = "failed"
+        with contextlib.suppress(RemoteError, BusError):
+            await self.store.put_service({**plan.record, "status": status})
+        notes["total_ms"] = self._total_ms(plan)
+        await self.emit(plan, "rolled_back", detail=notes)
+        return notes
+
+    async def recover(self, plan: Plan, phase: str) -> dict[str, Any]:
+        """Finish or undo a plan a previous scheduler process left at ``phase``."""
+        reason = f"scheduler restarted during phase {phase}"
+        if plan.kind == "suspend" and phase in ("checkpoint_stored", "source_stopped"):
+            with contextlib.suppress(RemoteError, BusError):
+                assert plan.source and plan.source_instance
+                await self.executors.stop(plan.source, plan.service, plan.source_instance)
+            await self.store.put_service(
+                {**plan.record, "node": None, "instance": None, "status": "suspended"}
+            )
+            await self.emit(plan, "committed", detail={"recovered": reason})
+            return {"recovered": reason}
+        return await self.roll_back(plan, reason)
+
+    @staticmethod
+    def _total_ms(plan: Plan) -> float:
+        return round((time.time() - plan.started) * 1000, 3)

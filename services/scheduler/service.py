@@ -1,0 +1,387 @@
+"""The scheduler: turns operator commands and device mobility into migrations, within limits.
+
+- One migration per service at a time (a second request is refused with ``migration_in_progress``).
+- At most ``max_parallel_per_node`` migrations touch a node at once; the rest wait in FIFO order
+  (``queued`` event). Slots are taken in node-name order so two migrations never deadlock.
+- Mobility: a service bound to a device follows it to the node of its new cell once the device has
+  stayed there for ``mobility_hysteresis`` seconds (a device bouncing between cells moves nothing).
+- On start it finishes or rolls back whatever a previous scheduler process left in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from services.common import images, topics
+from services.common.blobstore import BlobError, BlobStore
+from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
+from services.common.config import FerryConfig
+from services.scheduler.clients import ExecutorClient, StatestoreClient
+from services.scheduler.migration import MigrationRunner, Plan, new_migration_id
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class NodeSlots:
+    """Per-node limits on concurrent migrations, with a FIFO queue."""
+
+    def __init__(self, per_node: int) -> None:
+        self.per_node = per_node
+        self._slots: dict[str, asyncio.Semaphore] = {}
+
+    def _slot(self, node: str) -> asyncio.Semaphore:
+        return self._slots.setdefault(node, asyncio.Semaphore(self.per_node))
+
+    def would_wait(self, nodes: list[str]) -> bool:
+        return any(self._slot(n).locked() for n in nodes)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nodes: list[str]) -> Any:
+        taken: list[asyncio.Semaphore] = []
+        try:
+            for node in sorted(set(nodes)):
+                slot = self._slot(node)
+                await slot.acquire()
+                taken.append(slot)
+            yield
+        finally:
+            for slot in taken:
+                slot.release()
+
+
+class Scheduler:
+    """See the module docstring."""
+
+    def __init__(self, config: FerryConfig) -> None:
+        self.config = config
+        self.blobs = BlobStore(config.s3)
+        self.slots = NodeSlots(config.scheduler.max_parallel_per_node)
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.busy: dict[str, str] = {}
+        self._device_moves: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.bus: Bus | None = None
+        self.runner: MigrationRunner | None = None
+        self.store: StatestoreClient | None = None
+        self.executors: ExecutorClient | None = None
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        offline = {"component": "scheduler", "status": "offline", "time": now_ms()}
+        will = (topics.component_status("scheduler"), offline)
+        async with Bus(self.config.broker, "ferry-scheduler", will=will) as bus:
+            self.bus = bus
+            timeout = self.config.scheduler.phase_timeout
+            self.store = StatestoreClient(bus, timeout)
+            self.executors = ExecutorClient(bus, timeout)
+            self.runner = MigrationRunner(bus, self.executors, self.store)
+            for topic_filter in (
+                topics.SCHEDULER_COMMANDS,
+                topics.mobility("+"),
+                topics.node_status("+"),
+            ):
+                await bus.subscribe(topic_filter)
+            self._spawn(self._recover_in_flight())
+            online = {"component": "scheduler", "status": "online", "time": now_ms()}
+            await bus.publish(
+                topics.component_status("scheduler"), {**online, "version": VERSION}, retain=True
+            )
+            serve = asyncio.create_task(self._serve(bus))
+            try:
+                await (stop.wait() if stop is not None else serve)
+            finally:
+                serve.cancel()
+                offline["time"] = now_ms()
+                with contextlib.suppress(BusError):
+                    await bus.publish(topics.component_status("scheduler"), offline, retain=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _serve(self, bus: Bus) -> None:
+        async for message in bus.messages():
+            if message.topic == topics.SCHEDULER_COMMANDS:
+                self._spawn(self._answer(bus, message))
+            elif message.topic.startswith(f"{topics.PREFIX}/mobility/"):
+                self._on_mobility(message.payload)
+            else:
+                await self._on_node_status(message.payload)
+
+    async def _answer(self, bus: Bus, message: Inbound) -> None:
+        try:
+            result = await self.execute(message.payload)
+        except RemoteError as exc:
+            await bus.reply(message, error=exc)
+        except Exception as exc:
+            log.exception("command %s failed", message.payload.get("command"))
+            await bus.reply(message, error=RemoteError("internal", f"{type(exc).__name__}: {exc}"))
+        else:
+            await bus.reply(message, result)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def execute(self, command: dict[str, Any]) -> dict[str, Any]:
+        handler = getattr(self, f"_cmd_{command['command']}")
+        result: dict[str, Any] = await handler(command)
+        return result
+
+    async def _service(self, name: str) -> dict[str, Any]:
+        assert self.store is not None
+        try:
+            return await self.store.get_service(name)
+        except RemoteError as exc:
+            if exc.code == "unknown_service":
+                raise RemoteError("unknown_service", f"no service named {name!r}") from None
+            raise
+
+    def _require_online(self, node: str) -> None:
+        status = self.nodes.get(node)
+        if status is None:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            raise RemoteError("unknown_node", f"no node named {node!r} (known: {known})")
+        if status.get("status") != "online":
+            raise RemoteError("node_offline", f"node {node} is offline")
+
+    async def _cmd_deploy(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None and self.executors is not None
+        name, node = command["service"], command["node"]
+        runtime = command.get("runtime", "microvm")
+        self._require_online(node)
+        with contextlib.suppress(RemoteError):
+            existing = await self.store.get_service(name)
+            if existing.get("status") not in ("stopped", "failed"):
+                raise RemoteError(
+                    "service_exists", f"{name} already exists ({existing.get('status')})"
+                )
+        if runtime not in self.nodes[node].get("runtimes", []):
+            reason = self.nodes[node].get("unavailable", {}).get(runtime, "not offered")
+            raise RemoteError("runtime_unavailable", f"{node} cannot run {runtime}: {reason}")
+        try:
+            image = await images.resolve(self.blobs, command["app"], runtime)
+        except images.ImageNotFound as exc:
+            raise RemoteError("unknown_image", str(exc)) from None
+        except BlobError as exc:
+            raise RemoteError("blob_unavailable", str(exc)) from None
+        epoch = 1
+        record = {
+            "service": name,
+            "app": command["app"],
+            "runtime": runtime,
+            "node": node,
+            "instance": f"{name}.{epoch}",
+            "epoch": epoch,
+            "status": "deploying",
+            "device": command.get("device"),
+            "params": command.get("params") or {},
+            "image": image.to_dict(),
+        }
+        await self.store.put_service(record)
+        try:
+            started = await self.executors.start(
+                node,
+                service=name,
+                instance=record["instance"],
+                app=record["app"],
+                runtime=runtime,
+                image=record["image"],
+                params=record["params"],
+                mode="fresh",
+            )
+        except (RemoteError, BusError) as exc:
+            await self.store.put_service({**record, "status": "failed"})
+            raise RemoteError("deploy_failed", f"{name} on {node}: {exc}") from exc
+        await self.store.put_service({**record, "status": "serving"})
+        return {"service": name, "node": node, "instance": record["instance"], **started}
+
+    async def _cmd_stop(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None and self.executors is not None
+        record = await self._service(command["service"])
+        self._claim(record["service"], "stop")
+        try:
+            if record.get("node") and record.get("instance"):
+                await self.executors.stop(record["node"], record["service"], record["instance"])
+            await self.store.put_service(
+                {**record, "status": "stopped", "node": None, "instance": None}
+            )
+        finally:
+            self.busy.pop(record["service"], None)
+        return {"service": record["service"], "status": "stopped"}
+
+    async def _cmd_bind(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        record = await self._service(command["service"])
+        await self.store.put_service({**record, "device": command["device"]})
+        return {"service": record["service"], "device": command["device"]}
+
+    async def _cmd_migrate(
+        self, command: dict[str, Any], trigger: str = "operator"
+    ) -> dict[str, Any]:
+        record = await self._service(command["service"])
+        target = command["node"]
+        if record.get("status") != "serving":
+            raise RemoteError(
+                "not_serving", f"{record['service']} is {record.get('status')}, not serving"
+            )
+        if record.get("node") == target:
+            raise RemoteError("same_node", f"{record['service']} already runs on {target}")
+        self._require_online(target)
+        epoch = int(record["epoch"]) + 1
+        plan = Plan(
+            id=new_migration_id(),
+            kind="migrate",
+            service=record["service"],
+            trigger=trigger,
+            source=record["node"],
+            target=target,
+            source_instance=record["instance"],
+            target_instance=f"{record['service']}.{epoch}",
+            epoch=epoch,
+            record=_service_fields(record),
+        )
+        return await self._launch(plan)
+
+    async def _cmd_suspend(self, command: dict[str, Any]) -> dict[str, Any]:
+        record = await self._service(command["service"])
+        if record.get("status") != "serving":
+            raise RemoteError(
+                "not_serving", f"{record['service']} is {record.get('status')}, not serving"
+            )
+        plan = Plan(
+            id=new_migration_id(),
+            kind="suspend",
+            service=record["service"],
+            trigger="operator",
+            source=record["node"],
+            target=None,
+            source_instance=record["instance"],
+            target_instance=None,
+            epoch=int(record["epoch"]),
+            record=_service_fields(record),
+        )
+        return await self._launch(plan)
+
+    async def _cmd_resume(self, command: dict[str, Any]) -> dict[str, Any]:
+        record = await self._service(command["service"])
+        if record.get("status") != "suspended":
+            raise RemoteError(
+                "not_suspended", f"{record['service']} is {record.get('status')}, not suspended"
+            )
+        self._require_online(command["node"])
+        epoch = int(record["epoch"]) + 1
+        plan = Plan(
+            id=new_migration_id(),
+            kind="resume",
+            service=record["service"],
+            trigger="operator",
+            source=None,
+            target=command["node"],
+            source_instance=None,
+            target_instance=f"{record['service']}.{epoch}",
+            epoch=epoch,
+            record=_service_fields(record),
+        )
+        return await self._launch(plan)
+
+    def _claim(self, service: str, migration: str) -> None:
+        if service in self.busy:
+            raise RemoteError(
+                "migration_in_progress", f"{service} is already being moved ({self.busy[service]})"
+            )
+        self.busy[service] = migration
+
+    async def _launch(self, plan: Plan) -> dict[str, Any]:
+        """Record the plan, then run it in the background; the reply names the migration."""
+        assert self.runner is not None and self.store is not None
+        self._claim(plan.service, plan.id)
+        try:
+            await self.runner.plan(plan)
+            if plan.kind != "resume":
+                await self.store.put_service({**plan.record, "status": "migrating"})
+        except BaseException:
+            self.busy.pop(plan.service, None)
+            raise
+        self._spawn(self._drive(plan))
+        return {"migration": plan.id, "service": plan.service, "kind": plan.kind}
+
+    async def _drive(self, plan: Plan) -> None:
+        assert self.runner is not None
+        nodes = [n for n in (plan.source, plan.target) if n]
+        try:
+            if self.slots.would_wait(nodes):
+                await self.runner.emit(plan, "queued")
+            async with self.slots.hold(nodes):
+                await self.runner.run(plan)
+        except Exception as exc:
+            log.exception("%s: %s failed unexpectedly", plan.id, plan.kind)
+            with contextlib.suppress(Exception):
+                await self.runner.emit(plan, "failed", detail={"error": str(exc)})
+        finally:
+            self.busy.pop(plan.service, None)
+
+    # -- mobility and nodes -----------------------------------------------------------------
+
+    def _on_mobility(self, event: dict[str, Any]) -> None:
+        device = event["device"]
+        pending = self._device_moves.pop(device, None)
+        if pending is not None:
+            pending.cancel()
+        self._device_moves[device] = self._spawn(self._follow(device, event["node"]))
+
+    async def _follow(self, device: str, node: str) -> None:
+        """After the hysteresis delay, move every service bound to ``device`` to ``node``."""
+        assert self.store is not None
+        await asyncio.sleep(self.config.scheduler.mobility_hysteresis)
+        self._device_moves.pop(device, None)
+        for record in await self.store.list_services():
+            if record.get("device") != device or record.get("node") in (node, None):
+                continue
+            try:
+                await self._cmd_migrate({"service": record["service"], "node": node}, "mobility")
+            except RemoteError as exc:
+                log.warning("mobility of %s: cannot move %s: %s", device, record["service"], exc)
+
+    async def _on_node_status(self, status: dict[str, Any]) -> None:
+        node = status["node"]
+        was_online = self.nodes.get(node, {}).get("status") == "online"
+        self.nodes[node] = status
+        if was_online and status["status"] == "offline" and self.bus is not None:
+            report = {
+                "source": "ferry-scheduler",
+                "topic": topics.node_status(node),
+                "reason": f"node {node} went offline",
+                "time": now_ms(),
+            }
+            with contextlib.suppress(BusError):
+                await self.bus.publish(topics.ERRORS, report)
+
+    async def _recover_in_flight(self) -> None:
+        """Finish or roll back the migrations a previous scheduler left unfinished."""
+        assert self.runner is not None and self.store is not None
+        try:
+            open_migrations = await self.store.open_migrations()
+        except (RemoteError, BusError) as exc:
+            log.error("cannot read unfinished migrations from the statestore: %s", exc)
+            return
+        for record in open_migrations:
+            plan = Plan.from_record(record.get("plan") or record)
+            phase = str(record.get("phase") or "planned")
+            log.warning(
+                "recovering %s %s of %s (left at %s)", plan.kind, plan.id, plan.service, phase
+            )
+            self.busy[plan.service] = plan.id
+            try:
+                await self.runner.recover(plan, phase)
+            finally:
+                self.busy.pop(plan.service, None)
+
+
+def _service_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A service record without the fields the statestore sets itself."""
+    return {k: v for k, v in record.items() if k != "time"}
