@@ -1,0 +1,99 @@
+"""The operator's side of the bus: commands to the scheduler, queries to the statestore, progress.
+
+Used by the ``ferry`` CLI, ``make demo`` and the tests, so all three drive Ferry the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from services.common import topics
+from services.common.bus import Bus, RemoteError
+from services.common.config import FerryConfig
+from services.scheduler.migration import FINAL_PHASES
+
+COMMAND_TIMEOUT = 120.0
+
+
+class Operator:
+    """An operator session: ``async with Operator(config) as ops: await ops.migrate(...)``."""
+
+    def __init__(self, config: FerryConfig) -> None:
+        self.config = config
+        self.bus = Bus(config.broker, f"ferry-cli-{uuid.uuid4().hex[:10]}", validate_inbound=True)
+        self._events: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._router: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Operator:
+        await self.bus.__aenter__()
+        await self.bus.subscribe(topics.migration_events("+"))
+        self._router = asyncio.create_task(self._route_events())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._router is not None:
+            self._router.cancel()
+        await self.bus.close()
+
+    async def _route_events(self) -> None:
+        async for message in self.bus.messages():
+            event = message.payload
+            self._events.setdefault(event["migration"], asyncio.Queue()).put_nowait(event)
+
+    async def command(self, command: str, **args: Any) -> dict[str, Any]:
+        payload = {"command": command, **{k: v for k, v in args.items() if v is not None}}
+        return await self.bus.request(topics.SCHEDULER_COMMANDS, payload, COMMAND_TIMEOUT)
+
+    async def query(self, op: str, **args: Any) -> dict[str, Any]:
+        payload = {"op": op, **{k: v for k, v in args.items() if v is not None}}
+        return await self.bus.request(topics.STATESTORE_REQUESTS, payload, COMMAND_TIMEOUT)
+
+    async def follow(
+        self,
+        migration: str,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float = 300.0,
+    ) -> dict[str, Any]:
+        """Wait for a migration's final event, reporting each phase; returns the final event."""
+        queue = self._events.setdefault(migration, asyncio.Queue())
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await queue.get()
+                if on_event is not None:
+                    on_event(event)
+                if event["phase"] in FINAL_PHASES:
+                    return event
+
+    async def move(
+        self,
+        command: str,
+        service: str,
+        node: str | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """migrate / suspend / resume and wait until it is committed or rolled back."""
+        started = await self.command(command, service=service, node=node)
+        return await self.follow(started["migration"], on_event)
+
+    async def wait_serving(self, service: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll the statestore until ``service`` serves (after deploy or a move)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    record: dict[str, Any] = (await self.query("get_service", service=service))[
+                        "service"
+                    ]
+                except RemoteError:
+                    record = {}
+                if record.get("status") == "serving":
+                    return record
+                await asyncio.sleep(0.1)

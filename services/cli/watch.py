@@ -1,0 +1,49 @@
+"""``ferry watch``: a live, readable stream of Ferry's topics for operators."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from rich.console import Console
+
+from services.common import topics
+from services.common.bus import Bus
+from services.common.config import FerryConfig
+
+console = Console(highlight=False)
+
+STYLE = {"migrations": "bold cyan", "errors": "bold red", "nodes": "green", "apps": "dim"}
+
+
+def summarize(topic: str, payload: dict[str, Any]) -> str:
+    """One line that says what a message means, not everything it holds."""
+    kind = topic.split("/")[2] if topic.count("/") >= 2 else topic
+    if kind == "migrations":
+        detail = payload.get("detail") or {}
+        shown = ", ".join(f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict))
+        route = f"{payload.get('source') or '-'} → {payload.get('target') or '-'}"
+        return f"{payload['service']} {payload.get('kind', '')} {route}: {payload['phase']} {shown}"
+    if kind == "nodes" and topic.endswith("/status"):
+        names = [i["service"] + ":" + i["state"] for i in payload.get("instances", [])]
+        return f"{payload.get('node')} {payload.get('status')} [{', '.join(names)}]"
+    if kind == "errors":
+        return f"{payload.get('source')}: {payload.get('reason')} (on {payload.get('topic')})"
+    if kind == "apps":
+        return f"{payload.get('producer')}#{payload.get('seq')} {payload.get('data')}"
+    return str(payload)[:160]
+
+
+async def watch(config: FerryConfig, topic_filter: str = "#") -> None:
+    """Print every message under ferry/v1/<filter> until interrupted."""
+    async with Bus(
+        config.broker, f"ferry-watch-{uuid.uuid4().hex[:8]}", validate_inbound=False
+    ) as bus:
+        await bus.subscribe(f"{topics.PREFIX}/{topic_filter}", qos=0)
+        async for message in bus.messages():
+            kind = message.topic.split("/")[2] if message.topic.count("/") >= 2 else ""
+            short = message.topic.removeprefix(topics.PREFIX + "/")
+            stamp = time.strftime("%H:%M:%S")
+            line = summarize(message.topic, message.payload)
+            console.print(f"{stamp} [{STYLE.get(kind, 'white')}]{short:<40}[/] {line}")
