@@ -1,0 +1,14 @@
+"""The local stack behind ``ferry up`` / ``ferry down`` / ``ferry status``.
+
+Everything else in this package is private; use::
+
+    info = await Stack(load_config()).up(progress=print)
+    ...
+    await Stack(load_config()).down()
+"""
+
+from services.stack.errors import StackError
+from services.stack.ferry_services import ServiceSpec
+from services.stack.stack import ComponentStatus, Stack, StackInfo
+
+__all__ = ["ComponentStatus", "ServiceSpec", "Stack", "StackError", "StackInfo"]

@@ -1,0 +1,81 @@
+"""``python -m services.stack up|down|status [--config PATH]``: the stack by hand.
+
+The ``ferry`` CLI offers the same commands; this entry point exists so the stack can be run and
+debugged on its own. Exit status: 0 on success (for ``status``: everything ready), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from services.common.config import ConfigError, load_config
+from services.stack import ComponentStatus, Stack, StackError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--config", type=Path, help="TOML config file (default: see ferry docs)")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        stack = Stack(load_config(args.config))
+        return asyncio.run(_run(args.command, stack, console))
+    except (StackError, ConfigError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", markup=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(command: str, stack: Stack, console: Console) -> int:
+    started = time.monotonic()
+    if command == "up":
+
+        def progress(message: str) -> None:
+            console.print(f"[dim]{time.monotonic() - started:6.2f}s[/] {message}")
+
+        info = await stack.up(progress)
+        cfg = info.config
+        console.print(
+            f"[bold green]up[/] in {info.elapsed:.1f} s — S3 http://{cfg.s3.endpoint} "
+            f"(bucket {cfg.s3.bucket}), MQTT {cfg.broker.host}:{cfg.broker.port}, "
+            f"config {info.config_path}"
+        )
+        return 0
+    if command == "down":
+        await stack.down()
+        console.print(
+            f"[bold]down[/] in {time.monotonic() - started:.1f} s (logs kept in {stack.log_dir})"
+        )
+        return 0
+    statuses = await stack.status()
+    if not statuses:
+        console.print(f"no stack running in {stack.dir}")
+        return 1
+    Console().print(_table(statuses))
+    return 0 if all(s.ready for s in statuses) else 1
+
+
+def _table(statuses: list[ComponentStatus]) -> Table:
+    table = Table("component", "pid", "alive", "ready", "detail")
+    for s in statuses:
+        table.add_row(
+            s.name,
+            str(s.pid or "-"),
+            "[green]yes[/]" if s.alive else "[red]no[/]",
+            "[green]yes[/]" if s.ready else "[red]no[/]",
+            s.detail,
+        )
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Shared fixtures: the real local infrastructure (Mosquitto + Swift s3api + memcached) and real
+Ferry service processes on top of it. Nothing here is a mock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common import topics
+from services.common.bus import Bus
+from services.common.config import FerryConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def unikernel_builds() -> Path:
+    """``make -C unikernel`` once per session; the build directory."""
+    subprocess.run(["make", "-s", "-C", str(REPO / "unikernel")], check=True)
+    return REPO / "unikernel" / "build"
+
+
+@pytest.fixture(scope="session")
+async def infra(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FerryConfig]:
+    """Broker and S3 store started by the project's own stack code, for the whole session."""
+    from services.stack import Stack
+
+    directory = tmp_path_factory.mktemp("stack")
+    config = load_config(
+        env={"FERRY_STACK__DIR": str(directory), "FERRY_EXECUTOR__ACCEL": "tcg"}
+    )
+    stack = Stack(config, services=[])
+    info = await stack.up()
+    try:
+        yield info.config
+    finally:
+        await stack.down()
+
+
+class ServiceProcesses:
+    """Real Ferry service processes (``python -m services.<name>``) for one test module."""
+
+    def __init__(self, config_path: Path, log_dir: Path) -> None:
+        self.config_path = config_path
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *extra: str) -> None:
+        package = name.split("@")[0]
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{package}", "--config", str(self.config_path), *extra],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, sig)
+        proc.wait(10)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+
+async def wait_online(config: FerryConfig, status_topics: list[str], timeout: float = 30.0) -> None:
+    """Wait for each retained status topic to say online."""
+    async with Bus(config.broker, f"test-wait-{uuid.uuid4().hex[:6]}", validate_inbound=False) as bus:
+        waiting = set(status_topics)
+        for topic in status_topics:
+            await bus.subscribe(topic)
+        async with asyncio.timeout(timeout):
+            async for message in bus.messages():
+                if message.payload.get("status") == "online":
+                    waiting.discard(message.topic)
+                if not waiting:
+                    return
+
+
+def stack_config(infra: FerryConfig, directory: Path, **overrides: str) -> tuple[FerryConfig, Path]:
+    """A config for service processes on the session infra, written to ``directory``."""
+    env = {
+        "FERRY_BROKER__PORT": str(infra.broker.port),
+        "FERRY_S3__ENDPOINT": infra.s3.endpoint,
+        "FERRY_STACK__DIR": str(directory),
+        "FERRY_EXECUTOR__ACCEL": "tcg",
+        "FERRY_EXECUTOR__HEARTBEAT_INTERVAL": "1.0",
+        "FERRY_STATESTORE__DATABASE": str(directory / "statestore.db"),
+        **overrides,
+    }
+    config = load_config(env=env)
+    path = directory / "ferry.toml"
+    path.write_text(config.to_toml())
+    return load_config(path, env={}), path
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[ServiceProcesses]:
+    procs = ServiceProcesses(tmp_path / "ferry.toml", tmp_path)
+    yield procs
+    procs.stop_all()
