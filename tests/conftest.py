@@ -34,9 +34,7 @@ async def infra(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ferry
     from services.stack import Stack
 
     directory = tmp_path_factory.mktemp("stack")
-    config = load_config(
-        env={"FERRY_STACK__DIR": str(directory), "FERRY_EXECUTOR__ACCEL": "tcg"}
-    )
+    config = load_config(env={"FERRY_STACK__DIR": str(directory), "FERRY_EXECUTOR__ACCEL": "tcg"})
     stack = Stack(config, services=[])
     info = await stack.up()
     try:
@@ -57,7 +55,14 @@ class ServiceProcesses:
         package = name.split("@")[0]
         log = (self.log_dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{package}", "--config", str(self.config_path), *extra],
+            [
+                sys.executable,
+                "-m",
+                f"services.{package}",
+                "--config",
+                str(self.config_path),
+                *extra,
+            ],
             stdout=log,
             stderr=log,
             start_new_session=True,
@@ -78,7 +83,9 @@ class ServiceProcesses:
 
 async def wait_online(config: FerryConfig, status_topics: list[str], timeout: float = 30.0) -> None:
     """Wait for each retained status topic to say online."""
-    async with Bus(config.broker, f"test-wait-{uuid.uuid4().hex[:6]}", validate_inbound=False) as bus:
+    async with Bus(
+        config.broker, f"test-wait-{uuid.uuid4().hex[:6]}", validate_inbound=False
+    ) as bus:
         waiting = set(status_topics)
         for topic in status_topics:
             await bus.subscribe(topic)

@@ -137,11 +137,10 @@ async def cmd_nodes(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
         nodes = (await ops.query("list_nodes"))["nodes"]
     table = Table("node", "status", "runtimes", "accel", "instances")
-    for n in nodes:
-        doc = n.get("doc") or n
+    for doc in nodes:
         accel = doc.get("accel") or {}
         table.add_row(
-            n.get("name") or doc.get("node", "?"),
+            doc["node"],
             doc.get("status", "?"),
             ", ".join(doc.get("runtimes", [])),
             accel.get("mode", "-"),
@@ -174,11 +173,14 @@ async def cmd_migrations(config: FerryConfig, args: argparse.Namespace) -> int:
 
 async def cmd_checkpoint_show(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
-        latest = (await ops.query("latest_checkpoint", service=args.service)).get("checkpoint")
-    if not latest:
-        err.print(f"error: {args.service} has no checkpoint yet (migrate or suspend it first)")
-        return 1
-    ref = BlobRef.from_dict(latest)
+        try:
+            latest = await ops.query("latest_checkpoint", service=args.service)
+        except RemoteError as exc:
+            if exc.code != "no_checkpoint":
+                raise
+            err.print(f"error: {args.service} has no checkpoint yet (migrate or suspend it first)")
+            return 1
+    ref = BlobRef.from_dict(latest["checkpoint"])
     document = orjson.loads(await BlobStore(config.s3).get_bytes(ref))
     console.print(f"s3://{ref.bucket}/{ref.key}  {ref.size} bytes  sha256 {ref.sha256[:16]}…")
     console.print_json(orjson.dumps(document).decode())

@@ -89,9 +89,7 @@ class Operator:
         async with asyncio.timeout(timeout):
             while True:
                 try:
-                    record: dict[str, Any] = (await self.query("get_service", service=service))[
-                        "service"
-                    ]
+                    record = await self.query("get_service", service=service)
                 except RemoteError:
                     record = {}
                 if record.get("status") == "serving":

@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from services.common import topics
-from services.common.bus import Bus
+from services.common.bus import Bus, RemoteError
 
 
 def new_request_id() -> str:
@@ -51,7 +51,7 @@ class StatestoreClient:
         return await self.bus.request(topics.STATESTORE_REQUESTS, {"op": op, **args}, self.timeout)
 
     async def get_service(self, service: str) -> dict[str, Any]:
-        return (await self.call("get_service", service=service))["service"]
+        return await self.call("get_service", service=service)
 
     async def list_services(self) -> list[dict[str, Any]]:
         services: list[dict[str, Any]] = (await self.call("list_services"))["services"]
@@ -64,9 +64,14 @@ class StatestoreClient:
         await self.call("record_checkpoint", record=record)
 
     async def latest_checkpoint(self, service: str) -> dict[str, Any] | None:
-        checkpoint: dict[str, Any] | None = (
-            await self.call("latest_checkpoint", service=service)
-        ).get("checkpoint")
+        """The newest checkpoint's blob reference, or None if the service has none."""
+        try:
+            latest = await self.call("latest_checkpoint", service=service)
+        except RemoteError as exc:
+            if exc.code == "no_checkpoint":
+                return None
+            raise
+        checkpoint: dict[str, Any] = latest["checkpoint"]
         return checkpoint
 
     async def put_migration(self, record: dict[str, Any]) -> None:

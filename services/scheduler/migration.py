@@ -103,7 +103,17 @@ class MigrationRunner:
 
     async def plan(self, plan: Plan) -> None:
         """Record the plan before anything moves (a restarted scheduler reads it back)."""
-        await self.store.put_migration(plan.to_record())
+        await self.store.put_migration(
+            {
+                "id": plan.id,
+                "service": plan.service,
+                "kind": plan.kind,
+                "trigger": plan.trigger,
+                "source": plan.source,
+                "target": plan.target,
+                "plan": plan.to_record(),
+            }
+        )
         await self.emit(plan, "planned")
 
     # -- the three flows --------------------------------------------------------------------
@@ -228,7 +238,7 @@ class MigrationRunner:
         if latest is None:
             raise MigrationFailed("resume", LookupError(f"{plan.service} has no checkpoint"))
         await self._preboot(plan)
-        ref = {k: latest[k] for k in ("bucket", "key", "sha256", "size")}
+        ref = latest
         restored = await self._restore(plan, ref)
         await self.emit(
             plan,

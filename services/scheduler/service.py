@@ -370,7 +370,10 @@ class Scheduler:
             log.error("cannot read unfinished migrations from the statestore: %s", exc)
             return
         for record in open_migrations:
-            plan = Plan.from_record(record.get("plan") or record)
+            if not record.get("plan"):
+                log.error("migration %s has no recorded plan; cannot recover it", record["id"])
+                continue
+            plan = Plan.from_record(record["plan"])
             phase = str(record.get("phase") or "planned")
             log.warning(
                 "recovering %s %s of %s (left at %s)", plan.kind, plan.id, plan.service, phase

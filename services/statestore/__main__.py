@@ -1,0 +1,5 @@
+import sys
+
+from services.statestore.main import main
+
+sys.exit(main())

@@ -1,0 +1,379 @@
+"""The statestore's MQTT side: answers requests, records node status and migration events.
+
+Why a persistent session with manual acks: the statestore must lose nothing across its own
+restart. Its session (client id ``ferry-statestore``) outlives the process, so the broker queues
+events published while it is down, and each message is acknowledged only once its write is
+committed to SQLite; whatever was received but not yet committed is delivered again, and every
+write is idempotent (see ``db.py``), so a second delivery changes nothing.
+
+Messages are handled one at a time, in arrival order: writes are serialised by the single database
+thread anyway, and in-order handling keeps each service's retained state in the order its writes
+were made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jsonschema import Draft202012Validator
+
+from services.common import contract, topics
+from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
+from services.common.config import FerryConfig
+from services.statestore.db import DEFAULT_LIMIT, Conflict, Database, NotFound
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+COMPONENT = "statestore"
+CLIENT_ID = "ferry-statestore"
+# A day: long enough to cover any restart or upgrade of the statestore, short enough that a
+# statestore that is gone for good does not make the broker queue events forever.
+SESSION_EXPIRY_S = 86400
+
+T = TypeVar("T")
+
+_COMMON = "common.schema.json#/$defs"
+# The shapes of put_migration and record_checkpoint records. statestore-request.schema.json only
+# says ``record`` is an object, so they are checked here (the schema should carry them).
+_MIGRATION_RECORD = {
+    "type": "object",
+    "required": ["id"],
+    "properties": {
+        "id": {"$ref": f"{_COMMON}/id"},
+        "service": {"$ref": f"{_COMMON}/name"},
+        "kind": {"enum": ["migrate", "suspend", "resume"]},
+        "trigger": {"type": ["string", "null"]},
+        "source": {"type": ["string", "null"]},
+        "target": {"type": ["string", "null"]},
+        "phase": {"$ref": "migration-event.schema.json#/properties/phase"},
+        "outcome": {"enum": ["committed", "rolled_back", "failed", None]},
+        "started": {"oneOf": [{"$ref": f"{_COMMON}/time_ms"}, {"type": "null"}]},
+        "finished": {"oneOf": [{"$ref": f"{_COMMON}/time_ms"}, {"type": "null"}]},
+        "downtime_ms": {"type": ["number", "null"], "minimum": 0},
+        "bytes_moved": {"type": ["integer", "null"], "minimum": 0},
+        "total_ms": {"type": ["number", "null"], "minimum": 0},
+        "error": {"type": ["string", "object", "null"]},
+        "plan": {"type": ["object", "null"]},
+    },
+    "additionalProperties": False,
+}
+_CHECKPOINT_RECORD = {
+    "type": "object",
+    "required": ["service", "bucket", "key", "sha256", "size", "watermark"],
+    "properties": {
+        "service": {"$ref": f"{_COMMON}/name"},
+        "bucket": {"$ref": f"{_COMMON}/blob_ref/properties/bucket"},
+        "key": {"$ref": f"{_COMMON}/blob_ref/properties/key"},
+        "sha256": {"$ref": f"{_COMMON}/blob_ref/properties/sha256"},
+        "size": {"$ref": f"{_COMMON}/blob_ref/properties/size"},
+        "watermark": {"$ref": f"{_COMMON}/watermark"},
+        "time": {"$ref": f"{_COMMON}/time_ms"},
+        "migration": {"oneOf": [{"$ref": f"{_COMMON}/id"}, {"type": "null"}]},
+    },
+    "additionalProperties": False,
+}
+
+
+def _record_validator(schema: dict[str, Any]) -> Draft202012Validator:
+    return Draft202012Validator(schema, registry=contract.schema_registry())
+
+
+def _check(validator: Draft202012Validator, record: dict[str, Any], what: str) -> None:
+    """Raise RemoteError('invalid_record') naming the first violation."""
+    error = next(iter(validator.iter_errors(record)), None)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        raise RemoteError("invalid_record", f"{what}: at {where}: {error.message}")
+
+
+def database_path(config: FerryConfig) -> Path:
+    """``statestore.database`` if set, else ``<stack.dir>/statestore.db``."""
+    if config.statestore.database:
+        return Path(config.statestore.database)
+    return config.stack.dir / "statestore.db"
+
+
+class StatestoreService:
+    """The statestore process's work (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: FerryConfig,
+        *,
+        client_id: str = CLIENT_ID,
+        database: Path | None = None,
+    ) -> None:
+        """``client_id`` and ``database`` override the defaults (tests run several side by side)."""
+        self.config = config
+        self.client_id = client_id
+        self.path = database or database_path(config)
+        self.bus: Bus | None = None
+        # Set once subscribed and online, cleared on the way out: lets an embedding (tests, a
+        # supervisor in-process) wait for a statestore that will answer.
+        self.ready = asyncio.Event()
+        self._db: Database | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._service_state = contract.validator("service-state.schema.json")
+        self._migration_record = _record_validator(_MIGRATION_RECORD)
+        self._checkpoint_record = _record_validator(_CHECKPOINT_RECORD)
+
+    # -- main loop --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until ``stop`` is set (or forever); publishes offline and closes the DB on exit.
+
+        Raises BusError if the broker cannot be reached, sqlite3.Error if the database cannot
+        be opened.
+        """
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statestore-db")
+        try:
+            self._db = await self._call(Database, self.path)
+            log.info("statestore database %s", self.path)
+            offline = self._component_status("offline")
+            will = (topics.component_status(COMPONENT), offline)
+            async with Bus(
+                self.config.broker,
+                self.client_id,
+                will=will,
+                session_expiry=SESSION_EXPIRY_S,
+                manual_ack=True,
+            ) as bus:
+                self.bus = bus
+                await bus.subscribe(topics.STATESTORE_REQUESTS)
+                await bus.subscribe(topics.node_status("+"))
+                await bus.subscribe(topics.migration_events("+"))
+                await self._republish_states()
+                await bus.publish(
+                    topics.component_status(COMPONENT),
+                    self._component_status("online"),
+                    retain=True,
+                )
+                serve = asyncio.create_task(self._serve(bus), name="statestore-serve")
+                self.ready.set()
+                try:
+                    if stop is None:
+                        await serve
+                    else:
+                        stopped = asyncio.create_task(stop.wait())
+                        await asyncio.wait({serve, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                        stopped.cancel()
+                        if serve.done():
+                            serve.result()
+                finally:
+                    self.ready.clear()
+                    serve.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await serve
+                    with contextlib.suppress(BusError):
+                        await bus.publish(
+                            topics.component_status(COMPONENT),
+                            self._component_status("offline"),
+                            retain=True,
+                        )
+        finally:
+            self.bus = None
+            if self._db is not None:
+                await self._call(self._db.close)
+                self._db = None
+            self._thread.shutdown(wait=True)
+
+    def _component_status(self, status: str) -> dict[str, Any]:
+        return {"component": COMPONENT, "status": status, "time": now_ms(), "version": VERSION}
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking database call on the one database thread."""
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _database(self) -> Database:
+        assert self._db is not None
+        return self._db
+
+    async def _republish_states(self) -> None:
+        """Publish every stored service state, so retained state matches the DB after a crash."""
+        assert self.bus is not None
+        for doc in await self._call(self._database().list_services):
+            await self.bus.publish(topics.service_state(doc["service"]), doc, retain=True)
+
+    async def _serve(self, bus: Bus) -> None:
+        async for message in bus.messages():
+            try:
+                if message.topic == topics.STATESTORE_REQUESTS:
+                    await self._answer(bus, message)
+                elif message.topic.endswith("/events"):
+                    await self._on_event(bus, message)
+                else:
+                    await self._on_node_status(bus, message)
+            except Exception:
+                # Never let one message stop the service; it stays unacked and comes again
+                # after the next reconnect.
+                log.exception("statestore: could not handle a message on %s", message.topic)
+
+    # -- subscriptions ------------------------------------------------------------------------
+
+    async def _on_node_status(self, bus: Bus, message: Inbound) -> None:
+        await self._write_then_ack(
+            bus, message, self._database().upsert_node, message.payload, now_ms()
+        )
+
+    async def _on_event(self, bus: Bus, message: Inbound) -> None:
+        await self._write_then_ack(
+            bus, message, self._database().record_event, message.payload, now_ms()
+        )
+
+    async def _write_then_ack(
+        self, bus: Bus, message: Inbound, write: Callable[..., Any], *args: Any
+    ) -> None:
+        """Commit, then ack. A transient DB failure leaves the message unacked (redelivered
+        later); any other failure would fail again, so it is acked and reported instead."""
+        try:
+            await self._call(write, *args)
+        except sqlite3.OperationalError as exc:
+            log.error("statestore: %s not stored, will be redelivered: %s", message.topic, exc)
+            return
+        except Exception as exc:
+            log.exception("statestore: dropping a message on %s", message.topic)
+            report = {
+                "source": self.client_id,
+                "topic": message.topic,
+                "reason": f"statestore could not store it: {type(exc).__name__}: {exc}",
+                "time": now_ms(),
+            }
+            with contextlib.suppress(BusError):
+                await bus.publish(topics.ERRORS, report)
+        bus.ack(message)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _answer(self, bus: Bus, message: Inbound) -> None:
+        op = message.payload["op"]
+        try:
+            result = await self.execute(message.payload)
+        except RemoteError as exc:
+            await self._reply(bus, message, error=exc)
+        except sqlite3.Error as exc:
+            log.exception("statestore: %s failed in the database", op)
+            error = RemoteError("database_error", f"{op}: {type(exc).__name__}: {exc}")
+            await self._reply(bus, message, error=error)
+        except Exception as exc:
+            log.exception("statestore: %s failed", op)
+            await self._reply(
+                bus, message, error=RemoteError("internal", f"{op}: {type(exc).__name__}: {exc}")
+            )
+        else:
+            await self._reply(bus, message, result)
+        bus.ack(message)
+
+    async def _reply(
+        self,
+        bus: Bus,
+        message: Inbound,
+        result: dict[str, Any] | None = None,
+        *,
+        error: RemoteError | None = None,
+    ) -> None:
+        try:
+            await bus.reply(message, result, error=error)
+        except Exception as exc:
+            log.warning("statestore: could not reply to %s: %s", message.payload.get("op"), exc)
+
+    async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one schema-valid request; raise RemoteError with a clear code on failure."""
+        handler = getattr(self, f"_op_{request['op']}", None)
+        if handler is None:
+            raise RemoteError("unknown_op", f"op {request['op']!r} is not implemented")
+        try:
+            result: dict[str, Any] = await handler(request)
+        except NotFound as exc:
+            raise RemoteError(exc.code, str(exc)) from exc
+        except Conflict as exc:
+            raise RemoteError(exc.code, str(exc), exc.details) from exc
+        return result
+
+    def _record(self, request: dict[str, Any]) -> dict[str, Any]:
+        return dict(request["record"])
+
+    async def _op_list_nodes(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"nodes": await self._call(self._database().list_nodes)}
+
+    async def _op_list_services(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"services": await self._call(self._database().list_services)}
+
+    async def _op_get_service(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self._database().get_service, request["service"])
+
+    async def _op_put_service(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = self._record(request)
+        if request.get("service") not in (None, record.get("service")):
+            raise RemoteError(
+                "invalid_record",
+                f"request names service {request['service']!r}, "
+                f"record names {record.get('service')!r}",
+            )
+        record["time"] = now_ms()
+        _check(self._service_state, record, "service-state record")
+        doc = await self._call(self._database().put_service, record)
+        assert self.bus is not None
+        await self.bus.publish(topics.service_state(doc["service"]), doc, retain=True)
+        return doc
+
+    async def _op_delete_service(self, request: dict[str, Any]) -> dict[str, Any]:
+        service = request["service"]
+        existed = await self._call(self._database().delete_service, service)
+        assert self.bus is not None
+        # Cleared even if it was not stored: a retained state left over is worse than none.
+        await self.bus.publish(topics.service_state(service), None, retain=True)
+        return {"service": service, "deleted": existed}
+
+    async def _op_record_checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = self._record(request)
+        # Accept the executor's checkpoint answer shape too: {"checkpoint": blob_ref, ...}.
+        blob = record.pop("checkpoint", None)
+        if isinstance(blob, dict):
+            record = {**blob, **record}
+        if "service" not in record and request.get("service"):
+            record["service"] = request["service"]
+        if "migration" not in record and request.get("migration"):
+            record["migration"] = request["migration"]
+        record.setdefault("time", now_ms())
+        _check(self._checkpoint_record, record, "checkpoint record")
+        return await self._call(self._database().record_checkpoint, record)
+
+    async def _op_latest_checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self._database().latest_checkpoint, request["service"])
+
+    async def _op_list_checkpoints(self, request: dict[str, Any]) -> dict[str, Any]:
+        limit = request.get("limit", DEFAULT_LIMIT)
+        rows = await self._call(self._database().list_checkpoints, request["service"], limit)
+        return {"checkpoints": rows}
+
+    async def _op_put_migration(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = self._record(request)
+        if request.get("migration"):
+            if record.setdefault("id", request["migration"]) != request["migration"]:
+                raise RemoteError(
+                    "invalid_record",
+                    f"request names migration {request['migration']!r}, "
+                    f"record names {record['id']!r}",
+                )
+        _check(self._migration_record, record, "migration record")
+        return await self._call(self._database().put_migration, record, now_ms())
+
+    async def _op_get_migration(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self._database().get_migration, request["migration"])
+
+    async def _op_list_migrations(self, request: dict[str, Any]) -> dict[str, Any]:
+        limit = request.get("limit", DEFAULT_LIMIT)
+        rows = await self._call(self._database().list_migrations, limit, request.get("service"))
+        return {"migrations": rows}
+
+    async def _op_open_migrations(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"migrations": await self._call(self._database().open_migrations)}

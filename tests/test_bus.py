@@ -1,0 +1,173 @@
+"""The message bus against the real broker: validation, errors, request/reply, manual acks."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aiomqtt
+import orjson
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from services.common import topics
+from services.common.bus import Bus, RemoteError, RequestTimeout
+from services.common.config import FerryConfig
+
+
+def cid(name: str) -> str:
+    return f"t-{name}-{uuid.uuid4().hex[:6]}"
+
+
+async def serve_commands(bus: Bus) -> None:
+    async for message in bus.messages():
+        if message.payload["command"] == "status":
+            await bus.reply(message, {"node": "edge-x"})
+        else:
+            await bus.reply(message, error=RemoteError("unknown_instance", "no such instance"))
+
+
+async def test_request_reply_and_remote_errors(infra: FerryConfig) -> None:
+    async with Bus(infra.broker, cid("svc")) as svc, Bus(infra.broker, cid("cli")) as cli:
+        await svc.subscribe(topics.node_commands("edge-x"))
+        server = asyncio.create_task(serve_commands(svc))
+        try:
+            reply = await cli.request(
+                topics.node_commands("edge-x"), {"command": "status", "request_id": "r1"}
+            )
+            assert reply == {"node": "edge-x"}
+            with pytest.raises(RemoteError) as caught:
+                await cli.request(
+                    topics.node_commands("edge-x"),
+                    {"command": "stop", "request_id": "r2", "service": "s", "instance": "i"},
+                )
+            assert caught.value.code == "unknown_instance"
+            with pytest.raises(RequestTimeout):
+                await cli.request(
+                    topics.node_commands("nobody"), {"command": "status", "request_id": "r3"}, 0.3
+                )
+        finally:
+            server.cancel()
+
+
+async def test_invalid_payloads_are_refused_on_send() -> None:
+    from services.common.contract import ContractError
+    from services.common.config import load_config
+
+    config = load_config(env={})
+    bus = Bus(config.broker, cid("x"))
+    bus._client = object()  # type: ignore[assignment]  # validation happens before any I/O
+    with pytest.raises(ContractError, match="'status' is a required property"):
+        await bus.publish(topics.node_status("edge-a"), {"node": "edge-a", "time": 1})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"command": "fly"}', "executor-command.schema.json"),
+        (b"[1]", "object"),
+    ],
+)
+async def test_malformed_message_is_reported_and_answered_and_service_survives(
+    infra: FerryConfig, raw: bytes, reason: str
+) -> None:
+    async with Bus(infra.broker, cid("svc")) as svc, Bus(infra.broker, cid("ops")) as ops:
+        await svc.subscribe(topics.node_commands("edge-y"))
+        await ops.subscribe(topics.ERRORS)
+        server = asyncio.create_task(serve_commands(svc))
+        try:
+            async with aiomqtt.Client(
+                infra.broker.host, infra.broker.port, protocol=aiomqtt.ProtocolVersion.V5
+            ) as raw_client:
+                await raw_client.publish(topics.node_commands("edge-y"), raw, qos=1)
+            async with asyncio.timeout(5):
+                async for message in ops.messages():
+                    if (
+                        message.topic == topics.ERRORS
+                        and message.payload["source"] == svc.client_id
+                    ):
+                        assert reason in message.payload["reason"]
+                        assert message.payload["topic"] == topics.node_commands("edge-y")
+                        break
+            # the service still answers
+            reply = await ops.request(
+                topics.node_commands("edge-y"), {"command": "status", "request_id": "ok"}
+            )
+            assert reply["node"] == "edge-x"
+            # and a requester that sent it with a response topic gets an error reply
+            reply_topic = topics.replies(cid("raw"))
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = reply_topic
+            props.CorrelationData = b"c1"
+            async with aiomqtt.Client(
+                infra.broker.host, infra.broker.port, protocol=aiomqtt.ProtocolVersion.V5
+            ) as raw_client:
+                await raw_client.subscribe(reply_topic, qos=1)
+                await raw_client.publish(
+                    topics.node_commands("edge-y"), raw, qos=1, properties=props
+                )
+                async with asyncio.timeout(5):
+                    async for answer in raw_client.messages:
+                        error = orjson.loads(answer.payload)
+                        assert error["ok"] is False
+                        assert error["error"]["code"] == "invalid_message"
+                        assert answer.properties.CorrelationData == b"c1"
+                        break
+        finally:
+            server.cancel()
+
+
+async def test_unacknowledged_input_is_redelivered_to_the_next_session_owner(
+    infra: FerryConfig,
+) -> None:
+    service = f"svc{uuid.uuid4().hex[:6]}"
+    session = f"ferry-svc-{service}"
+    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as owner:
+        await owner.subscribe(topics.app_input(service))
+    async with Bus(infra.broker, cid("dev")) as device:
+        for seq in range(1, 7):
+            await device.publish(
+                topics.app_input(service), {"producer": "p", "seq": seq, "data": {}}
+            )
+    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as first:
+        seen = []
+        async with asyncio.timeout(5):
+            async for message in first.messages():
+                seen.append(message.payload["seq"])
+                if message.payload["seq"] <= 3:
+                    first.ack(message)
+                if len(seen) == 6:
+                    break
+        assert seen == [1, 2, 3, 4, 5, 6]
+    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as second:
+        again = []
+        async with asyncio.timeout(5):
+            async for message in second.messages():
+                again.append(message.payload["seq"])
+                second.ack(message)
+                if len(again) == 3:
+                    break
+        assert again == [4, 5, 6]
+
+
+async def test_last_will_marks_a_dead_component_offline(infra: FerryConfig) -> None:
+    node = f"edge-{uuid.uuid4().hex[:6]}"
+    offline = {"node": node, "status": "offline", "time": 1}
+    doomed = Bus(infra.broker, cid("doomed"), will=(topics.node_status(node), offline))
+    await doomed.__aenter__()
+    await doomed.publish(
+        topics.node_status(node), {"node": node, "status": "online", "time": 2}, retain=True
+    )
+    # Drop the TCP connection without DISCONNECT: the broker must publish the will.
+    assert doomed._client is not None
+    doomed._client._client.socket().close()
+    async with Bus(infra.broker, cid("watcher")) as watcher:
+        await watcher.subscribe(topics.node_status(node))
+        async with asyncio.timeout(infra.broker.keepalive * 2):
+            async for message in watcher.messages():
+                if message.payload["status"] == "offline":
+                    break
+    await doomed.close()
+    assert orjson.dumps(offline)
