@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig, load_config
 

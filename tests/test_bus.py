@@ -52,8 +52,8 @@ async def test_request_reply_and_remote_errors(infra: FerryConfig) -> None:
 
 
 async def test_invalid_payloads_are_refused_on_send() -> None:
-    from services.common.contract import ContractError
     from services.common.config import load_config
+    from services.common.contract import ContractError
 
     config = load_config(env={})
     bus = Bus(config.broker, cid("x"))

@@ -77,7 +77,7 @@ _SCHEMA: dict[int, str] = {
         bytes_moved INTEGER,
         total_ms    REAL,
         error       TEXT,                   -- JSON (a string or an object) or NULL
-        plan        TEXT,                   -- JSON: the scheduler's plan, to finish it after a crash
+        plan        TEXT,                 -- JSON: the scheduler's plan (to finish it after a crash)
         created     INTEGER NOT NULL,
         updated     INTEGER NOT NULL
     );
