@@ -26,6 +26,7 @@ class Operator:
         self.config = config
         self.bus = Bus(config.broker, f"ferry-cli-{uuid.uuid4().hex[:10]}", validate_inbound=True)
         self._events: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._service_of: dict[str, str] = {}
         self._router: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Operator:
@@ -47,6 +48,7 @@ class Operator:
     async def _route_events(self) -> None:
         async for message in self.bus.messages():
             event = message.payload
+            self._service_of[event["migration"]] = event["service"]
             self._events.setdefault(event["migration"], asyncio.Queue()).put_nowait(event)
 
     async def command(self, command: str, **args: Any) -> dict[str, Any]:
@@ -83,6 +85,19 @@ class Operator:
         """migrate / suspend / resume and wait until it is committed or rolled back."""
         started = await self.command(command, service=service, node=node)
         return await self.follow(started["migration"], on_event)
+
+    def migrations_seen(self) -> set[str]:
+        """Ids of the migrations this session has seen events of so far."""
+        return set(self._events)
+
+    async def next_migration(self, service: str, seen: set[str], timeout: float = 30.0) -> str:
+        """The id of the next migration of ``service`` not in ``seen`` (e.g. mobility-caused)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for migration, owner in self._service_of.items():
+                    if owner == service and migration not in seen:
+                        return migration
+                await asyncio.sleep(0.05)
 
     async def wait_serving(self, service: str, timeout: float = 30.0) -> dict[str, Any]:
         """Poll the statestore until ``service`` serves (after deploy or a move)."""
