@@ -80,8 +80,10 @@ class ServiceProcesses:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
 
-async def wait_online(config: FerryConfig, status_topics: list[str], timeout: float = 30.0) -> None:
-    """Wait for each retained status topic to say online."""
+async def wait_online(
+    config: FerryConfig, status_topics: list[str], timeout: float = 30.0, since: int = 0
+) -> None:
+    """Wait for each status topic to say online, in a message stamped at or after ``since``."""
     async with Bus(
         config.broker, f"test-wait-{uuid.uuid4().hex[:6]}", validate_inbound=False
     ) as bus:
@@ -90,7 +92,8 @@ async def wait_online(config: FerryConfig, status_topics: list[str], timeout: fl
             await bus.subscribe(topic)
         async with asyncio.timeout(timeout):
             async for message in bus.messages():
-                if message.payload.get("status") == "online":
+                payload = message.payload
+                if payload.get("status") == "online" and payload.get("time", 0) >= since:
                     waiting.discard(message.topic)
                 if not waiting:
                     return
