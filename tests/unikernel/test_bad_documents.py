@@ -1,0 +1,164 @@
+"""A RESTORE with a bad document, or a bad frame, ends the guest with ERROR + non-zero EXITED."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from conftest import spawn
+
+from services.executor.channel import FrameType, GuestError
+
+
+async def real_checkpoint() -> bytes:
+    async with spawn("counter") as g:
+        await g.chan.start({"threshold": 1.5})
+        for i in range(1, 6):
+            g.chan.send_input("dev1", i, {"value": i})
+        return await g.chan.checkpoint(1000)
+
+
+def edit(fn: Callable[[dict[str, Any]], None]) -> Callable[[bytes], bytes]:
+    def apply(doc: bytes) -> bytes:
+        d = orjson.loads(doc)
+        fn(d)
+        return orjson.dumps(d)
+
+    return apply
+
+
+def _set(path: list[str], value: Any) -> Callable[[dict[str, Any]], None]:
+    def fn(d: dict[str, Any]) -> None:
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+
+    return fn
+
+
+def _del(path: list[str]) -> Callable[[dict[str, Any]], None]:
+    def fn(d: dict[str, Any]) -> None:
+        for key in path[:-1]:
+            d = d[key]
+        del d[path[-1]]
+
+    return fn
+
+
+def var(name: str, value: Any) -> Callable[[bytes], bytes]:
+    return edit(_set(["vars", name], value))
+
+
+def swap(old: bytes, new: bytes) -> Callable[[bytes], bytes]:
+    return lambda d: d.replace(old, new, 1)
+
+
+TOTAL = b'"total":{"type":"int64","value":5}'
+BAD = "bad_document"
+
+BAD_DOCUMENTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "empty": (lambda d: b"", BAD),
+    "not_json": (lambda d: b"hello", BAD),
+    "truncated_half": (lambda d: d[: len(d) // 2], BAD),
+    "truncated_one_byte": (lambda d: d[:-1], BAD),
+    "trailing_garbage": (lambda d: d + b"x", BAD),
+    "array": (lambda d: b"[" + d + b"]", BAD),
+    "deep_nesting": (lambda d: b"[" * 100000 + b"]" * 100000, BAD),
+    "deep_in_vars": (swap(b'"vars":{', b'"vars":{"x":' + b"[" * 50 + b"]" * 50 + b","), BAD),
+    "wrong_app": (edit(_set(["app", "name"], "aggregator")), "wrong_app"),
+    "wrong_version": (edit(_set(["app", "version"], "9.9.9")), "wrong_app"),
+    "wrong_mode": (edit(_set(["mode"], "procedural")), "wrong_app"),
+    "unknown_step": (edit(_set(["next_step"], "nope")), "wrong_app"),
+    "null_step_event": (edit(_set(["next_step"], None)), BAD),
+    "wrong_format": (edit(_set(["format"], "criu")), BAD),
+    "future_format_version": (edit(_set(["format_version"], 2)), BAD),
+    "missing_vars": (edit(_del(["vars"])), BAD),
+    "missing_watermark": (edit(_del(["watermark"])), BAD),
+    "unknown_member": (edit(_set(["extra"], 1)), BAD),
+    "int_as_string": (var("total", {"type": "int64", "value": "5"}), BAD),
+    "int_as_float": (var("total", {"type": "int64", "value": 5.0}), BAD),
+    "int_overflow": (swap(TOTAL, TOTAL.replace(b"5", b"9223372036854775808")), BAD),
+    "float_as_number": (var("mean/dev1", {"type": "float64", "value": 3.0}), BAD),
+    "bits_short": (var("mean/dev1", {"type": "float64", "bits": "4008"}), BAD),
+    "bits_not_hex": (var("mean/dev1", {"type": "float64", "bits": "400800000000000g"}), BAD),
+    "unknown_type": (var("x", {"type": "int128", "value": 1}), BAD),
+    "extra_member_in_value": (var("x", {"type": "bool", "value": True, "note": 1}), BAD),
+    "bad_base64": (var("x", {"type": "bytes", "base64": "AAE"}), BAD),
+    "list_mixed": (var("x", {"type": "int64_list", "value": [1, "2"]}), BAD),
+    "watermark_zero": (edit(_set(["watermark", "dev1"], 0)), BAD),
+    "watermark_string": (edit(_set(["watermark", "dev1"], "5")), BAD),
+    "duplicate_var": (swap(b'"vars":{', b'"vars":{"total":{"type":"bool","value":true},'), BAD),
+    "empty_key": (var("", {"type": "bool", "value": True}), BAD),
+    "long_key": (var("k" * 257, {"type": "bool", "value": True}), BAD),
+    "invalid_utf8": (swap(b'"total"', b'"tot\xffal"'), BAD),
+    "nul_escape": (var("x", {"type": "string", "value": "a\u0000b"}), BAD),
+    "lone_surrogate": (swap(b'"total"', b'"\\ud800"'), BAD),
+    "negative_created": (edit(_set(["created_ms"], -1)), BAD),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DOCUMENTS))
+async def test_bad_document_is_refused(name: str) -> None:
+    mutate, code = BAD_DOCUMENTS[name]
+    doc = mutate(await real_checkpoint())
+    async with spawn("counter") as g:
+        with pytest.raises(GuestError) as info:
+            await g.chan.restore(doc)
+        assert info.value.code == code
+        assert info.value.exit_code == 3
+        assert await g.wait() == 3
+
+
+async def test_good_document_with_members_reordered_is_accepted() -> None:
+    doc = orjson.loads(await real_checkpoint())
+    shuffled = {k: doc[k] for k in reversed(list(doc))}
+    shuffled["vars"] = {k: dict(reversed(list(v.items()))) for k, v in doc["vars"].items()}
+    async with spawn("counter") as g:
+        await g.chan.restore(orjson.dumps(shuffled))
+        again = orjson.loads(await g.chan.checkpoint(1000))
+    assert again == doc
+
+
+async def test_oversized_frame_is_refused() -> None:
+    async with spawn("counter") as g:
+        g.chan._writer.write(struct.pack("<IB", 16 * 1024 * 1024 + 1, FrameType.RESTORE))
+        await g.chan.drain()
+        kinds = []
+        async for frame in _events(g):
+            kinds.append((frame.type, frame.json()))
+        assert kinds[0][0] is FrameType.ERROR and kinds[0][1]["code"] == "bad_frame"
+        assert kinds[-1] == (FrameType.EXITED, {"code": 2, "reason": "bad_frame"})
+        assert await g.wait() == 2
+
+
+async def test_unknown_frame_type_and_out_of_place_frames() -> None:
+    async with spawn("counter") as g:
+        g.chan._writer.write(struct.pack("<IB", 3, 0x7F) + b"{}")
+        await g.chan.drain()
+        assert await g.wait() == 2
+    async with spawn("counter") as g:
+        g.chan.send_input("a", 1, {})  # INPUT before START
+        await g.chan.drain()
+        assert await g.wait() == 2
+    async with spawn("counter") as g:
+        await g.chan.start({})
+        with pytest.raises(GuestError) as info:
+            await g.chan.start({})
+        assert info.value.code == "unexpected_frame"
+
+
+async def _events(g):  # type: ignore[no-untyped-def]
+    """Raw event frames straight from the stream (the fixture's collector bypassed)."""
+    from services.executor.channel import ChannelClosed, read_frame
+
+    while True:
+        try:
+            frame = await read_frame(g.chan._reader)
+        except ChannelClosed:
+            return
+        yield frame
+        if frame.type is FrameType.EXITED:
+            return

@@ -1,0 +1,125 @@
+/*
+ * aggregator: per-sensor sliding-window statistics with threshold alerts.
+ * Event mode; one OUTPUT per applied input, deterministic (no clock).
+ *
+ * Params: window (int, samples kept per sensor, 1..4194304, default 64),
+ *         threshold (number, default 100).
+ * Input payload: {"sensor": "<id>" (default: the input's source),
+ *                 "value": <number>}
+ * Output: {"sensor", "n", "mean", "min", "max", "stddev", "alert",
+ *          "alerts"}; alert is true when the window mean exceeds the
+ *          threshold.
+ * Store per sensor: "win/<s>" float64 list of `window` samples (a ring),
+ * "head/<s>" next slot, "n/<s>" samples seen, "alerts/<s>" alert count.
+ * State grows with window x sensors: 8 bytes per sample.
+ */
+#include <string.h>
+
+#include "ferry.h"
+
+static const char *key_of(char out[FERRY_KEY_MAX + 1], const char *prefix,
+                          const char *name)
+{
+    size_t p = strlen(prefix), n = strlen(name);
+
+    if (p + n > FERRY_KEY_MAX)
+        n = FERRY_KEY_MAX - p;
+    memcpy(out, prefix, p);
+    memcpy(out + p, name, n);
+    out[p + n] = '\0';
+    return out;
+}
+
+/* Newton's method: no libm on every target. */
+static double square_root(double v)
+{
+    double x;
+
+    if (!(v > 0.0))
+        return 0.0;
+    x = v >= 1.0 ? v : 1.0;
+    for (int i = 0; i < 200; i++) {
+        double next = 0.5 * (x + v / x);
+        if (next >= x)
+            break;
+        x = next;
+    }
+    return x;
+}
+
+static void must(ferry_result_t r)
+{
+    if (r != FERRY_OK)
+        ferry_fail("aggregator: cannot update the store");
+}
+
+static void on_input(void)
+{
+    char win_key[FERRY_KEY_MAX + 1], head_key[FERRY_KEY_MAX + 1],
+         n_key[FERRY_KEY_MAX + 1], alerts_key[FERRY_KEY_MAX + 1];
+    const char *sensor = ferry_input_str("sensor", ferry_input_source());
+    double value = ferry_input_f64("value", 0.0);
+    int64_t window = ferry_param_i64("window", 64);
+    double threshold = ferry_param_f64("threshold", 100.0);
+    int64_t head, seen, alerts, filled;
+    double *win, sum = 0.0, sq = 0.0, lo, hi, mean, var;
+    bool alert;
+
+    if (window < 1 || window > 4194304)
+        ferry_fail("aggregator: window must be 1..4194304");
+    key_of(win_key, "win/", sensor);
+    key_of(head_key, "head/", sensor);
+    key_of(n_key, "n/", sensor);
+    key_of(alerts_key, "alerts/", sensor);
+
+    win = ferry_f64_list_mut(win_key, (size_t)window);
+    if (win == NULL)
+        ferry_fail("aggregator: out of memory");
+    head = ferry_get_i64(head_key, 0);
+    if (head < 0 || head >= window)
+        head = 0;
+    seen = ferry_get_i64(n_key, 0) + 1;
+    win[head] = value;
+    head = (head + 1) % window;
+    filled = seen < window ? seen : window;
+
+    /* The newest `filled` samples end just before `head`. */
+    lo = hi = value;
+    for (int64_t i = 0; i < filled; i++) {
+        double s = win[(head - 1 - i + window) % window];
+        sum += s;
+        if (s < lo)
+            lo = s;
+        if (s > hi)
+            hi = s;
+    }
+    mean = sum / (double)filled;
+    for (int64_t i = 0; i < filled; i++) {
+        double d = win[(head - 1 - i + window) % window] - mean;
+        sq += d * d;
+    }
+    var = sq / (double)filled;
+    alert = mean > threshold;
+    alerts = ferry_get_i64(alerts_key, 0) + (alert ? 1 : 0);
+
+    must(ferry_set_i64(head_key, head));
+    must(ferry_set_i64(n_key, seen));
+    must(ferry_set_i64(alerts_key, alerts));
+
+    ferry_out_str("sensor", sensor);
+    ferry_out_i64("n", seen);
+    ferry_out_f64("mean", mean);
+    ferry_out_f64("min", lo);
+    ferry_out_f64("max", hi);
+    ferry_out_f64("stddev", square_root(var));
+    ferry_out_bool("alert", alert);
+    ferry_out_i64("alerts", alerts);
+    ferry_emit();
+}
+
+const struct ferry_app ferry_app = {
+    .name = "aggregator",
+    .version = "1.0.0",
+    .mode = FERRY_MODE_EVENT,
+    .on_input = on_input,
+};

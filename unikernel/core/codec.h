@@ -1,0 +1,37 @@
+/*
+ * codec.h: byte-level encodings the core needs without a C library:
+ * UTF-8 validation, hex and base64. All functions are total: they check
+ * their input and never read or write out of bounds.
+ */
+#ifndef FERRY_CODEC_H
+#define FERRY_CODEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* True if (s, n) is well-formed UTF-8 (no overlongs, no surrogates). */
+bool utf8_valid(const char *s, size_t n);
+
+/* Writes the 16 lower-case hex digits of (v) to (out); no NUL. */
+void hex64_encode(uint64_t v, char out[16]);
+
+/* Parses exactly 16 hex digits (either case). False on any other input. */
+bool hex64_decode(const char *s, size_t n, uint64_t *v);
+
+/* Number of base64 characters (with padding) for (n) bytes; 0 if it would
+ * overflow size_t. */
+size_t base64_encoded_len(size_t n);
+
+/* Writes base64 (standard alphabet, '=' padding) of (src, n) to (out),
+ * which holds base64_encoded_len(n) bytes; no NUL. */
+void base64_encode(const uint8_t *src, size_t n, char *out);
+
+/*
+ * Decodes strict base64 (standard alphabet, length a multiple of 4, padding
+ * only at the end, zero unused bits) from (s, n) into (out), which holds at
+ * least n / 4 * 3 bytes. Sets (*out_len). False on any malformed input.
+ */
+bool base64_decode(const char *s, size_t n, uint8_t *out, size_t *out_len);
+
+#endif /* FERRY_CODEC_H */
