@@ -33,7 +33,7 @@ def test_round_trips_through_toml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
-        ("[broker]\nport = \"x\"\n", {}, r"broker.port \(from .*ferry.toml\): expected int"),
+        ('[broker]\nport = "x"\n', {}, r"broker.port \(from .*ferry.toml\): expected int"),
         ("[brokr]\n", {}, r"unknown section \[brokr\]"),
         ("[broker]\nprot = 1\n", {}, "unknown key broker.prot"),
         ("", {"FERRY_BROKER__PORT": "abc"}, "FERRY_BROKER__PORT='abc': expected an integer"),

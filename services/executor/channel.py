@@ -134,17 +134,22 @@ EVENT_TYPES = frozenset(
     }
 )
 
+#: Frames that answer a host request.
+ANSWER_TYPES = frozenset({FrameType.HELLO, FrameType.READY, FrameType.CHECKPOINT})
+
 FrameCallback = Callable[[Frame], None]
 
 
 class GuestChannel:
     """A controller's view of one guest: requests with answers, plus a stream of events.
 
-    Requests (hello, start, restore, checkpoint, stop) read frames until their answer
-    arrives; every event frame met meanwhile (OUTPUT, DONE, LOG, ERROR, EXITED, FINISHED)
-    goes to `on_event` if given, else to an unbounded queue read by `events()`, so nothing
-    the guest said is lost while the host waits for a CHECKPOINT. Only one coroutine may
-    read at a time: either a request or `events()`/`next_event()`.
+    One reader task owns the stream (started on first use), so events keep flowing while the
+    host is not waiting for anything — the executor's input pump relies on that. Requests (hello,
+    start, restore, checkpoint, stop) wait for their answer frame; every event frame (OUTPUT,
+    DONE, LOG, ERROR, EXITED, FINISHED) goes to ``on_event`` if set, else to an unbounded queue
+    read by ``events()``/``next_event()``, so nothing the guest says is lost while the host waits
+    for a CHECKPOINT. One request at a time; an answer that arrives before it is asked for (HELLO
+    right after boot) is kept until it is.
     """
 
     def __init__(
@@ -155,15 +160,26 @@ class GuestChannel:
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._on_event = on_event
-        self._events: asyncio.Queue[Frame] = asyncio.Queue()
+        self.on_event = on_event
+        self._events: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._unclaimed: list[Frame] = []
+        self._waiter: tuple[frozenset[FrameType], asyncio.Future[Frame]] | None = None
         self._last_error: Frame | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._failure: ChannelError | None = None
+        self._ended = asyncio.Event()
         self.exited: dict[str, Any] | None = None
+
+    @property
+    def alive(self) -> bool:
+        """False once the stream ended or broke."""
+        return self._failure is None
 
     # -- sending ------------------------------------------------------------------
 
     def send(self, ftype: FrameType, body: bytes | dict[str, Any]) -> None:
         """Queue one frame for writing (call drain() to wait for the transport)."""
+        self._ensure_reading()
         self._writer.write(encode_frame(ftype, body))
 
     async def drain(self) -> None:
@@ -176,29 +192,74 @@ class GuestChannel:
 
     # -- receiving ------------------------------------------------------------------
 
+    def _ensure_reading(self) -> None:
+        if self._read_task is None:
+            self._read_task = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def _read_forever(self) -> None:
+        try:
+            while True:
+                frame = await read_frame(self._reader)
+                if frame.type in EVENT_TYPES:
+                    self._dispatch(frame)
+                    continue
+                waiter = self._waiter
+                if waiter is not None and frame.type in waiter[0]:
+                    self._waiter = None
+                    if not waiter[1].done():
+                        waiter[1].set_result(frame)
+                elif frame.type in ANSWER_TYPES:
+                    self._unclaimed.append(frame)
+                else:
+                    raise ChannelError(f"unexpected {frame.type.name} from the guest")
+        except ChannelError as exc:
+            self._fail(exc)
+        except (ConnectionError, OSError) as exc:
+            self._fail(ChannelClosed(f"channel lost: {exc}"))
+
+    def _fail(self, exc: ChannelError) -> None:
+        self._failure = exc
+        self._ended.set()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter[1].done():
+            waiter[1].set_exception(exc)
+        self._events.put_nowait(None)
+
     def _dispatch(self, frame: Frame) -> None:
         if frame.type is FrameType.ERROR:
             self._last_error = frame
         if frame.type is FrameType.EXITED:
             self.exited = frame.json()
-        if self._on_event is not None:
-            self._on_event(frame)
+            self._ended.set()
+        if self.on_event is not None:
+            self.on_event(frame)
         else:
             self._events.put_nowait(frame)
+        waiter = self._waiter
+        if frame.type is FrameType.EXITED and waiter is not None:
+            self._waiter = None
+            if not waiter[1].done():
+                waiter[1].set_exception(self._refusal(frame))
 
     async def _await_answer(self, *answers: FrameType) -> Frame:
-        """Read until one of `answers`; events are dispatched; EXITED first means refusal."""
-        await self.drain()
-        while True:
-            frame = await read_frame(self._reader)
+        """Wait for one of ``answers``; EXITED first means the guest refused."""
+        self._ensure_reading()
+        for frame in self._unclaimed:
             if frame.type in answers:
+                self._unclaimed.remove(frame)
                 return frame
-            if frame.type in EVENT_TYPES:
-                self._dispatch(frame)
-                if frame.type is FrameType.EXITED:
-                    raise self._refusal(frame)
-                continue
-            raise ChannelError(f"unexpected {frame.type.name} from the guest")
+        if self._failure is not None:
+            raise self._failure
+        if self.exited is not None:
+            raise GuestError("exited", f"the guest already exited: {self.exited}")
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._waiter = (frozenset(answers), future)
+        await self.drain()
+        try:
+            return await future
+        finally:
+            if self._waiter is not None and self._waiter[1] is future:
+                self._waiter = None
 
     def _refusal(self, exited: Frame) -> GuestError:
         code = exited.json().get("code")
@@ -208,21 +269,13 @@ class GuestChannel:
         return GuestError("exited", "the guest exited", code)
 
     async def next_event(self) -> Frame:
-        """Return the next event frame (queued first, then from the stream)."""
-        if not self._events.empty():
-            return self._events.get_nowait()
-        while True:
-            frame = await read_frame(self._reader)
-            if frame.type not in EVENT_TYPES:
-                raise ChannelError(f"unexpected {frame.type.name} from the guest")
-            if frame.type is FrameType.ERROR:
-                self._last_error = frame
-            if frame.type is FrameType.EXITED:
-                self.exited = frame.json()
-            if self._on_event is not None:
-                self._on_event(frame)
-                continue
-            return frame
+        """Return the next event frame; ChannelClosed once the stream has ended."""
+        self._ensure_reading()
+        frame = await self._events.get()
+        if frame is None:
+            self._events.put_nowait(None)
+            raise self._failure or ChannelClosed("channel closed")
+        return frame
 
     async def events(self) -> AsyncIterator[Frame]:
         """Iterate over event frames until the guest exits or closes the channel."""
@@ -272,17 +325,20 @@ class GuestChannel:
         """Ask the guest to end; returns EXITED's body (code 0 on a clean stop)."""
         self.send(FrameType.STOP, {})
         await self.drain()
-        while True:
-            frame = await read_frame(self._reader)
-            if frame.type not in EVENT_TYPES:
-                raise ChannelError(f"unexpected {frame.type.name} from the guest")
-            self._dispatch(frame)
-            if frame.type is FrameType.EXITED:
-                exited: dict[str, Any] = frame.json()
-                return exited
+        return await self.wait_exited()
+
+    async def wait_exited(self) -> dict[str, Any]:
+        """EXITED's body once the guest said it; ChannelError if the stream ended without it."""
+        self._ensure_reading()
+        await self._ended.wait()
+        if self.exited is None:
+            raise self._failure or ChannelClosed("channel closed")
+        return self.exited
 
     async def close(self) -> None:
         """Close our end of the stream (the guest sees the controller leave)."""
+        if self._read_task is not None:
+            self._read_task.cancel()
         self._writer.close()
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()

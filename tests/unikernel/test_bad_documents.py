@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -126,9 +127,8 @@ async def test_oversized_frame_is_refused() -> None:
     async with spawn("counter") as g:
         g.chan._writer.write(struct.pack("<IB", 16 * 1024 * 1024 + 1, FrameType.RESTORE))
         await g.chan.drain()
-        kinds = []
-        async for frame in _events(g):
-            kinds.append((frame.type, frame.json()))
+        await asyncio.wait_for(g.chan.wait_exited(), 10)
+        kinds = [(frame.type, frame.json()) for frame in g.events]
         assert kinds[0][0] is FrameType.ERROR and kinds[0][1]["code"] == "bad_frame"
         assert kinds[-1] == (FrameType.EXITED, {"code": 2, "reason": "bad_frame"})
         assert await g.wait() == 2
@@ -148,17 +148,3 @@ async def test_unknown_frame_type_and_out_of_place_frames() -> None:
         with pytest.raises(GuestError) as info:
             await g.chan.start({})
         assert info.value.code == "unexpected_frame"
-
-
-async def _events(g):  # type: ignore[no-untyped-def]
-    """Raw event frames straight from the stream (the fixture's collector bypassed)."""
-    from services.executor.channel import ChannelClosed, read_frame
-
-    while True:
-        try:
-            frame = await read_frame(g.chan._reader)
-        except ChannelClosed:
-            return
-        yield frame
-        if frame.type is FrameType.EXITED:
-            return

@@ -1,0 +1,259 @@
+"""One service instance on this node: its guest plus the data plane between the guest and MQTT.
+
+Lossless hand-over rests on two rules enforced here:
+- input is read through the service's own persistent MQTT session (client ``ferry-svc-{service}``)
+  and each message is acknowledged only after the guest reported it ``DONE``; whatever is not
+  acknowledged when this node lets go of the session is redelivered to the next owner;
+- a checkpoint is requested only after input forwarding stopped, and the guest answers it in stream
+  order, so the document covers exactly the inputs acknowledged here. The watermark inside the
+  document makes the next owner drop any redelivered input that was already applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from services.common import topics
+from services.common.bus import Bus, Inbound, now_ms
+from services.common.config import BrokerConfig
+from services.executor.channel import Frame, FrameType
+from services.executor.runtime import Guest, LaunchSpec, Runtime
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY = 7 * 24 * 3600
+DRAIN_TIMEOUT = 10.0
+
+
+def session_client_id(service: str) -> str:
+    """The MQTT client id that owns a service's input session, whichever node serves it."""
+    return f"ferry-svc-{service}"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint produced, before upload."""
+
+    document: bytes
+    watermark: dict[str, int]
+    paused_at: float
+    checkpoint_ms: float
+
+
+class InstanceError(Exception):
+    """The instance cannot do what was asked in its current state; ``code`` is for the reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Instance:
+    """A guest serving one service on this node (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        service: str,
+        instance_id: str,
+        app: str,
+        runtime: Runtime,
+        spec: LaunchSpec,
+        broker: BrokerConfig,
+        node_bus: Bus,
+    ) -> None:
+        self.node = node
+        self.service = service
+        self.instance_id = instance_id
+        self.app = app
+        self.runtime = runtime
+        self.spec = spec
+        self.state = "booting"
+        self.applied = 0
+        self.dropped = 0
+        self.guest: Guest | None = None
+        self._broker = broker
+        self._node_bus = node_bus
+        self._session: Bus | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._in_flight: deque[Inbound] = deque()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._outputs: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._publisher: asyncio.Task[None] | None = None
+        self.exit_reason: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """This instance as the node status reports it."""
+        return {
+            "service": self.service,
+            "instance": self.instance_id,
+            "app": self.app,
+            "runtime": self.runtime.name,
+            "state": self.state,
+            "applied": self.applied,
+        }
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def boot(self) -> None:
+        """Launch the guest; it waits (state ``waiting``) for START or RESTORE."""
+        self.guest = await self.runtime.launch(self.spec)
+        self.guest.channel.on_event = self._on_guest_frame
+        self._publisher = asyncio.create_task(self._publish_outputs())
+        self.state = "waiting"
+
+    async def start_fresh(self, params: dict[str, Any]) -> None:
+        guest = self._require("waiting")
+        await guest.channel.start(params)
+        await self.attach_input()
+
+    async def restore(self, document: bytes) -> float:
+        """Hand the state to the waiting guest and take over the input session.
+
+        Returns the wall-clock time (ms) at which input flows again: the end of downtime.
+        """
+        guest = self._require("waiting")
+        await guest.channel.restore(document)
+        await self.attach_input()
+        return time.time() * 1000
+
+    async def checkpoint(self) -> Checkpoint:
+        """Stop taking input, let in-flight input finish, and capture the state between steps."""
+        guest = self._require("serving")
+        paused_at = time.time() * 1000
+        await self.detach_input()
+        started = time.perf_counter()
+        document = await guest.channel.checkpoint(now_ms())
+        checkpoint_ms = (time.perf_counter() - started) * 1000
+        self.state = "paused"
+        return Checkpoint(document, _watermark_of(document), paused_at, checkpoint_ms)
+
+    async def resume(self) -> None:
+        """Roll back a checkpoint: the paused guest takes its input session back."""
+        if self.state == "serving":
+            return
+        self._require("paused")
+        await self.attach_input()
+
+    async def stop(self) -> None:
+        """Stop the guest for good (idempotent); unacknowledged input stays with the broker."""
+        if self.state == "stopped":
+            return
+        await self.detach_input()
+        if self.guest is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.guest.channel.stop(), 2.0)
+            await self.runtime.terminate(self.guest)
+        if self._publisher is not None:
+            await self._outputs.join()
+            self._publisher.cancel()
+        self.state = "stopped"
+
+    def _require(self, state: str) -> Guest:
+        if self.state != state or self.guest is None:
+            raise InstanceError(
+                "wrong_state",
+                f"instance {self.instance_id} of {self.service} is {self.state}, not {state}",
+            )
+        return self.guest
+
+    # -- data plane -------------------------------------------------------------------------
+
+    async def attach_input(self) -> None:
+        """Take over the service's persistent input session and start forwarding input."""
+        self._session = Bus(
+            self._broker,
+            session_client_id(self.service),
+            session_expiry=SESSION_EXPIRY,
+            manual_ack=True,
+        )
+        await self._session.__aenter__()
+        await self._session.subscribe(topics.app_input(self.service), qos=1)
+        self._pump = asyncio.create_task(self._forward_input(self._session))
+        self.state = "serving"
+
+    async def detach_input(self) -> None:
+        """Stop forwarding, wait for every forwarded input to be DONE (and acked), let go."""
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        try:
+            await asyncio.wait_for(self._drained.wait(), DRAIN_TIMEOUT)
+        except TimeoutError:
+            log.error("%s: guest did not finish in-flight input", self.instance_id)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _forward_input(self, session: Bus) -> None:
+        assert self.guest is not None
+        channel = self.guest.channel
+        async for message in session.messages():
+            payload = message.payload
+            self._in_flight.append(message)
+            self._drained.clear()
+            channel.send_input(payload["producer"], payload["seq"], payload["data"])
+
+    def _on_guest_frame(self, frame: Frame) -> None:
+        frame_type, body = frame.type, frame.json()
+        if frame_type == FrameType.OUTPUT:
+            self._outputs.put_nowait(body)
+        elif frame_type == FrameType.DONE:
+            message = self._in_flight.popleft() if self._in_flight else None
+            if message is not None and self._session is not None:
+                self._session.ack(message)
+            if not self._in_flight:
+                self._drained.set()
+            if body.get("applied"):
+                self.applied += 1
+            else:
+                self.dropped += 1
+        elif frame_type == FrameType.LOG:
+            log.info("%s: guest: %s", self.instance_id, body.get("msg"))
+        elif frame_type in (FrameType.ERROR, FrameType.EXITED):
+            self.exit_reason = str(body.get("message") or body.get("reason") or body)
+            if frame_type == FrameType.EXITED and self.state != "stopped":
+                log.warning("%s: guest exited: %s", self.instance_id, self.exit_reason)
+                self.state = "failed"
+                self._drained.set()
+
+    async def _publish_outputs(self) -> None:
+        """Publish guest outputs in the order the guest produced them."""
+        while True:
+            body = await self._outputs.get()
+            try:
+                await self._node_bus.publish(
+                    topics.app_output(self.service),
+                    {
+                        "service": self.service,
+                        "node": self.node,
+                        "producer": body.get("source"),
+                        "seq": body.get("seq"),
+                        "data": body.get("payload") or {},
+                        "time": now_ms(),
+                    },
+                )
+            except Exception as exc:
+                log.warning("%s: output not published: %s", self.instance_id, exc)
+            finally:
+                self._outputs.task_done()
+
+
+def _watermark_of(document: bytes) -> dict[str, int]:
+    try:
+        watermark = orjson.loads(document).get("watermark") or {}
+    except (orjson.JSONDecodeError, AttributeError):
+        return {}
+    return {str(k): int(v) for k, v in watermark.items()}

@@ -1,0 +1,71 @@
+"""The interface every runtime implements: how a guest is launched and how its state is captured.
+
+Two families share it:
+- *app-level* runtimes (``unix``, ``microvm``) boot the guest, which then waits for ``START`` or
+  ``RESTORE`` on its channel; the state that moves is the guest's own checkpoint document (KBs).
+- *whole-image* runtimes (``microvm-snapshot``, ``podman``) capture the entire VM or process
+  (``capture``) and rebuild it from that image (``launch_from``); the state that moves is MBs.
+
+Either way the executor talks to a running guest through one ``GuestChannel`` and never needs to
+know which runtime it is driving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from services.executor.channel import GuestChannel
+
+
+class RuntimeError_(Exception):
+    """A runtime could not launch, capture or restore a guest; the message says which and why."""
+
+
+@dataclass
+class LaunchSpec:
+    """Everything a runtime needs to launch one instance on this node."""
+
+    service: str
+    instance: str
+    app: str
+    image: Path
+    workdir: Path
+    memory_mb: int = 64
+
+
+@dataclass
+class Guest:
+    """A launched guest: its channel plus whatever the runtime must keep to manage it."""
+
+    channel: GuestChannel
+    pid: int | None = None
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+class Runtime(Protocol):
+    """One way of running guests (see the module docstring)."""
+
+    name: str
+    whole_image: bool
+
+    async def launch(self, spec: LaunchSpec) -> Guest:
+        """Boot a fresh guest and return once it said HELLO (state ``waiting``)."""
+        ...
+
+    async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
+        """Whole-image runtimes: freeze the guest and write its image to a file; others raise."""
+        ...
+
+    async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
+        """Whole-image runtimes: rebuild a guest from ``capture``'s file; others raise."""
+        ...
+
+    async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
+        """Whole-image runtimes: let a captured (frozen) source guest run again (rollback)."""
+        ...
+
+    async def terminate(self, guest: Guest) -> None:
+        """End the guest for good and free what it held (idempotent)."""
+        ...

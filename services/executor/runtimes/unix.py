@@ -1,0 +1,74 @@
+"""The ``unix`` runtime: the app's unix-target binary as a child process on an inherited fd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from pathlib import Path
+
+from services.executor.channel import GuestChannel
+from services.executor.runtime import Guest, LaunchSpec, RuntimeError_
+
+HELLO_TIMEOUT = 10.0
+
+
+class UnixRuntime:
+    """Runs guests as plain Linux processes: fastest to start, used for development and tests."""
+
+    name = "unix"
+    whole_image = False
+
+    async def launch(self, spec: LaunchSpec) -> Guest:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log = (spec.workdir / "guest.log").open("ab")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                str(spec.image),
+                "--fd",
+                str(child.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(child.fileno(),),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            parent.close()
+            raise RuntimeError_(f"cannot run {spec.image}: {exc}") from exc
+        finally:
+            child.close()
+            log.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        channel = GuestChannel(reader, writer)
+        guest = Guest(channel=channel, pid=process.pid, detail={"process": process})
+        try:
+            await asyncio.wait_for(channel.hello(), HELLO_TIMEOUT)
+        except (TimeoutError, Exception) as exc:
+            await self.terminate(guest)
+            raise RuntimeError_(
+                f"{spec.app} ({spec.image.name}) did not greet within {HELLO_TIMEOUT:g} s: "
+                f"{exc or type(exc).__name__}; see {spec.workdir / 'guest.log'}"
+            ) from exc
+        return guest
+
+    async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
+        raise RuntimeError_("the unix runtime moves app-level checkpoints, not whole images")
+
+    async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
+        raise RuntimeError_("the unix runtime moves app-level checkpoints, not whole images")
+
+    async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
+        return guest
+
+    async def terminate(self, guest: Guest) -> None:
+        await guest.channel.close()
+        process = guest.detail.get("process")
+        if not isinstance(process, asyncio.subprocess.Process):
+            return
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()

@@ -1,0 +1,241 @@
+"""Two real executor processes on the real broker and S3 store: start, feed input, checkpoint on
+one, restore on the other, continue — with outputs compared against an uninterrupted run, steady
+input checked per sequence number, and the failure cases that must leave the source resumable."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from services.cli.simulate import Simulator
+from services.common import contract, images, topics
+from services.common.blobstore import BlobRef, BlobStore
+from services.common.bus import Bus, RemoteError, now_ms
+from services.common.config import FerryConfig
+from tests.conftest import ServiceProcesses, stack_config, wait_online
+
+RUNTIMES = ["unix", "microvm"]
+
+
+class Node:
+    """Commands to one executor, the way the scheduler sends them."""
+
+    def __init__(self, bus: Bus, name: str) -> None:
+        self.bus = bus
+        self.name = name
+
+    async def __call__(self, command: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+        payload = {"command": command, "request_id": uuid.uuid4().hex, **args}
+        return await self.bus.request(topics.node_commands(self.name), payload, timeout)
+
+    async def instances(self) -> dict[str, str]:
+        status = await self("status")
+        return {i["instance"]: i["state"] for i in status["instances"]}
+
+
+@pytest.fixture
+async def cluster(
+    infra: FerryConfig, tmp_path: Path, processes: ServiceProcesses, unikernel_builds: Path
+) -> AsyncIterator[tuple[FerryConfig, Node, Node, dict[str, Any]]]:
+    config, _ = stack_config(infra, tmp_path)
+    processes.start("executor@edge-a", "--node", "edge-a")
+    processes.start("executor@edge-b", "--node", "edge-b")
+    store = BlobStore(config.s3)
+    manifests = {app: await images.push(store, app, unikernel_builds) for app in ("counter",)}
+    await wait_online(config, [topics.node_status("edge-a"), topics.node_status("edge-b")])
+    async with Bus(config.broker, f"test-sched-{uuid.uuid4().hex[:6]}") as bus:
+        yield config, Node(bus, "edge-a"), Node(bus, "edge-b"), manifests
+
+
+def start_args(
+    service: str, instance: str, runtime: str, manifests: dict[str, Any]
+) -> dict[str, Any]:
+    target = images.TARGET_OF_RUNTIME[runtime]
+    return {
+        "service": service,
+        "instance": instance,
+        "app": "counter",
+        "runtime": runtime,
+        "image": manifests["counter"][target].to_dict(),
+    }
+
+
+async def collect_outputs(config: FerryConfig, service: str) -> tuple[Bus, list[dict[str, Any]]]:
+    bus = Bus(config.broker, f"test-out-{uuid.uuid4().hex[:6]}")
+    await bus.__aenter__()
+    await bus.subscribe(topics.app_output(service))
+    outputs: list[dict[str, Any]] = []
+
+    async def pump() -> None:
+        async for message in bus.messages():
+            outputs.append(message.payload)
+
+    bus._pump = asyncio.create_task(pump())  # type: ignore[attr-defined]
+    return bus, outputs
+
+
+async def wait_for(predicate: Any, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - polls state another task fills
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_migration_equals_an_uninterrupted_run(cluster: Any, runtime: str) -> None:
+    config, edge_a, edge_b, manifests = cluster
+    service = f"cnt-{runtime}-{uuid.uuid4().hex[:4]}"
+    reference = f"ref-{runtime}-{uuid.uuid4().hex[:4]}"
+    out_bus, outputs = await collect_outputs(config, service)
+    ref_bus, ref_outputs = await collect_outputs(config, reference)
+    await edge_a("start", mode="fresh", **start_args(service, f"{service}.1", runtime, manifests))
+    await edge_b(
+        "start", mode="fresh", **start_args(reference, f"{reference}.1", runtime, manifests)
+    )
+
+    feeder = Simulator(config.broker, service, devices=2, rate=0)
+    feeder_ref = Simulator(config.broker, reference, devices=2, rate=0)
+    feeder.start()
+    feeder_ref.start()
+    # the simulator's readings depend only on (producer, seq): both services see the same
+    feeder.send(30)
+    feeder_ref.send(30)
+    await wait_for(lambda: len(outputs) == 30 and len(ref_outputs) == 30)
+
+    await edge_b("start", mode="wait", **start_args(service, f"{service}.2", runtime, manifests))
+    checkpoint = await edge_a("checkpoint", service=service, instance=f"{service}.1")
+    assert checkpoint["watermark"] == {"dev-1": 15, "dev-2": 15}
+    assert 0 < checkpoint["checkpoint"]["size"] < 16 * 1024
+    feeder.send(10)  # arrives while nobody serves: queued in the service's session
+    restored = await edge_b(
+        "restore", service=service, instance=f"{service}.2", checkpoint=checkpoint["checkpoint"]
+    )
+    assert restored["resumed_at"] >= checkpoint["paused_at"]
+    await edge_a("stop", service=service, instance=f"{service}.1")
+    feeder.send(20)
+    feeder_ref.send(30)
+    await wait_for(lambda: len(outputs) >= 60 and len(ref_outputs) >= 60)
+    await asyncio.sleep(0.5)
+
+    def answers(rows: list[dict[str, Any]]) -> list[tuple[str, int, Any]]:
+        return sorted((o["producer"], o["seq"], o["data"]["count"]) for o in rows)
+
+    assert len(outputs) == 60, "every input answered exactly once"
+    assert answers(outputs) == answers(ref_outputs)
+    assert {o["node"] for o in outputs[:30]} == {"edge-a"}
+    assert {o["node"] for o in outputs[30:]} == {"edge-b"}
+    for bus in (out_bus, ref_bus):
+        await bus.close()
+    feeder.finish(0)
+    feeder_ref.finish(0)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_steady_input_during_migration_loses_and_duplicates_nothing(
+    cluster: Any, runtime: str
+) -> None:
+    config, edge_a, edge_b, manifests = cluster
+    service = f"steady-{runtime}-{uuid.uuid4().hex[:4]}"
+    await edge_a("start", mode="fresh", **start_args(service, f"{service}.1", runtime, manifests))
+    simulator = Simulator(config.broker, service, devices=4, rate=250)
+    simulator.start()
+    await asyncio.sleep(1.5)
+    await edge_b("start", mode="wait", **start_args(service, f"{service}.2", runtime, manifests))
+    checkpoint = await edge_a("checkpoint", service=service, instance=f"{service}.1")
+    await edge_b(
+        "restore", service=service, instance=f"{service}.2", checkpoint=checkpoint["checkpoint"]
+    )
+    await edge_a("stop", service=service, instance=f"{service}.1")
+    await asyncio.sleep(1.5)
+    report = await asyncio.to_thread(simulator.finish)
+    assert report.sent >= 500
+    assert report.lost == [] and report.duplicated == []
+    assert set(report.nodes) == {"edge-a", "edge-b"}
+
+
+async def test_corrupt_or_missing_blob_and_unknown_instance_leave_the_source_resumable(
+    cluster: Any,
+) -> None:
+    config, edge_a, edge_b, manifests = cluster
+    service = f"bad-{uuid.uuid4().hex[:4]}"
+    await edge_a("start", mode="fresh", **start_args(service, f"{service}.1", "unix", manifests))
+    simulator = Simulator(config.broker, service, devices=1, rate=0)
+    simulator.start()
+    simulator.send(5)
+    await edge_b("start", mode="wait", **start_args(service, f"{service}.2", "unix", manifests))
+    checkpoint = await edge_a("checkpoint", service=service, instance=f"{service}.1")
+    ref = BlobRef.from_dict(checkpoint["checkpoint"])
+
+    store = BlobStore(config.s3)
+    await store.put_bytes(ref.key, b'{"format": 1, "tampered": true}')
+    with pytest.raises(RemoteError) as corrupt:
+        await edge_b("restore", service=service, instance=f"{service}.2", checkpoint=ref.to_dict())
+    assert corrupt.value.code == "blob_corrupt"
+
+    missing = {**ref.to_dict(), "key": f"checkpoints/{service}/nope.json"}
+    with pytest.raises(RemoteError) as absent:
+        await edge_b("restore", service=service, instance=f"{service}.2", checkpoint=missing)
+    assert absent.value.code == "blob_unavailable"
+
+    with pytest.raises(RemoteError) as unknown:
+        await edge_b("restore", service=service, instance="nobody.9", checkpoint=ref.to_dict())
+    assert unknown.value.code == "unknown_instance"
+
+    # the source resumes and serves every input, including those sent while it was paused
+    simulator.send(5)
+    await edge_a("resume", service=service, instance=f"{service}.1")
+    simulator.send(5)
+    report = await asyncio.to_thread(simulator.finish)
+    assert report.sent == 15 and report.lost == [] and report.duplicated == []
+    assert report.nodes == {"edge-a": 15}
+    await edge_b("stop", service=service, instance=f"{service}.2")
+
+
+async def test_a_document_for_another_app_is_refused_by_the_guest(cluster: Any) -> None:
+    config, _, edge_b, manifests = cluster
+    service = f"wrong-{uuid.uuid4().hex[:4]}"
+    await edge_b("start", mode="wait", **start_args(service, f"{service}.2", "unix", manifests))
+    example = orjson.loads((contract.SCHEMA_DIR / "checkpoint.schema.json").read_bytes())
+    foreign = {**example["examples"][0], "app": {"name": "aggregator", "version": "1.0.0"}}
+    document = orjson.dumps(foreign)
+    ref = await BlobStore(config.s3).put_bytes(f"checkpoints/{service}/foreign.json", document)
+    with pytest.raises(RemoteError) as refused:
+        await edge_b("restore", service=service, instance=f"{service}.2", checkpoint=ref.to_dict())
+    assert refused.value.code == "guest_refused"
+    assert "app" in refused.value.message
+
+
+async def test_executor_restart_cleans_up_the_instances_it_ran(
+    cluster: Any, processes: ServiceProcesses
+) -> None:
+    config, edge_a, _, manifests = cluster
+    service = f"orphan-{uuid.uuid4().hex[:4]}"
+    await edge_a("start", mode="fresh", **start_args(service, f"{service}.1", "unix", manifests))
+    status = await edge_a("status")
+    [instance] = [i for i in status["instances"] if i["service"] == service]
+    record = orjson.loads(
+        (
+            config.stack.dir / "nodes" / "edge-a" / "instances" / f"{service}.1" / "instance.json"
+        ).read_bytes()
+    )
+    processes.kill("executor@edge-a")
+    restarted_at = now_ms()
+    processes.start("executor@edge-a", "--node", "edge-a")
+    await wait_online(config, [topics.node_status("edge-a")], since=restarted_at)
+    status = await edge_a("status")
+    assert f"{service}.1" in status["cleaned_up"]
+    assert all(i["service"] != service for i in status["instances"])
+    assert not Path(f"/proc/{record['pid']}").exists() or _is_zombie(record["pid"])
+    assert instance["state"] == "serving"
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
