@@ -62,7 +62,7 @@ async def microvm_guest(app: str) -> AsyncIterator[GuestChannel]:
             "-nodefaults", "-nographic", "-no-reboot",
             "-kernel", str(HERE / "build" / "microvm" / f"{app}.elf"),
             "-chardev", f"socket,id=ch0,path={sock},server=on,wait=off",
-            "-device", "virtio-serial-device", "-device", "virtconsole,chardev=ch0",
+            "-device", "virtio-serial-device", "-device", "virtserialport,chardev=ch0,nr=1",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )

@@ -24,8 +24,9 @@ from services.common.blobstore import BlobError, BlobRef, BlobStore
 from services.common.bus import BusError, RemoteError
 from services.common.config import ConfigError, FerryConfig, load_config
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Piped output (scripts, tests) gets full-width tables instead of 80 truncated columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -140,8 +140,8 @@ class Simulator:
         while time.monotonic() < deadline and len(self.missing()) > 0:
             time.sleep(0.05)
         report = self.report()
-        self._client.loop_stop()
         self._client.disconnect()
+        self._client.loop_stop()
         return report
 
     def missing(self) -> list[tuple[str, int]]:
@@ -185,5 +185,5 @@ def publish_mobility(broker: BrokerConfig, device: str, node: str, cell: str | N
             event["cell"] = cell
         client.publish(topics.mobility(device), orjson.dumps(event), qos=1).wait_for_publish(10)
     finally:
-        client.loop_stop()
         client.disconnect()
+        client.loop_stop()

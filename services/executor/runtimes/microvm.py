@@ -54,7 +54,7 @@ def qemu_argv(
         "-device",
         "virtio-serial-device",
         "-device",
-        "virtconsole,chardev=ch0",
+        "virtserialport,chardev=ch0,nr=1",
         "-device",
         "isa-debug-exit,iobase=0xf4,iosize=0x04",
         "-qmp",

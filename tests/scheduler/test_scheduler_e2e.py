@@ -1,0 +1,273 @@
+"""The whole system on the real local stack: statestore, scheduler and two executors as processes,
+driven through the CLI and the operator API, with IoT input checked per sequence number."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.cli.operator import Operator
+from services.cli.simulate import Simulator, publish_mobility
+from services.common import images, topics
+from services.common.blobstore import BlobStore
+from services.common.bus import now_ms
+from services.common.config import FerryConfig
+from tests.conftest import ServiceProcesses, stack_config, wait_online
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+NODES = ("edge-a", "edge-b")
+LIMIT = 2
+
+
+@pytest.fixture(scope="module")
+def system_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("system")
+
+
+@pytest.fixture(scope="module")
+def procs(system_dir: Path) -> Iterator[ServiceProcesses]:
+    procs = ServiceProcesses(system_dir / "ferry.toml", system_dir)
+    yield procs
+    procs.stop_all()
+
+
+def start_all(procs: ServiceProcesses, only: tuple[str, ...] = ("statestore", "scheduler")) -> None:
+    for name in only:
+        procs.start(name)
+
+
+@pytest.fixture(scope="module")
+async def system(
+    infra: FerryConfig, system_dir: Path, procs: ServiceProcesses, unikernel_builds: Path
+) -> AsyncIterator[FerryConfig]:
+    config, _ = stack_config(
+        infra,
+        system_dir,
+        FERRY_SCHEDULER__MAX_PARALLEL_PER_NODE=str(LIMIT),
+        FERRY_SCHEDULER__PHASE_TIMEOUT="8",
+        FERRY_SCHEDULER__MOBILITY_HYSTERESIS="1.0",
+    )
+    store = BlobStore(config.s3)
+    for app in ("counter", "aggregator"):
+        await images.push(store, app, unikernel_builds)
+    start_all(procs)
+    for node in NODES:
+        procs.start(f"executor@{node}", "--node", node)
+    await wait_online(
+        config,
+        [topics.component_status("statestore"), topics.component_status("scheduler")]
+        + [topics.node_status(n) for n in NODES],
+    )
+    yield config
+
+
+@pytest.fixture
+async def ops(system: FerryConfig) -> AsyncIterator[Operator]:
+    async with Operator(system) as operator:
+        yield operator
+
+
+def ferry(config: FerryConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "--config", str(config.source), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:5]}"
+
+
+async def deploy(ops: Operator, service: str, node: str = "edge-a", runtime: str = "unix") -> None:
+    await ops.command("deploy", service=service, app="counter", node=node, runtime=runtime)
+    await ops.wait_serving(service)
+
+
+async def test_deploy_and_migrate_from_the_cli(system: FerryConfig, ops: Operator) -> None:
+    service = name("cli")
+    deployed = ferry(
+        system, "deploy", service, "--app", "counter", "--node", "edge-a", "--runtime", "microvm"
+    )
+    assert deployed.returncode == 0, deployed.stderr
+    assert "deployed" in deployed.stdout
+    moved = ferry(system, "migrate", service, "--to", "edge-b", "--wait")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    for phase in (
+        "planned",
+        "target_ready",
+        "source_paused",
+        "checkpoint_stored",
+        "target_serving",
+        "source_stopped",
+        "committed",
+    ):
+        assert phase in moved.stdout
+    assert "downtime" in moved.stdout and "bytes moved" in moved.stdout
+    record = await ops.query("get_service", service=service)
+    assert record["node"] == "edge-b" and record["status"] == "serving" and record["epoch"] == 2
+    listing = ferry(system, "migrations", "--limit", "5")
+    assert service in listing.stdout and "committed" in listing.stdout
+    shown = ferry(system, "checkpoint", "show", service)
+    assert shown.returncode == 0 and '"watermark"' in shown.stdout
+    again = ferry(system, "migrate", service, "--to", "edge-b")
+    assert again.returncode == 1 and "same_node" in again.stderr
+    unknown = ferry(system, "migrate", "no-such-service", "--to", "edge-a")
+    assert unknown.returncode == 1 and "unknown_service" in unknown.stderr
+    await ops.command("stop", service=service)
+
+
+async def test_a_mobility_event_moves_the_bound_service(system: FerryConfig, ops: Operator) -> None:
+    service, device = name("mob"), name("dev")
+    await ops.command(
+        "deploy", service=service, app="counter", node="edge-a", runtime="unix", device=device
+    )
+    await ops.wait_serving(service)
+    seen = ops.migrations_seen()
+    # a device bouncing between cells within the hysteresis moves nothing ...
+    publish_mobility(system.broker, device, "edge-b")
+    publish_mobility(system.broker, device, "edge-a")
+    await asyncio.sleep(1.5)
+    assert all(ops._service_of.get(m) != service for m in ops.migrations_seen() - seen)
+    # ... one that stays does
+    publish_mobility(system.broker, device, "edge-b")
+    migration = await ops.next_migration(service, seen)
+    final = await ops.follow(migration)
+    assert final["phase"] == "committed" and final["trigger"] == "mobility"
+    assert (await ops.query("get_service", service=service))["node"] == "edge-b"
+    await ops.command("stop", service=service)
+
+
+async def test_eight_parallel_migrations_respect_the_limit_and_all_commit(
+    system: FerryConfig, ops: Operator
+) -> None:
+    services = [name(f"par{i}") for i in range(8)]
+    for service in services:
+        await deploy(ops, service)
+    started = await asyncio.gather(
+        *(ops.command("migrate", service=s, node="edge-b") for s in services)
+    )
+    events: dict[str, list[dict[str, Any]]] = {}
+    finals = await asyncio.gather(
+        *(
+            ops.follow(m["migration"], lambda e: events.setdefault(e["migration"], []).append(e))
+            for m in started
+        )
+    )
+    assert [f["phase"] for f in finals] == ["committed"] * 8
+    queued = [m for m, evs in events.items() if any(e["phase"] == "queued" for e in evs)]
+    assert len(queued) >= 8 - LIMIT
+    # while a migration works (pre-boot done → committed) it holds a slot on both nodes
+    spans = []
+    for evs in events.values():
+        times = {e["phase"]: e["time"] for e in evs}
+        spans.append((times["target_ready"], times["committed"]))
+    for start, _ in spans:
+        overlapping = sum(1 for s, e in spans if s <= start < e)
+        assert overlapping <= LIMIT
+    for service in services:
+        await ops.command("stop", service=service)
+
+
+async def test_suspend_then_resume_on_the_other_node_loses_nothing(
+    system: FerryConfig, ops: Operator
+) -> None:
+    service = name("sus")
+    await deploy(ops, service, runtime="microvm")
+    simulator = Simulator(system.broker, service, devices=2, rate=100)
+    simulator.start()
+    await asyncio.sleep(1)
+    suspended = await ops.move("suspend", service)
+    assert suspended["phase"] == "committed"
+    record = await ops.query("get_service", service=service)
+    assert record["status"] == "suspended" and record["node"] is None
+    await asyncio.sleep(1)  # input keeps arriving and queues in the broker
+    resumed = await ops.move("resume", service, "edge-b")
+    assert resumed["phase"] == "committed", resumed
+    await asyncio.sleep(1)
+    report = await asyncio.to_thread(simulator.finish)
+    assert report.sent > 250
+    assert report.lost == [] and report.duplicated == []
+    assert set(report.nodes) == {"edge-a", "edge-b"}
+    await ops.command("stop", service=service)
+
+
+async def test_target_killed_mid_migration_rolls_back_and_loses_nothing(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses
+) -> None:
+    service = name("kill")
+    await deploy(ops, service)
+    simulator = Simulator(system.broker, service, devices=1, rate=100)
+    simulator.start()
+    await asyncio.sleep(0.5)
+    started = await ops.command("migrate", service=service, node="edge-b")
+
+    def kill_target_once_paused(event: dict[str, Any]) -> None:
+        if event["phase"] == "source_paused" and "executor@edge-b" in procs.procs:
+            procs.kill("executor@edge-b")
+
+    final = await ops.follow(started["migration"], kill_target_once_paused)
+    assert final["phase"] == "rolled_back", final
+    assert "restore" in final["detail"]["error"] or "pre-boot" in final["detail"]["error"]
+    record = await ops.query("get_service", service=service)
+    assert record["node"] == "edge-a" and record["status"] == "serving"
+    await asyncio.sleep(0.5)
+    report = await asyncio.to_thread(simulator.finish)
+    assert report.lost == [] and report.duplicated == [], report.to_dict()
+    assert set(report.nodes) == {"edge-a"}
+    restarted = now_ms()
+    procs.start("executor@edge-b", "--node", "edge-b")
+    await wait_online(system, [topics.node_status("edge-b")], since=restarted)
+    await ops.command("stop", service=service)
+
+
+@pytest.mark.parametrize("victim", ["scheduler", "statestore"])
+async def test_control_plane_restart_mid_migration_finishes_it_with_a_whole_record(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, victim: str
+) -> None:
+    service = name(f"re-{victim}")
+    await deploy(ops, service)
+    simulator = Simulator(system.broker, service, devices=1, rate=50)
+    simulator.start()
+    started = await ops.command("migrate", service=service, node="edge-b")
+
+    killed = asyncio.Event()
+
+    def kill_on_target_ready(event: dict[str, Any]) -> None:
+        if event["phase"] == "target_ready" and victim in procs.procs:
+            procs.kill(victim)
+            killed.set()
+
+    following = asyncio.create_task(
+        ops.follow(started["migration"], kill_on_target_ready, timeout=90)
+    )
+    await asyncio.wait(
+        [following, asyncio.create_task(killed.wait())],
+        timeout=30,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    assert killed.is_set(), "the migration should have reached target_ready"
+    restarted = now_ms()
+    procs.start(victim)
+    await wait_online(system, [topics.component_status(victim)], since=restarted)
+    final = await following
+    assert final["phase"] in ("committed", "rolled_back"), final
+    await asyncio.sleep(1)
+    record = await ops.query("get_migration", migration=started["migration"])
+    phases = [e["phase"] for e in record["events"]]
+    assert phases[0] == "planned" and phases[-1] == final["phase"]
+    assert record["migration"]["outcome"] == final["phase"]
+    service_record = await ops.query("get_service", service=service)
+    assert service_record["status"] == "serving"
+    report = await asyncio.to_thread(simulator.finish)
+    assert report.lost == [] and report.duplicated == [], report.to_dict()
+    await ops.command("stop", service=service)

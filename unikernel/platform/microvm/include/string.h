@@ -1,0 +1,19 @@
+/*
+ * string.h: the subset of <string.h> the microvm platform provides
+ * (see platform.h for the list the core may rely on).
+ */
+#ifndef MICROVM_STRING_H
+#define MICROVM_STRING_H
+
+#include <stddef.h>
+
+void *memcpy(void *restrict dst, const void *restrict src, size_t n);
+void *memmove(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+int strcmp(const char *a, const char *b);
+int strncmp(const char *a, const char *b, size_t n);
+char *strchr(const char *s, int c);
+
+#endif /* MICROVM_STRING_H */
