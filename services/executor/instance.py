@@ -45,6 +45,7 @@ class Checkpoint:
     document: bytes
     watermark: dict[str, int]
     paused_at: float
+    drain_ms: float
     checkpoint_ms: float
 
 
@@ -91,6 +92,7 @@ class Instance:
         self._outputs: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
         self.exit_reason: str | None = None
+        self.restored_at = 0.0
 
     def summary(self) -> dict[str, Any]:
         """This instance as the node status reports it."""
@@ -124,6 +126,7 @@ class Instance:
         """
         guest = self._require("waiting")
         await guest.channel.restore(document)
+        self.restored_at = time.time() * 1000
         await self.attach_input()
         return time.time() * 1000
 
@@ -131,12 +134,14 @@ class Instance:
         """Stop taking input, let in-flight input finish, and capture the state between steps."""
         guest = self._require("serving")
         paused_at = time.time() * 1000
-        await self.detach_input()
         started = time.perf_counter()
+        await self.detach_input()
+        drained = time.perf_counter()
         document = await guest.channel.checkpoint(now_ms())
-        checkpoint_ms = (time.perf_counter() - started) * 1000
+        checkpoint_ms = (time.perf_counter() - drained) * 1000
         self.state = "paused"
-        return Checkpoint(document, _watermark_of(document), paused_at, checkpoint_ms)
+        drain_ms = (drained - started) * 1000
+        return Checkpoint(document, _watermark_of(document), paused_at, drain_ms, checkpoint_ms)
 
     async def resume(self) -> None:
         """Roll back a checkpoint: the paused guest takes its input session back."""

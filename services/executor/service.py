@@ -149,6 +149,10 @@ class Executor:
                 await bus.reply(message, outcome["result"])
             else:
                 await bus.reply(message, error=outcome["error"])
+        if message.payload["command"] != "status":
+            # After the reply: a migration's downtime must not wait for bookkeeping.
+            with contextlib.suppress(Exception):
+                await self.publish_status()
 
     async def execute(self, command: dict[str, Any]) -> dict[str, Any]:
         """Carry out one validated command; raise RemoteError with a clear code on failure."""
@@ -258,13 +262,19 @@ class Executor:
             await instance.resume()
             raise
         upload_ms = (time.perf_counter() - upload_started) * 1000
+        stored_at = time.time() * 1000
         if command.get("stop_after"):
             await self._stop(instance)
         return {
             "checkpoint": ref.to_dict(),
             "watermark": checkpoint.watermark,
             "paused_at": checkpoint.paused_at,
-            "timings": {"checkpoint_ms": checkpoint.checkpoint_ms, "upload_ms": upload_ms},
+            "stored_at": stored_at,
+            "timings": {
+                "drain_ms": checkpoint.drain_ms,
+                "checkpoint_ms": checkpoint.checkpoint_ms,
+                "upload_ms": upload_ms,
+            },
         }
 
     async def _cmd_restore(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -272,6 +282,7 @@ class Executor:
         started = time.perf_counter()
         document = await self.store.get_bytes(BlobRef.from_dict(command["checkpoint"]))
         fetched = time.perf_counter()
+        fetched_at = time.time() * 1000
         resumed_at = await instance.restore(document)
         return {
             "state": instance.state,
@@ -279,7 +290,8 @@ class Executor:
             "bytes": len(document),
             "timings": {
                 "fetch_ms": (fetched - started) * 1000,
-                "restore_ms": (time.perf_counter() - fetched) * 1000,
+                "restore_ms": instance.restored_at - fetched_at,
+                "attach_ms": resumed_at - instance.restored_at,
             },
         }
 

@@ -154,12 +154,18 @@ class Scheduler:
         name, node = command["service"], command["node"]
         runtime = command.get("runtime", "microvm")
         self._require_online(node)
-        with contextlib.suppress(RemoteError):
+        epoch = 1
+        try:
             existing = await self.store.get_service(name)
+        except RemoteError as exc:
+            if exc.code != "unknown_service":
+                raise
+        else:
             if existing.get("status") not in ("stopped", "failed"):
                 raise RemoteError(
                     "service_exists", f"{name} already exists ({existing.get('status')})"
                 )
+            epoch = int(existing["epoch"]) + 1  # a redeploy never reuses an instance id
         if runtime not in self.nodes[node].get("runtimes", []):
             reason = self.nodes[node].get("unavailable", {}).get(runtime, "not offered")
             raise RemoteError("runtime_unavailable", f"{node} cannot run {runtime}: {reason}")
@@ -169,7 +175,6 @@ class Scheduler:
             raise RemoteError("unknown_image", str(exc)) from None
         except BlobError as exc:
             raise RemoteError("blob_unavailable", str(exc)) from None
-        epoch = 1
         record = {
             "service": name,
             "app": command["app"],
