@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -40,9 +41,10 @@ def session_client_id(service: str) -> str:
 
 @dataclass
 class Checkpoint:
-    """What a checkpoint produced, before upload."""
+    """What a checkpoint produced, before upload: an app-level document or a whole image file."""
 
-    document: bytes
+    document: bytes | None
+    image_file: Path | None
     watermark: dict[str, int]
     paused_at: float
     drain_ms: float
@@ -107,12 +109,22 @@ class Instance:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    async def boot(self) -> None:
-        """Launch the guest; it waits (state ``waiting``) for START or RESTORE."""
-        self.guest = await self.runtime.launch(self.spec)
-        self.guest.channel.on_event = self._on_guest_frame
+    async def boot(self, fresh: bool) -> None:
+        """Get the guest ready: it waits (state ``waiting``) for START or its state.
+
+        A whole-image runtime has nothing to boot for a migration target (its state *is* the
+        guest): ``prepare`` only readies what makes ``launch_from`` quick.
+        """
         self._publisher = asyncio.create_task(self._publish_outputs())
+        if self.runtime.whole_image and not fresh:
+            await self.runtime.prepare(self.spec)
+        else:
+            self._adopt(await self.runtime.launch(self.spec))
         self.state = "waiting"
+
+    def _adopt(self, guest: Guest) -> None:
+        self.guest = guest
+        guest.channel.on_event = self._on_guest_frame
 
     async def start_fresh(self, params: dict[str, Any]) -> None:
         guest = self._require("waiting")
@@ -130,6 +142,15 @@ class Instance:
         await self.attach_input()
         return time.time() * 1000
 
+    async def restore_image(self, image_file: Path) -> float:
+        """Whole-image runtimes: rebuild the guest from its image, then take over the input."""
+        if self.state != "waiting":
+            raise InstanceError("wrong_state", f"instance {self.instance_id} is {self.state}")
+        self._adopt(await self.runtime.launch_from(self.spec, image_file))
+        self.restored_at = time.time() * 1000
+        await self.attach_input()
+        return time.time() * 1000
+
     async def checkpoint(self) -> Checkpoint:
         """Stop taking input, let in-flight input finish, and capture the state between steps."""
         guest = self._require("serving")
@@ -137,17 +158,26 @@ class Instance:
         started = time.perf_counter()
         await self.detach_input()
         drained = time.perf_counter()
-        document = await guest.channel.checkpoint(now_ms())
+        document: bytes | None = None
+        image_file: Path | None = None
+        if self.runtime.whole_image:
+            image_file = await self.runtime.capture(guest, self.spec)
+            watermark: dict[str, int] = {}
+        else:
+            document = await guest.channel.checkpoint(now_ms())
+            watermark = _watermark_of(document)
         checkpoint_ms = (time.perf_counter() - drained) * 1000
         self.state = "paused"
         drain_ms = (drained - started) * 1000
-        return Checkpoint(document, _watermark_of(document), paused_at, drain_ms, checkpoint_ms)
+        return Checkpoint(document, image_file, watermark, paused_at, drain_ms, checkpoint_ms)
 
     async def resume(self) -> None:
         """Roll back a checkpoint: the paused guest takes its input session back."""
         if self.state == "serving":
             return
-        self._require("paused")
+        guest = self._require("paused")
+        if self.runtime.whole_image:
+            self._adopt(await self.runtime.resume_captured(guest, self.spec))
         await self.attach_input()
 
     async def stop(self) -> None:
@@ -156,9 +186,12 @@ class Instance:
             return
         await self.detach_input()
         if self.guest is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.guest.channel.stop(), 2.0)
+            if self.guest.channel.alive:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.guest.channel.stop(), 2.0)
             await self.runtime.terminate(self.guest)
+        else:
+            await self.runtime.unprepare(self.spec)
         if self._publisher is not None:
             await self._outputs.join()
             self._publisher.cancel()

@@ -1,8 +1,9 @@
 """Podman + CRIU: the container runtime Ferry benchmarks against and can migrate with.
 
-Only what Ferry needs: a local image from one static binary, rootful containers on host
-networking, checkpoint to a portable archive and restore from it (also under a new name, on
-another node). Measured facts and the exact commands are in PODMAN.md beside this file.
+Only what Ferry needs: a local image from one static binary (with the same ID on every node, so
+a checkpoint taken on one node restores on another), rootful containers on host networking,
+checkpoint to a portable archive and restore from it (also under a new name, on another node).
+Measured facts and the exact commands are in PODMAN.md beside this file.
 
 Choices (see PODMAN.md for the numbers):
 - `--runtime runc`: crun cannot checkpoint here.
@@ -24,9 +25,11 @@ import hashlib
 import io
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
+import socket
 import tarfile
 import threading
 import time
@@ -35,13 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "CheckpointOrigin",
     "CheckpointResult",
     "PodmanError",
     "RestoreResult",
     "become_subreaper",
     "build_image",
     "checkpoint_export",
+    "checkpoint_origin",
     "criu_available",
+    "free_port",
     "remove",
     "restore_import",
     "run",
@@ -50,16 +56,20 @@ __all__ = [
 CRIU_MIN_VERSION = (4, 1)
 #: Root here lacks CAP_SYS_RESOURCE, so the container may not inherit podman's higher defaults.
 ULIMITS = ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768")
-#: Image label holding the binary's sha256, so build_image can tell an image is current.
+#: Image label holding the sha256 of the binary an image was built from.
 BINARY_LABEL = "ferry.binary.sha256"
 LISTEN_TIMEOUT_S = 10.0
 _STDERR_TAIL_LINES = 15
 _PR_SET_CHILD_SUBREAPER = 36
 _REAP_INTERVAL_S = 0.2
+#: Image config times: fixed, so that the image ID depends on the binary alone.
+_EPOCH = "1970-01-01T00:00:00Z"
+#: platform.machine() -> the OCI architecture name.
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
 class PodmanError(Exception):
-    """A podman (or criu) command failed; carries what is needed to tell why."""
+    """A podman, criu or tar command failed; carries what is needed to tell why."""
 
     def __init__(self, cmd: Sequence[str], returncode: int | None, stderr: str) -> None:
         self.cmd = list(cmd)
@@ -76,6 +86,16 @@ class CheckpointResult:
     size_bytes: int
     #: From the start of the checkpoint command until the archive is complete.
     seconds: float
+
+
+@dataclass(frozen=True)
+class CheckpointOrigin:
+    """What a checkpoint archive was taken from, read from the archive itself."""
+
+    #: The image the container ran; a restore needs exactly this ID in local storage.
+    image_id: str
+    #: The container's command (entrypoint arguments), as given to `run`.
+    command: list[str]
 
 
 @dataclass(frozen=True)
@@ -138,32 +158,87 @@ async def criu_available() -> tuple[bool, str]:
     return True, f"criu {match[1]}.{match[2]}"
 
 
-async def build_image(binary: Path, tag: str) -> None:
-    """Imports an image whose only file is `binary` (as its entrypoint); no-op if current.
+async def build_image(binary: Path, tag: str) -> str:
+    """Makes `tag` (a full `name:tag` reference) an image whose only file is `binary`, run as its
+    entrypoint; returns the image's ID. A no-op when `tag` already is that image.
 
-    `podman import` of an in-memory tar needs no registry, no base image and no buildah.
+    The ID is the same on every node for the same binary, which a restore needs: a checkpoint
+    names the ID of its image, and `container restore --import` fails on a node without it
+    (`creating container storage: parsing named reference "<id>"`). That is why the image is a
+    docker-archive built here and `podman load`ed, not `podman import`ed (import stamps the
+    current time into the config, so every node gets a different ID). The label BINARY_LABEL
+    records the binary's sha256. Raises PodmanError if `podman load` fails, OSError if `binary`
+    cannot be read.
     """
-    digest = await asyncio.to_thread(lambda: hashlib.sha256(binary.read_bytes()).hexdigest())
-    code, _, _ = await _exec(("podman", "image", "exists", tag))
-    if code == 0:
-        label_format = f'{{{{index .Labels "{BINARY_LABEL}"}}}}'
-        label = await _podman("image", "inspect", "--format", label_format, tag)
-        if label.strip() == digest:
-            return
-    rootfs_tar = await asyncio.to_thread(_single_file_tar, binary)
-    entrypoint = json.dumps([f"/{binary.name}"])
-    changes = ("--change", f"ENTRYPOINT {entrypoint}", "--change", f"LABEL {BINARY_LABEL}={digest}")
-    await _podman("import", *changes, "-", tag, stdin=rootfs_tar)
+    archive, image_id = await asyncio.to_thread(_image_archive, binary, tag)
+    if await _image_id(tag) == image_id:
+        return image_id
+    await _podman("load", stdin=archive)
+    loaded = await _image_id(tag)
+    if loaded != image_id:
+        raise PodmanError(
+            ("podman", "load"), None, f"{tag} is image {loaded}, expected {image_id} after load"
+        )
+    return image_id
 
 
-def _single_file_tar(binary: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tar.gettarinfo(str(binary), arcname=binary.name)
-        info.mode, info.uid, info.gid, info.uname, info.gname = 0o755, 0, 0, "root", "root"
-        with binary.open("rb") as f:
-            tar.addfile(info, f)
-    return buf.getvalue()
+async def _image_id(reference: str) -> str | None:
+    code, out, _ = await _exec(("podman", "image", "inspect", "--format", "{{.Id}}", reference))
+    return out.strip() if code == 0 else None
+
+
+def _image_archive(binary: Path, tag: str) -> tuple[bytes, str]:
+    """A docker-archive holding `binary` as the image's only file and tagged `tag`, and the ID.
+
+    Everything in it (file times, owner, config, history) is fixed or derived from the binary's
+    bytes, so the ID (the sha256 of the config) is too.
+    """
+    data = binary.read_bytes()
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(binary.name)
+        info.size, info.mode, info.mtime = len(data), 0o755, 0
+        tar.addfile(info, io.BytesIO(data))
+    layer_bytes = layer.getvalue()
+    layer_digest = hashlib.sha256(layer_bytes).hexdigest()
+    config = {
+        "architecture": _ARCH.get(platform.machine(), platform.machine()),
+        "os": "linux",
+        "created": _EPOCH,
+        "config": {
+            "Entrypoint": [f"/{binary.name}"],
+            "Labels": {BINARY_LABEL: hashlib.sha256(data).hexdigest()},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
+        "history": [{"created": _EPOCH, "created_by": "ferry: the app's static binary"}],
+    }
+    config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    image_id = hashlib.sha256(config_bytes).hexdigest()
+    manifest = [
+        {
+            "Config": f"{image_id}.json",
+            "RepoTags": [tag],
+            "Layers": [f"{layer_digest}/layer.tar"],
+        }
+    ]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, body in (
+            (f"{layer_digest}/layer.tar", layer_bytes),
+            (f"{image_id}.json", config_bytes),
+            ("manifest.json", json.dumps(manifest).encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(body), 0
+            tar.addfile(info, io.BytesIO(body))
+    return out.getvalue(), image_id
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 a moment ago, for `run` (host networking: a host port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def run(name: str, image: str, args: list[str], port: int) -> None:
@@ -199,14 +274,40 @@ async def restore_import(archive: Path, name: str, port: int) -> RestoreResult:
         await _wait_listening(name, port)
     except PodmanError as exc:
         if "already in use" not in exc.stderr_tail:
-            await remove(name)
+            await remove(name, quiet=True)
         raise
     return RestoreResult(name, time.perf_counter() - started)
 
 
-async def remove(name: str) -> None:
-    """Kills and removes `name` at once (PID 1 in a container ignores SIGTERM); absent is fine."""
-    await _podman("rm", "--force", "--time", "0", "--ignore", name)
+async def remove(name: str, *, quiet: bool = False) -> None:
+    """Kills and removes `name` at once (PID 1 in a container ignores SIGTERM); absent is fine.
+
+    `quiet`: swallow a failure instead of raising PodmanError, for cleanup on a path that is
+    already reporting another error.
+    """
+    try:
+        await _podman("rm", "--force", "--time", "0", "--ignore", name)
+    except PodmanError:
+        if not quiet:
+            raise
+
+
+async def checkpoint_origin(archive: Path) -> CheckpointOrigin:
+    """The image ID and command of the container `archive` (from checkpoint_export) was taken of.
+
+    Both come from the archive's `config.dump` (podman's container config). GNU tar detects the
+    compression (zstd needs the `zstd` program). Raises PodmanError if the archive cannot be read
+    or holds no such config (returncode None: it was read, but is not a podman checkpoint).
+    """
+    cmd = ("tar", "-xOf", str(archive), "config.dump")
+    code, out, err = await _exec(cmd)
+    if code != 0:
+        raise PodmanError(cmd, code, err)
+    try:
+        config = json.loads(out)
+        return CheckpointOrigin(str(config["rootfsImageID"]), [str(a) for a in config["command"]])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PodmanError(cmd, None, f"not a podman checkpoint: {type(exc).__name__}: {exc}") from exc
 
 
 async def _wait_listening(name: str, port: int) -> None:
@@ -246,16 +347,18 @@ def become_subreaper() -> None:
     after a dump on the same host can then fail with "Can't fork for <pid>: File exists". As a
     subreaper, this process inherits podman's orphans (conmon, container processes) and a
     daemon thread reaps them. It only reaps a zombie seen on two polls in a row: asyncio reaps
-    its own children within milliseconds, so their exit status is never stolen.
+    its own children within milliseconds, so their exit status is never stolen. Calling it again
+    does nothing.
     """
     global _reaper_started
+    if _reaper_started:
+        return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(errno)}")
-    if not _reaper_started:
-        threading.Thread(target=_reap_orphans, name="orphan-reaper", daemon=True).start()
-        _reaper_started = True
+    threading.Thread(target=_reap_orphans, name="orphan-reaper", daemon=True).start()
+    _reaper_started = True
 
 
 def _reap_orphans() -> None:

@@ -54,6 +54,14 @@ class Runtime(Protocol):
         """Boot a fresh guest and return once it said HELLO (state ``waiting``)."""
         ...
 
+    async def prepare(self, spec: LaunchSpec) -> None:
+        """Whole-image runtimes: get ready for ``launch_from`` (pre-boot); others do nothing."""
+        ...
+
+    async def unprepare(self, spec: LaunchSpec) -> None:
+        """Undo ``prepare`` for an abandoned migration (idempotent)."""
+        ...
+
     async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
         """Whole-image runtimes: freeze the guest and write its image to a file; others raise."""
         ...

@@ -229,7 +229,7 @@ class Executor:
         )
         self.instances[service] = instance
         try:
-            await instance.boot()
+            await instance.boot(fresh=command["mode"] == "fresh")
             record_instance(workdir, instance)
             if command["mode"] == "fresh":
                 await instance.start_fresh(command.get("params") or {})
@@ -253,11 +253,15 @@ class Executor:
         checkpoint = await instance.checkpoint()
         key = (
             f"checkpoints/{instance.service}/{command.get('migration') or instance.instance_id}/"
-            f"{now_ms()}.json"
+            f"{now_ms()}"
         )
         upload_started = time.perf_counter()
         try:
-            ref = await self.store.put_bytes(key, checkpoint.document)
+            if checkpoint.image_file is not None:
+                ref = await self.store.put_file(f"{key}.img", checkpoint.image_file)
+            else:
+                assert checkpoint.document is not None
+                ref = await self.store.put_bytes(f"{key}.json", checkpoint.document)
         except BlobError:
             await instance.resume()
             raise
@@ -279,15 +283,23 @@ class Executor:
 
     async def _cmd_restore(self, command: dict[str, Any]) -> dict[str, Any]:
         instance = self._instance(command)
+        ref = BlobRef.from_dict(command["checkpoint"])
         started = time.perf_counter()
-        document = await self.store.get_bytes(BlobRef.from_dict(command["checkpoint"]))
-        fetched = time.perf_counter()
-        fetched_at = time.time() * 1000
-        resumed_at = await instance.restore(document)
+        if instance.runtime.whole_image:
+            image_file = instance.spec.workdir / "incoming.img"
+            await self.store.get_file(ref, image_file)
+            fetched = time.perf_counter()
+            fetched_at = time.time() * 1000
+            resumed_at = await instance.restore_image(image_file)
+        else:
+            document = await self.store.get_bytes(ref)
+            fetched = time.perf_counter()
+            fetched_at = time.time() * 1000
+            resumed_at = await instance.restore(document)
         return {
             "state": instance.state,
             "resumed_at": resumed_at,
-            "bytes": len(document),
+            "bytes": ref.size,
             "timings": {
                 "fetch_ms": (fetched - started) * 1000,
                 "restore_ms": instance.restored_at - fetched_at,

@@ -21,6 +21,7 @@ from services.common.config import FerryConfig
 from tests.conftest import ServiceProcesses, stack_config, wait_online
 
 RUNTIMES = ["unix", "microvm"]
+WHOLE_IMAGE = ["microvm-snapshot", "podman"]
 
 
 class Node:
@@ -135,11 +136,14 @@ async def test_migration_equals_an_uninterrupted_run(cluster: Any, runtime: str)
     feeder_ref.finish(0)
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", RUNTIMES + WHOLE_IMAGE)
 async def test_steady_input_during_migration_loses_and_duplicates_nothing(
     cluster: Any, runtime: str
 ) -> None:
     config, edge_a, edge_b, manifests = cluster
+    status = await edge_a("status")
+    if runtime not in status["runtimes"]:
+        pytest.skip(f"{runtime} unavailable on this machine: {status['unavailable'][runtime]}")
     service = f"steady-{runtime}-{uuid.uuid4().hex[:4]}"
     await edge_a("start", mode="fresh", **start_args(service, f"{service}.1", runtime, manifests))
     simulator = Simulator(config.broker, service, devices=4, rate=250)

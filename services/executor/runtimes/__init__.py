@@ -8,6 +8,8 @@ from services.common.config import FerryConfig
 from services.executor.accel import choose_accel
 from services.executor.runtime import Runtime
 from services.executor.runtimes.microvm import QEMU, MicrovmRuntime
+from services.executor.runtimes.podman import PodmanRuntime, podman_available
+from services.executor.runtimes.snapshot import SnapshotRuntime
 from services.executor.runtimes.unix import UnixRuntime
 
 
@@ -32,7 +34,11 @@ async def available_runtimes(
             if "microvm" in wanted:
                 runtimes["microvm"] = MicrovmRuntime(mode)
             if "microvm-snapshot" in wanted:
-                unavailable["microvm-snapshot"] = "not implemented yet"
+                runtimes["microvm-snapshot"] = SnapshotRuntime(mode)
     if "podman" in wanted:
-        unavailable["podman"] = "not implemented yet"
+        usable, reason = await podman_available()
+        if usable:
+            runtimes["podman"] = PodmanRuntime()
+        else:
+            unavailable["podman"] = reason
     return runtimes, unavailable, accel

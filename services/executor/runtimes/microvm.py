@@ -20,6 +20,8 @@ from services.executor.channel import GuestChannel
 from services.executor.runtime import Guest, LaunchSpec, RuntimeError_
 
 QEMU = "qemu-system-x86_64"
+#: The chardev id of the guest channel in ``qemu_argv``.
+CHANNEL_ID = "ch0"
 HELLO_TIMEOUT = 20.0
 SOCKET_WAIT = 10.0
 
@@ -50,11 +52,13 @@ def qemu_argv(
         "-serial",
         f"file:{spec.workdir / 'console.log'}",
         "-chardev",
-        f"socket,id=ch0,path={sockets / 'channel.sock'},server=on,wait=off",
+        f"socket,id={CHANNEL_ID},path={sockets / 'channel.sock'},server=on,wait=off",
         "-device",
         "virtio-serial-device",
         "-device",
-        "virtserialport,chardev=ch0,nr=1",
+        # A virtserialport (not a virtconsole): QEMU throttles it instead of dropping guest
+        # output, and tells the guest when the host connects, so it greets every new controller.
+        f"virtserialport,chardev={CHANNEL_ID},nr=1",
         "-device",
         "isa-debug-exit,iobase=0xf4,iosize=0x04",
         "-qmp",
@@ -63,15 +67,25 @@ def qemu_argv(
     ]
 
 
-async def wait_for_socket(path: Path, process: asyncio.subprocess.Process) -> None:
-    """QEMU creates its sockets a few ms after start; wait for them (or for QEMU to die)."""
+async def connect_when_listening(
+    path: Path, process: asyncio.subprocess.Process
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a socket QEMU is about to listen on (or fail once QEMU died or took too long).
+
+    QEMU creates the file a moment before it listens, so "refused" is retried too.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SOCKET_WAIT
-    while not path.exists():
+    while True:
         if process.returncode is not None:
             raise RuntimeError_(f"QEMU exited with code {process.returncode} before {path.name}")
-        if loop.time() > deadline:
-            raise RuntimeError_(f"QEMU did not create {path} within {SOCKET_WAIT:g} s")
+        try:
+            return await asyncio.open_unix_connection(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if loop.time() > deadline:
+                raise RuntimeError_(
+                    f"QEMU did not listen on {path} within {SOCKET_WAIT:g} s"
+                ) from exc
         await asyncio.sleep(0.002)
 
 
@@ -102,15 +116,15 @@ class MicrovmRuntime:
         finally:
             log.close()
         try:
-            await wait_for_socket(sockets / "channel.sock", process)
-            reader, writer = await asyncio.open_unix_connection(str(sockets / "channel.sock"))
-            await wait_for_socket(sockets / "qmp.sock", process)
+            reader, writer = await connect_when_listening(sockets / "channel.sock", process)
+            probe = await connect_when_listening(sockets / "qmp.sock", process)
+            probe[1].close()
             qmp = QMPClient(f"ferry-{spec.instance}")
             await qmp.connect(str(sockets / "qmp.sock"))
         except Exception as exc:
             await _kill(process)
             shutil.rmtree(sockets, ignore_errors=True)
-            raise RuntimeError_(f"{exc}: {_tail(spec.workdir / 'qemu.log')}") from exc
+            raise RuntimeError_(f"{exc}: {tail_log(spec.workdir / 'qemu.log')}") from exc
         return Guest(
             channel=GuestChannel(reader, writer),
             pid=process.pid,
@@ -128,6 +142,12 @@ class MicrovmRuntime:
                 f"({type(exc).__name__}: {exc}); see {spec.workdir / 'console.log'}"
             ) from exc
         return guest
+
+    async def prepare(self, spec: LaunchSpec) -> None:
+        return None
+
+    async def unprepare(self, spec: LaunchSpec) -> None:
+        return None
 
     async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
         raise RuntimeError_("the microvm runtime moves app-level checkpoints, not whole images")
@@ -158,7 +178,7 @@ class MicrovmRuntime:
             shutil.rmtree(sockets, ignore_errors=True)
 
 
-def _tail(log: Path, lines: int = 5) -> str:
+def tail_log(log: Path, lines: int = 5) -> str:
     """The last lines QEMU wrote, so the error says why it failed."""
     try:
         return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])

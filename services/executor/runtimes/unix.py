@@ -54,6 +54,12 @@ class UnixRuntime:
             ) from exc
         return guest
 
+    async def prepare(self, spec: LaunchSpec) -> None:
+        return None
+
+    async def unprepare(self, spec: LaunchSpec) -> None:
+        return None
+
     async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
         raise RuntimeError_("the unix runtime moves app-level checkpoints, not whole images")
 
