@@ -8,7 +8,7 @@ CRIU >= 4.1 cannot be made to work (deploy/install-criu.sh is tried first).
 from __future__ import annotations
 
 import asyncio
-import socket
+import os
 import struct
 import time
 import uuid
@@ -113,14 +113,17 @@ def _is_static_elf(path: Path) -> bool:
     return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+async def _podman_out(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, f"podman {' '.join(args)}: {err.decode()}"
+    return out.decode().strip()
 
 
 @pytest.fixture(scope="module")
-async def counter_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+async def counter_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ok, reason = await podman.criu_available()
     if not ok and reason != "rootful podman and criu need root":
         install = await asyncio.create_subprocess_exec(
@@ -136,17 +139,21 @@ async def counter_image(tmp_path_factory: pytest.TempPathFactory) -> str:
         pytest.skip(f"CRIU >= 4.1 is not usable here: {reason}")
     podman.become_subreaper()
     if REAL_COUNTER.is_file() and _is_static_elf(REAL_COUNTER):
-        binary = REAL_COUNTER
-    else:
-        build = tmp_path_factory.mktemp("standin")
-        (build / "counter.c").write_text(STANDIN_C)
-        gcc = await asyncio.create_subprocess_exec(
-            "gcc", "-static", "-O2", "-o", str(build / "counter"), str(build / "counter.c")
-        )
-        assert await gcc.wait() == 0, "gcc -static failed (is libc6-dev installed?)"
-        binary = build / "counter"
-    await podman.build_image(binary, IMAGE)
-    return IMAGE
+        return REAL_COUNTER
+    build = tmp_path_factory.mktemp("standin")
+    (build / "counter.c").write_text(STANDIN_C)
+    gcc = await asyncio.create_subprocess_exec(
+        "gcc", "-static", "-O2", "-o", str(build / "counter"), str(build / "counter.c")
+    )
+    assert await gcc.wait() == 0, "gcc -static failed (is libc6-dev installed?)"
+    return build / "counter"
+
+
+@pytest.fixture(scope="module")
+async def counter_image(counter_binary: Path) -> AsyncIterator[str]:
+    """The counter's image ID; the tag goes afterwards (it may alias the executor's image)."""
+    yield await podman.build_image(counter_binary, IMAGE)
+    await _podman_out("rmi", "--ignore", IMAGE)
 
 
 class Controller:
@@ -208,7 +215,7 @@ async def test_counter_continues_after_checkpoint_export_and_restore_import(
     counter_image: str, names: tuple[str, str], tmp_path: Path
 ) -> None:
     source, target = names
-    port = _free_port()
+    port = podman.free_port()
     await podman.run(source, counter_image, ["--listen", f"127.0.0.1:{port}"], port)
     ctl, hello = await Controller.connect(port)
     assert hello["state"] == "waiting"
@@ -241,10 +248,32 @@ async def test_restore_of_corrupt_archive_raises_podman_error(
     archive = tmp_path / "corrupt.tar.zst"
     archive.write_bytes(b"this is not a checkpoint archive\n" * 100)
     with pytest.raises(podman.PodmanError) as info:
-        await podman.restore_import(archive, names[1], _free_port())
+        await podman.restore_import(archive, names[1], podman.free_port())
     error = info.value
     assert error.returncode not in (0, None)
     assert error.cmd[:3] == ["podman", "container", "restore"]
     assert str(archive) in str(error) and error.stderr_tail
     exists = await asyncio.create_subprocess_exec("podman", "container", "exists", names[1])
     assert await exists.wait() == 1, "a failed restore must not leave a container behind"
+
+
+async def test_build_image_gives_the_same_id_for_the_same_binary(
+    counter_binary: Path, counter_image: str, tmp_path: Path
+) -> None:
+    # A checkpoint restores only on a node holding the very image ID it names, so a node that
+    # builds the image from its own copy of the binary must arrive at the same ID.
+    binary = tmp_path / "counter"
+    binary.write_bytes(counter_binary.read_bytes() + uuid.uuid4().bytes)  # an image of its own
+    tag = f"localhost/ferry-test-{uuid.uuid4().hex[:8]}:latest"
+    try:
+        first = await podman.build_image(binary, tag)
+        assert await _podman_out("image", "inspect", "--format", "{{.Id}}", tag) == first
+        await _podman_out("rmi", tag)
+        assert first not in await _podman_out("image", "ls", "-q", "--no-trunc")
+        # The other node's copy: another mtime, and the tag naming some other image.
+        os.utime(binary, (1, 1))
+        await _podman_out("tag", counter_image, tag)
+        assert await podman.build_image(binary, tag) == first
+        assert await _podman_out("image", "inspect", "--format", "{{.Id}}", tag) == first
+    finally:
+        await _podman_out("rmi", "--ignore", tag)

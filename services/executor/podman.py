@@ -307,7 +307,9 @@ async def checkpoint_origin(archive: Path) -> CheckpointOrigin:
         config = json.loads(out)
         return CheckpointOrigin(str(config["rootfsImageID"]), [str(a) for a in config["command"]])
     except (ValueError, KeyError, TypeError) as exc:
-        raise PodmanError(cmd, None, f"not a podman checkpoint: {type(exc).__name__}: {exc}") from exc
+        raise PodmanError(
+            cmd, None, f"not a podman checkpoint: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 async def _wait_listening(name: str, port: int) -> None:

@@ -24,6 +24,7 @@
 #define PIT_CH0           0x40
 #define PIT_CMD           0x43
 #define PIT_CMD_CH0_MODE2 0x34      /* channel 0, lo/hi byte, rate generator */
+#define PIT_CMD_CH0_MODE0 0x30      /* channel 0, lo/hi byte, one shot */
 #define PIT_CMD_LATCH0    0x00      /* latch channel 0's count */
 #define CALIBRATION_TICKS 5966      /* 5 ms of PIT input clock */
 #define PIT_PROBE_READS   2000      /* reads without change => no PIT */
@@ -85,6 +86,11 @@ void clock_init(void)
 {
     tsc_boot = rdtsc();
     tsc_hz = calibrate_with_pit();
+    /* Mode 0 (one shot) from now on: a rate generator would keep QEMU's
+     * PIT timer firing 18 times a second for nothing (its IRQ is masked). */
+    outb(PIT_CMD, PIT_CMD_CH0_MODE0);
+    outb(PIT_CH0, 0xff);
+    outb(PIT_CH0, 0xff);
     if (tsc_hz == 0) {
         tsc_hz = FALLBACK_TSC_HZ;
         serial_puts("microvm: no PIT, assuming a 2 GHz TSC; clock may be off\n");

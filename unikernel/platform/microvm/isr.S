@@ -84,3 +84,41 @@ isr_table:
 .irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad isr_\vec
 .endr
+
+/*
+ * Interrupt stubs (see irq.c). Interrupts are only ever enabled across the
+ * `sti; hlt` of irq_halt(), so these interrupt nothing but a halted CPU;
+ * they still save what they use and return with iretq. No C, no SSE.
+ */
+#define LAPIC_EOI_ADDR      0xfee000b0
+#define VIRTIO_MMIO_INT_STATUS 0x60
+#define VIRTIO_MMIO_INT_ACK    0x64
+
+    .text
+    .globl irq_device_entry, irq_timer_entry, irq_spurious_entry
+/* The virtio-mmio device: acknowledge every pending cause, so the level-
+ * triggered line drops before the EOI (else it fires again at once). */
+irq_device_entry:
+    push %rax
+    push %rcx
+    mov irq_virtio_base, %rax
+    test %rax, %rax
+    jz 1f
+    mov VIRTIO_MMIO_INT_STATUS(%rax), %ecx
+    mov %ecx, VIRTIO_MMIO_INT_ACK(%rax)
+1:  mov $LAPIC_EOI_ADDR, %eax
+    movl $0, (%rax)
+    pop %rcx
+    pop %rax
+    iretq
+
+irq_timer_entry:
+    push %rax
+    mov $LAPIC_EOI_ADDR, %eax
+    movl $0, (%rax)
+    pop %rax
+    iretq
+
+/* The LAPIC's spurious vector: no EOI by definition. */
+irq_spurious_entry:
+    iretq

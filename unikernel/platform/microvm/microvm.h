@@ -21,8 +21,22 @@ void serial_puts(const char *s);
 void serial_put_hex(uint64_t v);
 void serial_put_dec(uint64_t v);
 
-/* trap.c: installs the exception IDT; every exception is fatal. */
+/* trap.c: installs the IDT; every exception is fatal. */
 void trap_init(void);
+
+/* irq.c: LAPIC + IOAPIC, used only to wake a halted CPU (see irq.c).
+ * irq_init() before clock_init(), irq_calibrate() after it. */
+#define IRQ_VEC_DEVICE   0x40
+#define IRQ_VEC_TIMER    0x41
+#define IRQ_VEC_SPURIOUS 0xff
+void irq_init(void);
+void irq_calibrate(void);
+int irq_ready(void);
+void irq_route_virtio(unsigned slot, uintptr_t base);
+const char *irq_describe(void);
+/* With IF=0: halts until an interrupt, the deadline (plat_monotonic_ns
+ * value, 0 = none) or a safety timeout; returns with IF=0. */
+void irq_halt(unsigned long long deadline_ns);
 
 /* clock.c: TSC calibrated against the PIT. */
 void clock_init(void);

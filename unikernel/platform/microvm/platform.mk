@@ -31,7 +31,7 @@ MICROVM_LDFLAGS := -nostdlib -static -no-pie -Wl,-T,$(MICROVM_LDSCRIPT) \
 	-Wl,-z,noexecstack
 MICROVM_LDLIBS := $(shell $(CC) -print-libgcc-file-name)
 
-MICROVM_C_SRCS := pvh.c serial.c trap.c clock.c alloc.c libc.c exit.c \
+MICROVM_C_SRCS := pvh.c serial.c trap.c irq.c clock.c alloc.c libc.c exit.c \
 	virtqueue.c virtio_mmio.c virtio_console.c
 MICROVM_S_SRCS := boot.S isr.S
 

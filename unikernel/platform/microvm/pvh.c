@@ -6,7 +6,8 @@
  * hvm/start_info.h; QEMU fills version 1 with an E820-style memory map).
  * Order matters: the console first (so every later failure is visible),
  * then the IDT, then what we must copy out of boot memory before the heap
- * may reuse it (the command line), then heap, clock and channel.
+ * may reuse it (the command line), then heap, LAPIC (irq.c; its timer is
+ * calibrated over the clock's calibration window), clock and channel.
  */
 #include <string.h>
 
@@ -110,7 +111,9 @@ void microvm_start(uint32_t start_info_paddr)
     find_heap(si, &heap_lo, &heap_hi);
     alloc_init(heap_lo, heap_hi);
 
+    irq_init();
     clock_init();
+    irq_calibrate();
     int chan = vcon_init();
     uint64_t boot_us = (rdtsc() - tsc_entry) * 1000000ull / clock_tsc_hz();
 
@@ -120,6 +123,8 @@ void microvm_start(uint32_t start_info_paddr)
     serial_put_dec(clock_tsc_hz() / 1000000);
     serial_puts(" MHz, channel ");
     serial_puts(chan == 0 ? vcon_describe() : "MISSING (no virtio console)");
+    serial_puts(", irq ");
+    serial_puts(irq_describe());
     serial_puts(", platform init ");
     serial_put_dec(boot_us);
     serial_puts(" us\n");

@@ -3,8 +3,10 @@
  * on the serial console (vector, name, error code, rip, rsp, cr2) and the
  * guest exits with MICROVM_EXIT_TRAP, so a crash is never a silent hang.
  *
- * Only the 32 exception vectors are installed; interrupts stay disabled
- * (the platform polls), so any other vector would be a bug and raises #GP.
+ * The 32 exception vectors are installed, plus the three interrupt vectors
+ * of irq.c (device, LAPIC timer, LAPIC spurious), whose stubs in isr.S
+ * acknowledge and return. Any other vector would be a bug: its gate is not
+ * present, which raises #NP (reported here like any exception).
  * There is no TSS/IST: an exception whose frame cannot be pushed becomes
  * a triple fault, which QEMU's -no-reboot turns into a (silent) exit.
  */
@@ -28,12 +30,14 @@ struct idt_entry {
     uint32_t reserved;
 } __attribute__((packed));
 
-#define IDT_VECTORS   32
+#define IDT_VECTORS   32                    /* CPU exceptions */
+#define IDT_SIZE      256
 #define KERNEL_CS     0x08                  /* boot.S GDT */
 #define GATE_INTERRUPT 0x8e                 /* present, DPL 0, 64-bit interrupt gate */
 
 extern const uint64_t isr_table[IDT_VECTORS];
-static struct idt_entry idt[IDT_VECTORS] __attribute__((aligned(16)));
+extern const char irq_device_entry[], irq_timer_entry[], irq_spurious_entry[];
+static struct idt_entry idt[IDT_SIZE] __attribute__((aligned(16)));
 
 static const char *const trap_names[IDT_VECTORS] = {
     "#DE divide error", "#DB debug", "NMI", "#BP breakpoint",
@@ -46,18 +50,24 @@ static const char *const trap_names[IDT_VECTORS] = {
     "#HV hypervisor injection", "#VC VMM communication", "#SX security", "reserved",
 };
 
+static void set_gate(unsigned v, uint64_t a)
+{
+    idt[v].offset_lo = (uint16_t)a;
+    idt[v].selector = KERNEL_CS;
+    idt[v].ist = 0;
+    idt[v].type_attr = GATE_INTERRUPT;      /* clears IF while a handler runs */
+    idt[v].offset_mid = (uint16_t)(a >> 16);
+    idt[v].offset_hi = (uint32_t)(a >> 32);
+    idt[v].reserved = 0;
+}
+
 void trap_init(void)
 {
-    for (int v = 0; v < IDT_VECTORS; v++) {
-        uint64_t a = isr_table[v];
-        idt[v].offset_lo = (uint16_t)a;
-        idt[v].selector = KERNEL_CS;
-        idt[v].ist = 0;
-        idt[v].type_attr = GATE_INTERRUPT;
-        idt[v].offset_mid = (uint16_t)(a >> 16);
-        idt[v].offset_hi = (uint32_t)(a >> 32);
-        idt[v].reserved = 0;
-    }
+    for (unsigned v = 0; v < IDT_VECTORS; v++)
+        set_gate(v, isr_table[v]);
+    set_gate(IRQ_VEC_DEVICE, (uintptr_t)irq_device_entry);
+    set_gate(IRQ_VEC_TIMER, (uintptr_t)irq_timer_entry);
+    set_gate(IRQ_VEC_SPURIOUS, (uintptr_t)irq_spurious_entry);
     struct {
         uint16_t limit;
         uint64_t base;

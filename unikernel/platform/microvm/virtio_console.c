@@ -18,8 +18,9 @@
  *     connected, so guest->host bytes can be lost under load. We warn.
  *
  * Which port: the lowest-numbered port >= 1 the device announces, else
- * port 0. Everything is polled (interrupts stay off); a blocked read spins
- * with `pause`. Receive buffers are posted for the whole queue, so the
+ * port 0. Busy, everything is polled; a wait with nothing to do halts the
+ * CPU (idle() below, irq.c) until the device interrupts or the deadline
+ * passes, so an idle guest costs no host CPU. Receive buffers are posted for the whole queue, so the
  * host can have VIRTQ_MAX_SIZE * RX_BUF_SIZE bytes in flight. Transmit is
  * zero-copy: descriptors point into the caller's buffer, and
  * plat_chan_write() returns once the device has consumed all of them.
@@ -89,6 +90,39 @@ static uint32_t rx_len, rx_off;
 
 static char describe_buf[128];
 
+/* Queues idle() can wait for. */
+#define WAIT_RX      1u
+#define WAIT_TX      2u
+#define WAIT_CTRL    4u             /* control messages (connect, close) */
+#define WAIT_CTRL_TX 8u
+
+/* Called when the caller's wait condition is false: halts until one of the
+ * queues in (which) may have completed something, or until (deadline_ns)
+ * (0: none), or earlier. Callers re-check their condition in a loop.
+ * Interrupts are enabled on the queues, then the queues re-checked, then
+ * the CPU halted (with IF=0 throughout, see irq.c): a completion in
+ * between leaves the interrupt pending and the halt returns at once. */
+static void idle(unsigned which, unsigned long long deadline_ns)
+{
+    struct virtq *const qs[4] = { &rxq, &txq, &ctrl_rxq, &ctrl_txq };
+    if (!irq_ready()) {
+        cpu_relax();
+        return;
+    }
+    int pending = 0;
+    for (unsigned i = 0; i < 4; i++) {
+        if ((which & (1u << i)) && qs[i]->num) {
+            virtq_intr(qs[i], 1);
+            pending |= virtq_has_used(qs[i]);
+        }
+    }
+    if (!pending)
+        irq_halt(deadline_ns);
+    for (unsigned i = 0; i < 4; i++)
+        if ((which & (1u << i)) && qs[i]->num)
+            virtq_intr(qs[i], 0);
+}
+
 static void ctrl_send(uint32_t id, uint16_t event, uint16_t value)
 {
     ctrl_out.id = id;
@@ -102,7 +136,7 @@ static void ctrl_send(uint32_t id, uint16_t event, uint16_t value)
     uint16_t id_done;
     uint32_t len;
     while (!virtq_take_used(&ctrl_txq, &id_done, &len))
-        cpu_relax();
+        idle(WAIT_CTRL_TX, 0);
 }
 
 static void ctrl_handle(const struct ctrl_msg *m)
@@ -191,7 +225,7 @@ static int choose_port(void)
             break;
         if (first == 0 && now - start >= PORT_ADD_WAIT_NS)
             return -1;
-        cpu_relax();
+        idle(WAIT_CTRL, first ? first + PORT_ADD_GRACE_NS : start + PORT_ADD_WAIT_NS);
     }
     for (port = 1; port < MAX_PORTS && !port_added[port]; port++)
         ;
@@ -243,6 +277,7 @@ int vcon_init(void)
 {
     if (vmmio_find(VIRTIO_ID_CONSOLE, &dev) != 0)
         return -1;
+    irq_route_virtio(dev.slot, dev.base);
     uint64_t features;
     if (vmmio_negotiate(&dev, VIRTIO_CONSOLE_F_MULTIPORT, &features) != 0)
         return -1;
@@ -296,9 +331,11 @@ static int host_connected(void)
 
 static void wait_for_host(void)
 {
-    while (!host_connected()) {
+    for (;;) {
         ctrl_poll();
-        cpu_relax();
+        if (host_connected())
+            break;
+        idle(WAIT_CTRL, 0);
     }
     session_open = 1;
     session_closes = host_closes;
@@ -333,7 +370,7 @@ long plat_chan_read(void *buf, unsigned long n)
     while (!rx_fill()) {
         if (session_lost())
             return 0;
-        cpu_relax();
+        idle(WAIT_RX | WAIT_CTRL, 0);
     }
     unsigned long got = 0;
     int reposted = 0;
@@ -389,7 +426,7 @@ long plat_chan_write(const void *buf, unsigned long n)
             else {
                 if (multiport)
                     ctrl_poll();
-                cpu_relax();
+                idle(WAIT_TX | WAIT_CTRL, 0);
             }
         }
     }
@@ -411,11 +448,10 @@ int plat_chan_poll(void)
 
 int plat_chan_wait(unsigned long long deadline_ns)
 {
-    /* No interrupts yet, so waiting is polling; see README "Known limits". */
     while (!plat_chan_poll()) {
         if (plat_monotonic_ns() >= deadline_ns)
             return 0;
-        cpu_relax();
+        idle(WAIT_RX | WAIT_CTRL, deadline_ns);
     }
     return 1;
 }

@@ -18,8 +18,16 @@ void virtq_init(struct virtq *q, uint16_t index, uint16_t num, void *mem)
     q->used = (volatile struct virtq_used *)used;
     q->avail_idx = 0;
     q->used_seen = 0;
-    /* We poll, so spare the device the work of raising interrupts. */
+    /* Busy, we poll: interrupts only while halted (virtq_intr). */
     q->avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
+}
+
+void virtq_intr(struct virtq *q, int on)
+{
+    q->avail->flags = on ? 0 : VIRTQ_AVAIL_F_NO_INTERRUPT;
+    /* The flag must be visible before we re-read used->idx (the device
+     * writes used->idx, then reads the flag). */
+    mb();
 }
 
 void virtq_post(struct virtq *q, uint16_t id)

@@ -7,6 +7,8 @@
  * for a queue is laid out as legacy virtio-mmio demands (descriptors,
  * available ring, then the used ring at the next VIRTQ_ALIGN boundary),
  * which also satisfies the modern interface's alignment rules.
+ * Interrupts are suppressed (VIRTQ_AVAIL_F_NO_INTERRUPT) except while the
+ * driver is about to halt waiting for the queue.
  */
 #ifndef MICROVM_VIRTQUEUE_H
 #define MICROVM_VIRTQUEUE_H
@@ -69,5 +71,10 @@ int virtq_take_used(struct virtq *q, uint16_t *id, uint32_t *len);
 
 /* Returns 1 if virtq_take_used() would succeed. */
 int virtq_has_used(const struct virtq *q);
+
+/* Asks the device to interrupt (or not) when it adds used buffers. A queue
+ * starts with interrupts suppressed; a waiter enables them, re-checks
+ * virtq_has_used() (a fence is in between) and only then halts. */
+void virtq_intr(struct virtq *q, int on);
 
 #endif /* MICROVM_VIRTQUEUE_H */

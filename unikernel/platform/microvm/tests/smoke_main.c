@@ -13,6 +13,11 @@
  *                          like echo, until the host disconnects (read
  *                          returns 0); then plat_chan_reconnect() and do it
  *                          again, S sessions in all (default 1); exit with C
+ *   mode=wait ms=M rounds=R code=C
+ *                          write "READY\n", then R times: plat_chan_wait()
+ *                          with a deadline M ms ahead; if data came, read
+ *                          it (up to 64 KiB); write "WAIT r=<0|1> us=<time
+ *                          waited> n=<bytes read>\n"; exit with C
  *   mode=crash             dereference unmapped memory (tests trap.c)
  * Any failed check exits with code 3. Needs about 48 MiB of heap (-m 64M).
  */
@@ -172,6 +177,42 @@ static int echo(unsigned long long limit, int until_close)
     return 0;
 }
 
+static char *put_num(char *p, unsigned long long v)
+{
+    char tmp[24];
+    int i = 0;
+    do {
+        tmp[i++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (i)
+        *p++ = tmp[--i];
+    return p;
+}
+
+static void wait_rounds(unsigned long long ms, unsigned long long rounds)
+{
+    static char buf[65536];
+    chan_write_all("READY\n", 6);
+    for (unsigned long long i = 0; i < rounds; i++) {
+        unsigned long long t0 = plat_monotonic_ns();
+        int r = plat_chan_wait(t0 + ms * 1000000ull);
+        unsigned long long us = (plat_monotonic_ns() - t0) / 1000;
+        long n = 0;
+        if (r && (n = plat_chan_read(buf, sizeof(buf))) <= 0)
+            fail("plat_chan_read after plat_chan_wait");
+        char line[80], *p = line;
+        memcpy(p, "WAIT r=", 7);
+        p = put_num(p + 7, (unsigned long long)r);
+        memcpy(p, " us=", 4);
+        p = put_num(p + 4, us);
+        memcpy(p, " n=", 3);
+        p = put_num(p + 3, (unsigned long long)n);
+        *p++ = '\n';
+        chan_write_all(line, (unsigned long)(p - line));
+    }
+}
+
 int ferry_runtime_main(const char *cmdline)
 {
     say("smoke: hello from ");
@@ -203,6 +244,8 @@ int ferry_runtime_main(const char *cmdline)
         say_num((plat_monotonic_ns() - t0) / 1000);
         say(" us (guest clock, including the wait for the host)\n");
     }
+    if (arg_is(cmdline, "mode", "wait"))
+        wait_rounds(arg_num(cmdline, "ms", 1000), arg_num(cmdline, "rounds", 1));
     if (arg_is(cmdline, "mode", "close")) {
         unsigned long long sessions = arg_num(cmdline, "sessions", 1);
         for (unsigned long long i = 1;; i++) {
