@@ -17,7 +17,7 @@ CACHE=/var/cache/ferry/criu
 RUNC_CONF=/etc/criu/runc.conf
 # netavark and iptables are podman's network stack (Recommends, which we do not install by
 # default); python3 runs the TCP-dump probe in criu_dumps_tcp.
-RUNTIME_PACKAGES=(podman runc conmon netavark iptables python3)
+RUNTIME_PACKAGES=(podman runc conmon netavark iptables python3 zstd tar)
 BUILD_DEPS=(build-essential pkg-config protobuf-c-compiler libprotobuf-c-dev libprotobuf-dev
     protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libaio-dev libbsd-dev libgnutls28-dev
     libnftables-dev uuid-dev xz-utils)
