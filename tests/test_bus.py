@@ -171,3 +171,30 @@ async def test_last_will_marks_a_dead_component_offline(infra: FerryConfig) -> N
                     break
     await doomed.close()
     assert orjson.dumps(offline)
+
+
+async def test_a_cleared_retained_topic_is_neither_delivered_nor_reported(
+    infra: FerryConfig,
+) -> None:
+    node = f"edge-{uuid.uuid4().hex[:6]}"
+    async with Bus(infra.broker, cid("pub")) as publisher:
+        await publisher.publish(
+            topics.node_status(node), {"node": node, "status": "online", "time": 1}, retain=True
+        )
+        await publisher.publish(topics.node_status(node), None, retain=True)  # clear it
+        await publisher.publish(
+            topics.node_status(node), {"node": node, "status": "offline", "time": 2}
+        )
+    async with Bus(infra.broker, cid("sub")) as subscriber:
+        await subscriber.subscribe(topics.ERRORS)
+        await subscriber.subscribe(topics.node_status(node))
+        async with Bus(infra.broker, cid("pub2")) as again:
+            await again.publish(topics.node_status(node), None, retain=True)
+            await again.publish(
+                topics.node_status(node), {"node": node, "status": "offline", "time": 3}
+            )
+        async with asyncio.timeout(5):
+            async for message in subscriber.messages():
+                assert message.topic != topics.ERRORS, message.payload
+                assert message.payload["time"] == 3
+                break

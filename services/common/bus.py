@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 import uuid
@@ -205,6 +206,11 @@ class Bus:
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
+        if not message.payload and self._validate_inbound:
+            # An empty message is how MQTT clears a retained topic: nothing to act on, and not
+            # malformed either. Raw listeners (validate_inbound=False) still see it, as {}.
+            self._ack_raw(message)
+            return
         try:
             payload = orjson.loads(message.payload) if message.payload else {}
             if not isinstance(payload, dict):
@@ -250,6 +256,10 @@ class Bus:
         if response_topic:
             error = {"ok": False, "error": {"code": "invalid_message", "message": reason}}
             self._in_background(self._publish_quietly(response_topic, error, correlation))
+        self._ack_raw(message)
+
+    def _ack_raw(self, message: aiomqtt.Message) -> None:
+        """Acknowledge a message that never becomes an Inbound (manual-ack buses)."""
         if self._manual_ack and message.qos > 0 and self._client is not None:
             self._client._client.ack(message.mid, message.qos)
 
@@ -277,19 +287,26 @@ class Bus:
         retain: bool = False,
         response_topic: str | None = None,
         correlation: bytes | None = None,
+        expiry: int = 0,
     ) -> None:
-        """Validate and publish; ``payload=None`` with ``retain=True`` clears a retained message."""
+        """Validate and publish; ``payload=None`` with ``retain=True`` clears a retained message.
+
+        ``expiry`` (s, MQTT 5 message expiry) makes the broker drop the message if it is still
+        queued for an offline subscriber by then.
+        """
         if self._client is None:
             raise BusError(f"{self.client_id}: not connected")
         if payload is not None:
             contract.validate(topic, payload)
         props = None
-        if response_topic or correlation is not None:
+        if response_topic or correlation is not None or expiry:
             props = Properties(PacketTypes.PUBLISH)
             if response_topic:
                 props.ResponseTopic = response_topic
             if correlation is not None:
                 props.CorrelationData = correlation
+            if expiry:
+                props.MessageExpiryInterval = expiry
         body = orjson.dumps(payload) if payload is not None else b""
         try:
             await self._client.publish(topic, body, qos=qos, retain=retain, properties=props)
@@ -335,17 +352,21 @@ class Bus:
     ) -> dict[str, Any]:
         """Send a request and wait for its reply; return ``result`` or raise RemoteError."""
         correlation = uuid.uuid4().hex.encode()
+        limit = timeout or self.broker.request_timeout
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
         try:
+            # A request nobody took up in time is void: the broker must not deliver it later.
             await self.publish(
-                topic, payload, response_topic=self.reply_topic, correlation=correlation
+                topic,
+                payload,
+                response_topic=self.reply_topic,
+                correlation=correlation,
+                expiry=max(1, math.ceil(limit)),
             )
-            reply = await asyncio.wait_for(future, timeout or self.broker.request_timeout)
+            reply = await asyncio.wait_for(future, limit)
         except TimeoutError:
-            raise RequestTimeout(
-                f"no reply on {topic} within {timeout or self.broker.request_timeout:g} s"
-            ) from None
+            raise RequestTimeout(f"no reply on {topic} within {limit:g} s") from None
         finally:
             self._pending.pop(correlation, None)
         if not reply.get("ok"):
