@@ -3,7 +3,8 @@
  * Event mode; one OUTPUT per applied input, deterministic (no clock).
  *
  * Params: window (int, samples kept per sensor, 1..4194304, default 64),
- *         threshold (number, default 100).
+ *         threshold (number, default 100),
+ *         ballast_kb (int, 0..1048576, default 0): process memory, see below.
  * Input payload: {"sensor": "<id>" (default: the input's source),
  *                 "value": <number>}
  * Output: {"sensor", "n", "mean", "min", "max", "stddev", "alert",
@@ -12,7 +13,16 @@
  * Store per sensor: "win/<s>" float64 list of `window` samples (a ring),
  * "head/<s>" next slot, "n/<s>" samples seen, "alerts/<s>" alert count.
  * State grows with window x sensors: 8 bytes per sample.
+ *
+ * Ballast: a fresh START allocates `ballast_kb` KiB and fills it with
+ * pseudo-random (incompressible) bytes that are NOT in the store. It stands
+ * for the heap of a typical service (libraries, buffers, caches): a memory
+ * image (CRIU, a VM snapshot) must carry it, an app-level checkpoint does
+ * not. The benchmark uses it to give the app a realistic footprint. It is
+ * not rebuilt after a RESTORE (nothing of the app needs it).
  */
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ferry.h"
@@ -51,6 +61,32 @@ static void must(ferry_result_t r)
 {
     if (r != FERRY_OK)
         ferry_fail("aggregator: cannot update the store");
+}
+
+/* Kept reachable so the compiler cannot drop the allocation or its fill. */
+static volatile uint64_t *ballast;
+
+static void on_start(void)
+{
+    int64_t kb = ferry_param_i64("ballast_kb", 0);
+    size_t words;
+    uint64_t x = 0x9e3779b97f4a7c15ULL;
+
+    if (kb < 0 || kb > 1048576)
+        ferry_fail("aggregator: ballast_kb must be 0..1048576");
+    if (kb == 0)
+        return;
+    words = (size_t)kb * 1024 / sizeof(uint64_t);
+    ballast = malloc(words * sizeof(uint64_t));
+    if (ballast == NULL)
+        ferry_fail("aggregator: cannot allocate the ballast");
+    for (size_t i = 0; i < words; i++) {
+        /* xorshift64: fast, and its output does not compress. */
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ballast[i] = x;
+    }
 }
 
 static void on_input(void)
@@ -121,5 +157,6 @@ const struct ferry_app ferry_app = {
     .name = "aggregator",
     .version = "1.0.0",
     .mode = FERRY_MODE_EVENT,
+    .on_start = on_start,
     .on_input = on_input,
 };
