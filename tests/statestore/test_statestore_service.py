@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from services.common import topics
 from services.common.bus import Bus, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
+from services.common.contract import ContractError
 from services.statestore import StatestoreService
 from services.statestore.db import BUSY_TIMEOUT_S
 
@@ -199,16 +200,16 @@ async def test_bad_records_are_answered_with_errors(statestore: Running, client:
     with pytest.raises(RemoteError) as info:
         await ask(client, "get_migration", migration=name("m"))
     assert info.value.code == "unknown_migration"
-    with pytest.raises(RemoteError) as info:
+    # Record shapes are part of the contract: a well-behaved client cannot even send these ...
+    with pytest.raises(ContractError, match="teleport"):
         await ask(client, "put_migration", record={"id": name("m"), "kind": "teleport"})
-    assert info.value.code == "invalid_record"
+    record = {"service": service, "bucket": "b", "key": "k", "sha256": "nothex", "size": 1}
+    with pytest.raises(ContractError, match="nothex"):
+        await ask(client, "record_checkpoint", record={**record, "watermark": {}})
+    # ... and a raw one gets invalid_message (see the schema-invalid request test).
     with pytest.raises(RemoteError) as info:
         await ask(client, "put_migration", record={"id": name("m")})
     assert info.value.code == "invalid_record"  # a new migration needs its service
-    record = {"service": service, "bucket": "b", "key": "k", "sha256": "nothex", "size": 1}
-    with pytest.raises(RemoteError) as info:
-        await ask(client, "record_checkpoint", record={**record, "watermark": {}})
-    assert info.value.code == "invalid_record"
     # Still serving after all that.
     assert (await ask(client, "get_service", service=service))["epoch"] == 3
 
@@ -347,15 +348,13 @@ async def test_checkpoints(statestore: Running, client: Bus) -> None:
         record={"service": service, **blob, "watermark": {"p1": 4}, "time": 100},
     )
     assert first["checkpoint"] == blob and first["watermark"] == {"p1": 4}
-    # The executor's answer shape is accepted as is, service and migration from the request.
     second_blob = {**blob, "key": f"checkpoints/{service}/2.json"}
     second = await ask(
         client,
         "record_checkpoint",
-        service=service,
-        migration="m-9",
-        record={"checkpoint": second_blob, "watermark": {"p1": 9}, "time": 200},
-    )
+        record={"service": service, **second_blob, "watermark": {"p1": 9}, "time": 200,
+                "migration": "m-9"},
+    )  # fmt: skip
     assert second["migration"] == "m-9"
     assert await ask(client, "latest_checkpoint", service=service) == second
     listed = (await ask(client, "list_checkpoints", service=service))["checkpoints"]
