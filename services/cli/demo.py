@@ -12,18 +12,17 @@ import argparse
 import asyncio
 import sys
 
-from rich.console import Console
 from rich.rule import Rule
 
 from services.cli.main import REPO, cmd_migrations, print_event, print_outcome
 from services.cli.operator import Operator
+from services.cli.output import console
 from services.cli.simulate import Simulator, publish_mobility
 from services.common import images
 from services.common.blobstore import BlobStore
 from services.common.config import FerryConfig, load_config
 from services.stack import Stack
 
-console = Console(highlight=False)
 SERVICE = "counter-demo"
 
 

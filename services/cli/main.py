@@ -15,18 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rich.console import Console
 from rich.table import Table
 
 from services.cli.operator import Operator
+from services.cli.output import console, err
 from services.common import images
 from services.common.blobstore import BlobError, BlobRef, BlobStore
 from services.common.bus import BusError, RemoteError
 from services.common.config import ConfigError, FerryConfig, load_config
 
-# Piped output (scripts, tests) gets full-width tables instead of 80 truncated columns.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -6,13 +6,10 @@ import time
 import uuid
 from typing import Any
 
-from rich.console import Console
-
+from services.cli.output import console
 from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig
-
-console = Console(highlight=False)
 
 STYLE = {"migrations": "bold cyan", "errors": "bold red", "nodes": "green", "apps": "dim"}
 

@@ -17,7 +17,7 @@ from services.cli.operator import Operator
 from services.cli.simulate import Simulator, publish_mobility
 from services.common import images, topics
 from services.common.blobstore import BlobStore
-from services.common.bus import now_ms
+from services.common.bus import Bus, now_ms
 from services.common.config import FerryConfig
 from tests.conftest import ServiceProcesses, stack_config, wait_online
 
@@ -206,6 +206,9 @@ async def test_target_killed_mid_migration_rolls_back_and_loses_nothing(
 ) -> None:
     service = name("kill")
     await deploy(ops, service)
+    watcher = Bus(system.broker, f"test-errors-{uuid.uuid4().hex[:6]}")
+    await watcher.__aenter__()
+    await watcher.subscribe(topics.ERRORS)
     simulator = Simulator(system.broker, service, devices=1, rate=100)
     simulator.start()
     await asyncio.sleep(0.5)
@@ -224,6 +227,11 @@ async def test_target_killed_mid_migration_rolls_back_and_loses_nothing(
     report = await asyncio.to_thread(simulator.finish)
     assert report.lost == [] and report.duplicated == [], report.to_dict()
     assert set(report.nodes) == {"edge-a"}
+    async with asyncio.timeout(10):  # the scheduler reports the dead node to operators
+        async for message in watcher.messages():
+            if "edge-b went offline" in message.payload["reason"]:
+                break
+    await watcher.close()
     restarted = now_ms()
     procs.start("executor@edge-b", "--node", "edge-b")
     await wait_online(system, [topics.node_status("edge-b")], since=restarted)
@@ -270,4 +278,28 @@ async def test_control_plane_restart_mid_migration_finishes_it_with_a_whole_reco
     assert service_record["status"] == "serving"
     report = await asyncio.to_thread(simulator.finish)
     assert report.lost == [] and report.duplicated == [], report.to_dict()
+    await ops.command("stop", service=service)
+
+
+async def test_operator_views_services_nodes_and_watch(system: FerryConfig, ops: Operator) -> None:
+    service = name("view")
+    await deploy(ops, service)
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "--config", str(system.source), "watch",
+        "migrations/#", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.0)
+        final = await ops.move("migrate", service, "edge-b")
+        assert final["phase"] == "committed"
+        await asyncio.sleep(0.5)
+    finally:
+        watch.terminate()
+        output, _ = await watch.communicate()
+    streamed = output.decode()
+    assert f"{service} migrate edge-a → edge-b: committed" in streamed
+    services = ferry(system, "services")
+    assert service in services.stdout and "edge-b" in services.stdout
+    nodes = ferry(system, "nodes")
+    assert "edge-a" in nodes.stdout and "online" in nodes.stdout and "tcg" in nodes.stdout
     await ops.command("stop", service=service)
