@@ -59,6 +59,7 @@ ULIMITS = ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768")
 #: Image label holding the sha256 of the binary an image was built from.
 BINARY_LABEL = "ferry.binary.sha256"
 LISTEN_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 180.0
 _STDERR_TAIL_LINES = 15
 _PR_SET_CHILD_SUBREAPER = 36
 _REAP_INTERVAL_S = 0.2
@@ -106,13 +107,21 @@ class RestoreResult:
 
 
 async def _exec(cmd: Sequence[str], stdin: bytes | None = None) -> tuple[int, str, str]:
+    """Run a command; a hung podman/CRIU becomes an error after COMMAND_TIMEOUT_S, not a hang."""
     proc = await asyncio.create_subprocess_exec(
         *cmd,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate(stdin)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), COMMAND_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PodmanError(
+            list(cmd), -1, f"no answer within {COMMAND_TIMEOUT_S:g} s (killed)"
+        ) from None
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
