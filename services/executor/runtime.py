@@ -77,3 +77,29 @@ class Runtime(Protocol):
     async def terminate(self, guest: Guest) -> None:
         """End the guest for good and free what it held (idempotent)."""
         ...
+
+
+class AppLevelRuntime:
+    """What app-level runtimes share: nothing to pre-boot, no whole image to capture.
+
+    Their state moves as the guest's own checkpoint document over the channel, so the
+    whole-image half of the protocol is either a no-op or a usage error.
+    """
+
+    name = "app-level"
+    whole_image = False
+
+    async def prepare(self, spec: LaunchSpec) -> None:
+        return None
+
+    async def unprepare(self, spec: LaunchSpec) -> None:
+        return None
+
+    async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
+        raise RuntimeError_(f"the {self.name} runtime moves app-level checkpoints, not images")
+
+    async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
+        raise RuntimeError_(f"the {self.name} runtime moves app-level checkpoints, not images")
+
+    async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
+        return guest

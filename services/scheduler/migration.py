@@ -188,8 +188,9 @@ class MigrationRunner:
         )
 
     async def _restore(self, plan: Plan, ref: dict[str, Any]) -> dict[str, Any]:
+        """Have the target restore ``ref`` and serve (its reply says when input flowed again)."""
         assert plan.target and plan.target_instance
-        return await self._step(
+        restored = await self._step(
             "restore",
             self.executors.restore(
                 plan.target,
@@ -199,6 +200,11 @@ class MigrationRunner:
                 migration=plan.id,
             ),
         )
+        return restored
+
+    async def _announce_serving(self, plan: Plan, restored: dict[str, Any]) -> None:
+        at = restored["resumed_at"]
+        await self.emit(plan, "target_serving", plan.target, at=at, detail=restored["timings"])
 
     async def _migrate(self, plan: Plan) -> dict[str, Any]:
         assert plan.source and plan.target
@@ -209,13 +215,7 @@ class MigrationRunner:
             self._restore(plan, checkpoint["checkpoint"]),
             self._record_checkpoint(plan, checkpoint),
         )
-        await self.emit(
-            plan,
-            "target_serving",
-            plan.target,
-            at=restored["resumed_at"],
-            detail=restored["timings"],
-        )
+        await self._announce_serving(plan, restored)
         detail = {
             "downtime_ms": round(restored["resumed_at"] - checkpoint["paused_at"], 3),
             "bytes_moved": checkpoint["checkpoint"]["size"],
@@ -238,16 +238,8 @@ class MigrationRunner:
         if latest is None:
             raise MigrationFailed("resume", LookupError(f"{plan.service} has no checkpoint"))
         await self._preboot(plan)
-        ref = latest
-        restored = await self._restore(plan, ref)
-        await self.emit(
-            plan,
-            "target_serving",
-            plan.target,
-            at=restored["resumed_at"],
-            detail=restored["timings"],
-        )
-        return await self._commit(plan, {"bytes_moved": ref["size"]})
+        await self._announce_serving(plan, await self._restore(plan, latest))
+        return await self._commit(plan, {"bytes_moved": latest["size"]})
 
     async def _commit(self, plan: Plan, detail: dict[str, Any]) -> dict[str, Any]:
         """The target serves: record it, then (only then) stop the source for good."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, LaunchSpec, RuntimeError_
+from services.executor.runtime import AppLevelRuntime, Guest, LaunchSpec, RuntimeError_
 
 QEMU = "qemu-system-x86_64"
 #: The chardev id of the guest channel in ``qemu_argv``.
@@ -89,11 +89,10 @@ async def connect_when_listening(
         await asyncio.sleep(0.002)
 
 
-class MicrovmRuntime:
+class MicrovmRuntime(AppLevelRuntime):
     """Runs guests as unikernels in QEMU microvm with the given accelerator."""
 
     name = "microvm"
-    whole_image = False
 
     def __init__(self, accel: str) -> None:
         self.accel = accel
@@ -141,21 +140,6 @@ class MicrovmRuntime:
                 f"{spec.app} unikernel did not greet within {HELLO_TIMEOUT:g} s "
                 f"({type(exc).__name__}: {exc}); see {spec.workdir / 'console.log'}"
             ) from exc
-        return guest
-
-    async def prepare(self, spec: LaunchSpec) -> None:
-        return None
-
-    async def unprepare(self, spec: LaunchSpec) -> None:
-        return None
-
-    async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
-        raise RuntimeError_("the microvm runtime moves app-level checkpoints, not whole images")
-
-    async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
-        raise RuntimeError_("the microvm runtime moves app-level checkpoints, not whole images")
-
-    async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
         return guest
 
     async def terminate(self, guest: Guest) -> None:

@@ -7,19 +7,17 @@ import contextlib
 import os
 import signal
 import socket
-from pathlib import Path
 
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, LaunchSpec, RuntimeError_
+from services.executor.runtime import AppLevelRuntime, Guest, LaunchSpec, RuntimeError_
 
 HELLO_TIMEOUT = 10.0
 
 
-class UnixRuntime:
+class UnixRuntime(AppLevelRuntime):
     """Runs guests as plain Linux processes: fastest to start, used for development and tests."""
 
     name = "unix"
-    whole_image = False
 
     async def launch(self, spec: LaunchSpec) -> Guest:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -52,21 +50,6 @@ class UnixRuntime:
                 f"{spec.app} ({spec.image.name}) did not greet within {HELLO_TIMEOUT:g} s: "
                 f"{exc or type(exc).__name__}; see {spec.workdir / 'guest.log'}"
             ) from exc
-        return guest
-
-    async def prepare(self, spec: LaunchSpec) -> None:
-        return None
-
-    async def unprepare(self, spec: LaunchSpec) -> None:
-        return None
-
-    async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
-        raise RuntimeError_("the unix runtime moves app-level checkpoints, not whole images")
-
-    async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
-        raise RuntimeError_("the unix runtime moves app-level checkpoints, not whole images")
-
-    async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
         return guest
 
     async def terminate(self, guest: Guest) -> None:
