@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,12 @@ class Instance:
         spec: LaunchSpec,
         broker: BrokerConfig,
         node_bus: Bus,
+        on_failure: Callable[[Instance], None] | None = None,
     ) -> None:
         self.node = node
+        self._on_failure = on_failure
+        self._stopping = False
+        self._watchdog: asyncio.Task[None] | None = None
         self.service = service
         self.instance_id = instance_id
         self.app = app
@@ -125,6 +130,25 @@ class Instance:
     def _adopt(self, guest: Guest) -> None:
         self.guest = guest
         guest.channel.on_event = self._on_guest_frame
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = asyncio.create_task(self._watch(guest))
+
+    async def _watch(self, guest: Guest) -> None:
+        """Notice a guest that ends on its own (crash, app failure) and report it once."""
+        try:
+            exited = await guest.channel.wait_exited()
+            reason = f"guest exited: {exited}"
+        except Exception as exc:
+            reason = f"guest channel lost: {exc}"
+        if self._stopping or self.guest is not guest or self.state == "paused":
+            return  # ours to end, replaced by a restored copy, or captured on purpose
+        log.warning("%s: %s", self.instance_id, reason)
+        self.exit_reason = reason
+        self.state = "failed"
+        self._drained.set()
+        if self._on_failure is not None:
+            self._on_failure(self)
 
     async def start_fresh(self, params: dict[str, Any]) -> None:
         guest = self._require("waiting")
@@ -157,6 +181,7 @@ class Instance:
         paused_at = time.time() * 1000
         started = time.perf_counter()
         await self.detach_input()
+        self.state = "paused"
         drained = time.perf_counter()
         document: bytes | None = None
         image_file: Path | None = None
@@ -167,7 +192,6 @@ class Instance:
             document = await guest.channel.checkpoint(now_ms())
             watermark = _watermark_of(document)
         checkpoint_ms = (time.perf_counter() - drained) * 1000
-        self.state = "paused"
         drain_ms = (drained - started) * 1000
         return Checkpoint(document, image_file, watermark, paused_at, drain_ms, checkpoint_ms)
 
@@ -184,6 +208,7 @@ class Instance:
         """Stop the guest for good (idempotent); unacknowledged input stays with the broker."""
         if self.state == "stopped":
             return
+        self._stopping = True
         await self.detach_input()
         if self.guest is not None:
             if self.guest.channel.alive:
@@ -195,6 +220,8 @@ class Instance:
         if self._publisher is not None:
             await self._outputs.join()
             self._publisher.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.state = "stopped"
 
     def _require(self, state: str) -> Guest:
@@ -260,12 +287,8 @@ class Instance:
                 self.dropped += 1
         elif frame_type == FrameType.LOG:
             log.info("%s: guest: %s", self.instance_id, body.get("msg"))
-        elif frame_type in (FrameType.ERROR, FrameType.EXITED):
-            self.exit_reason = str(body.get("message") or body.get("reason") or body)
-            if frame_type == FrameType.EXITED and self.state != "stopped":
-                log.warning("%s: guest exited: %s", self.instance_id, self.exit_reason)
-                self.state = "failed"
-                self._drained.set()
+        elif frame_type == FrameType.ERROR:
+            self.exit_reason = str(body.get("message") or body)
 
     async def _publish_outputs(self) -> None:
         """Publish guest outputs in the order the guest produced them."""

@@ -198,6 +198,7 @@ class Executor:
                     "service_busy",
                     f"node {self.node} already runs {existing.instance_id} of {service}",
                 )
+            await self._stop(existing)  # a dead guest's leftovers go before its successor
         runtime = self.runtimes.get(command["runtime"])
         if runtime is None:
             reason = self.unavailable.get(command["runtime"], "not configured")
@@ -226,6 +227,7 @@ class Executor:
             spec=spec,
             broker=self.config.broker,
             node_bus=self._bus(),
+            on_failure=self._instance_failed,
         )
         self.instances[service] = instance
         try:
@@ -323,6 +325,12 @@ class Executor:
         await instance.stop()
         self.instances.pop(instance.service, None)
         shutil.rmtree(instance.spec.workdir, ignore_errors=True)
+
+    def _instance_failed(self, instance: Instance) -> None:
+        """A guest died on its own: tell the scheduler and operators through the node status."""
+        task = asyncio.create_task(self.publish_status())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _bus(self) -> Bus:
         assert self.bus is not None

@@ -356,15 +356,38 @@ class Scheduler:
         node = status["node"]
         was_online = self.nodes.get(node, {}).get("status") == "online"
         self.nodes[node] = status
-        if was_online and status["status"] == "offline" and self.bus is not None:
-            report = {
-                "source": "ferry-scheduler",
-                "topic": topics.node_status(node),
-                "reason": f"node {node} went offline",
-                "time": now_ms(),
-            }
-            with contextlib.suppress(BusError):
-                await self.bus.publish(topics.ERRORS, report)
+        if was_online and status["status"] == "offline":
+            await self._report(node, f"node {node} went offline")
+        for instance in status.get("instances", []):
+            if instance["state"] == "failed":
+                self._spawn(self._mark_failed(node, instance))
+
+    async def _mark_failed(self, node: str, instance: dict[str, Any]) -> None:
+        """A guest died on its own: the service it served is failed until an operator acts."""
+        assert self.store is not None
+        service = instance["service"]
+        if service in self.busy:
+            return  # a migration in flight decides what happens to it
+        try:
+            record = await self.store.get_service(service)
+        except (RemoteError, BusError):
+            return
+        if record.get("instance") != instance["instance"] or record["status"] != "serving":
+            return
+        await self.store.put_service({**_service_fields(record), "status": "failed"})
+        await self._report(node, f"{service}: its guest {instance['instance']} on {node} died")
+
+    async def _report(self, node: str, reason: str) -> None:
+        if self.bus is None:
+            return
+        report = {
+            "source": "ferry-scheduler",
+            "topic": topics.node_status(node),
+            "reason": reason,
+            "time": now_ms(),
+        }
+        with contextlib.suppress(BusError):
+            await self.bus.publish(topics.ERRORS, report)
 
     async def _recover_in_flight(self) -> None:
         """Finish or roll back the migrations a previous scheduler left unfinished."""

@@ -4,6 +4,8 @@ driven through the CLI and the operator API, with IoT input checked per sequence
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from services.cli.operator import Operator
@@ -302,4 +305,28 @@ async def test_operator_views_services_nodes_and_watch(system: FerryConfig, ops:
     assert service in services.stdout and "edge-b" in services.stdout
     nodes = ferry(system, "nodes")
     assert "edge-a" in nodes.stdout and "online" in nodes.stdout and "tcg" in nodes.stdout
+    await ops.command("stop", service=service)
+
+
+async def test_a_guest_that_dies_marks_its_service_failed_and_is_reported(
+    system: FerryConfig, ops: Operator
+) -> None:
+    service = name("crash")
+    await deploy(ops, service)
+    record = await ops.query("get_service", service=service)
+    workdir = system.stack.dir / "nodes" / "edge-a" / "instances" / record["instance"]
+    pid = orjson.loads((workdir / "instance.json").read_bytes())["pid"]
+    async with Bus(system.broker, f"test-errors-{uuid.uuid4().hex[:6]}") as watcher:
+        await watcher.subscribe(topics.ERRORS)
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(15):
+            async for message in watcher.messages():
+                if f"{service}: its guest" in message.payload["reason"]:
+                    break
+    record = await ops.query("get_service", service=service)
+    assert record["status"] == "failed"
+    # an operator can deploy it again (a new epoch, a new instance)
+    await ops.command("deploy", service=service, app="counter", node="edge-a", runtime="unix")
+    record = await ops.wait_serving(service)
+    assert record["epoch"] == 2
     await ops.command("stop", service=service)
