@@ -19,7 +19,7 @@ from rich.table import Table
 
 from services.cli.operator import Operator
 from services.cli.output import console, err
-from services.common import images
+from services.common import checkpoint_blob, images
 from services.common.blobstore import BlobError, BlobRef, BlobStore
 from services.common.bus import BusError, RemoteError
 from services.common.config import ConfigError, FerryConfig, load_config
@@ -179,7 +179,7 @@ async def cmd_checkpoint_show(config: FerryConfig, args: argparse.Namespace) -> 
             err.print(f"error: {args.service} has no checkpoint yet (migrate or suspend it first)")
             return 1
     ref = BlobRef.from_dict(latest["checkpoint"])
-    document = orjson.loads(await BlobStore(config.s3).get_bytes(ref))
+    document = orjson.loads(checkpoint_blob.unpack(await BlobStore(config.s3).get_bytes(ref)))
     console.print(f"s3://{ref.bucket}/{ref.key}  {ref.size} bytes  sha256 {ref.sha256[:16]}…")
     console.print_json(orjson.dumps(document).decode())
     return 0

@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from services.common import topics
-from services.common.blobstore import BlobError, BlobRef, BlobStore
+from services.common import checkpoint_blob, topics
+from services.common.blobstore import BlobError, BlobRef, BlobStore, IntegrityError
 from services.common.bus import Bus, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
 from services.executor.channel import ChannelError, GuestError
@@ -171,9 +171,10 @@ class Executor:
                 raise RemoteError("guest_refused", f"the guest refused: {exc}") from exc
             except ChannelError as exc:
                 raise RemoteError("guest_failed", f"lost the guest's channel: {exc}") from exc
+            except (IntegrityError, checkpoint_blob.BlobFormatError) as exc:
+                raise RemoteError("blob_corrupt", str(exc)) from exc
             except BlobError as exc:
-                code = "blob_corrupt" if "sha256" in str(exc) else "blob_unavailable"
-                raise RemoteError(code, str(exc)) from exc
+                raise RemoteError("blob_unavailable", str(exc)) from exc
         await self.publish_status()
         return result
 
@@ -263,7 +264,9 @@ class Executor:
                 ref = await self.store.put_file(f"{key}.img", checkpoint.image_file)
             else:
                 assert checkpoint.document is not None
-                ref = await self.store.put_bytes(f"{key}.json", checkpoint.document)
+                ref = await self.store.put_bytes(
+                    f"{key}.json", checkpoint_blob.pack(checkpoint.document)
+                )
         except BlobError:
             await instance.resume()
             raise
@@ -294,7 +297,7 @@ class Executor:
             fetched_at = time.time() * 1000
             resumed_at = await instance.restore_image(image_file)
         else:
-            document = await self.store.get_bytes(ref)
+            document = checkpoint_blob.unpack(await self.store.get_bytes(ref))
             fetched = time.perf_counter()
             fetched_at = time.time() * 1000
             resumed_at = await instance.restore(document)

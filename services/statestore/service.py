@@ -40,6 +40,7 @@ SESSION_EXPIRY_S = 86400
 
 T = TypeVar("T")
 
+
 def _check(validator: Draft202012Validator, record: dict[str, Any], what: str) -> None:
     """Raise RemoteError('invalid_record') naming the first violation."""
     error = next(iter(validator.iter_errors(record)), None)
