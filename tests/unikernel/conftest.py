@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,3 +89,22 @@ async def drive_inputs(g: Guest, inputs: list[tuple[str, int, dict[str, Any]]]) 
     for source, seq, payload in inputs:
         g.chan.send_input(source, seq, payload)
     await g.chan.checkpoint(0)
+
+
+def f64_list_bits(b64: str) -> list[str]:
+    """The 16-hex-digit bit patterns of a format_version 2 float64_list (base64, LE bytes)."""
+    raw = base64.b64decode(b64, validate=True)
+    assert len(raw) % 8 == 0
+    return [raw[i : i + 8][::-1].hex() for i in range(0, len(raw), 8)]
+
+
+def to_format_v1(doc: bytes) -> bytes:
+    """Rewrites a format_version 2 checkpoint as the equivalent version 1 document."""
+    d = orjson.loads(doc)
+    assert d["format_version"] == 2
+    d["format_version"] = 1
+    for section in ("params", "vars"):
+        for value in d[section].values():
+            if value["type"] == "float64_list":
+                value["bits"] = f64_list_bits(value.pop("base64"))
+    return orjson.dumps(d)

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import spawn
+from conftest import spawn, to_format_v1
 
 from services.executor.channel import FrameType, GuestError
 
@@ -59,6 +59,14 @@ def swap(old: bytes, new: bytes) -> Callable[[bytes], bytes]:
 
 TOTAL = b'"total":{"type":"int64","value":5}'
 BAD = "bad_document"
+F64L = "float64_list"
+ONE_AND_HALF = "AAAAAAAA+D8="  # 1.5: 00 00 00 00 00 00 f8 3f
+
+
+def v1(fn: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    """Apply (fn) to the format_version 1 form of the document."""
+    return lambda d: fn(to_format_v1(d))
+
 
 BAD_DOCUMENTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "empty": (lambda d: b"", BAD),
@@ -75,7 +83,38 @@ BAD_DOCUMENTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "unknown_step": (edit(_set(["next_step"], "nope")), "wrong_app"),
     "null_step_event": (edit(_set(["next_step"], None)), BAD),
     "wrong_format": (edit(_set(["format"], "criu")), BAD),
-    "future_format_version": (edit(_set(["format_version"], 2)), BAD),
+    "future_format_version": (edit(_set(["format_version"], 3)), BAD),
+    "format_version_zero": (edit(_set(["format_version"], 0)), BAD),
+    "format_version_string": (edit(_set(["format_version"], "2")), BAD),
+    # float64_list, format_version 2: base64 of 8 little-endian bytes per element.
+    "f64list_bad_base64": (var("x", {"type": F64L, "base64": "AAE"}), BAD),
+    "f64list_truncated": (var("x", {"type": F64L, "base64": ONE_AND_HALF[:-1]}), BAD),
+    "f64list_truncated_group": (var("x", {"type": F64L, "base64": ONE_AND_HALF[:-4]}), BAD),
+    "f64list_not_8_bytes": (var("x", {"type": F64L, "base64": "AAAAAAAA"}), BAD),
+    "f64list_9_bytes": (var("x", {"type": F64L, "base64": "AAAAAAAAAAAA"}), BAD),
+    "f64list_unused_bits": (var("x", {"type": F64L, "base64": "AAAAAAAA+D9="}), BAD),
+    "f64list_bad_char": (var("x", {"type": F64L, "base64": "AAAAAAAA*D8="}), BAD),
+    "f64list_inner_padding": (var("x", {"type": F64L, "base64": "AA==" + ONE_AND_HALF}), BAD),
+    "f64list_whitespace": (var("x", {"type": F64L, "base64": "AAAA AAAA+D8="}), BAD),
+    # "\/" is JSON for "/", but base64 payloads must be written without escapes.
+    "f64list_escape": (
+        lambda d: var("x", {"type": F64L, "base64": "AAAAAAAA/D8="})(d).replace(b"/", b"\\/"),
+        BAD,
+    ),
+    "f64list_as_number": (var("x", {"type": F64L, "base64": 5}), BAD),
+    "f64list_as_array": (var("x", {"type": F64L, "base64": [ONE_AND_HALF]}), BAD),
+    "f64list_value_member": (var("x", {"type": F64L, "value": [1.5]}), BAD),
+    "f64list_both_forms": (
+        var("x", {"type": F64L, "base64": ONE_AND_HALF, "bits": ["3ff8000000000000"]}),
+        BAD,
+    ),
+    "f64list_v1_form_in_v2": (var("x", {"type": F64L, "bits": ["3ff8000000000000"]}), BAD),
+    "f64list_v2_form_in_v1": (v1(var("x", {"type": F64L, "base64": ONE_AND_HALF})), BAD),
+    "f64list_v1_bits_short": (v1(var("x", {"type": F64L, "bits": ["3ff8"]})), BAD),
+    "f64list_v1_future_version": (
+        v1(lambda d: edit(_set(["format_version"], 3))(var("x", {"type": F64L, "bits": []})(d))),
+        BAD,
+    ),
     "missing_vars": (edit(_del(["vars"])), BAD),
     "missing_watermark": (edit(_del(["watermark"])), BAD),
     "unknown_member": (edit(_set(["extra"], 1)), BAD),
@@ -100,6 +139,28 @@ BAD_DOCUMENTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "negative_created": (edit(_set(["created_ms"], -1)), BAD),
 }
 
+# Why some are refused (ERROR.message), so a case cannot pass for an unrelated reason.
+REASONS = {
+    "future_format_version": "unsupported format_version",
+    "format_version_zero": "unsupported format_version",
+    "f64list_bad_base64": "strict base64",
+    "f64list_truncated": "strict base64",
+    "f64list_truncated_group": "multiple of 8 bytes",
+    "f64list_not_8_bytes": "multiple of 8 bytes",
+    "f64list_9_bytes": "multiple of 8 bytes",
+    "f64list_unused_bits": "strict base64",
+    "f64list_bad_char": "strict base64",
+    "f64list_inner_padding": "strict base64",
+    "f64list_whitespace": "strict base64",
+    "f64list_escape": "escape",
+    "f64list_both_forms": "duplicate member",
+    "f64list_value_member": "wrong payload member",
+    "f64list_v1_form_in_v2": 'format_version 2 float64_list takes "base64"',
+    "f64list_v2_form_in_v1": 'format_version 1 float64_list takes "bits"',
+    "f64list_v1_bits_short": "16 hex digits",
+    "f64list_v1_future_version": "unsupported format_version",
+}
+
 
 @pytest.mark.parametrize("name", sorted(BAD_DOCUMENTS))
 async def test_bad_document_is_refused(name: str) -> None:
@@ -109,6 +170,7 @@ async def test_bad_document_is_refused(name: str) -> None:
         with pytest.raises(GuestError) as info:
             await g.chan.restore(doc)
         assert info.value.code == code
+        assert REASONS.get(name, "") in info.value.message
         assert info.value.exit_code == 3
         assert await g.wait() == 3
 

@@ -10,7 +10,7 @@ import struct
 import subprocess
 
 import orjson
-from conftest import REPO, UNIKERNEL, spawn
+from conftest import REPO, UNIKERNEL, spawn, to_format_v1
 
 from services.executor.channel import GuestError
 
@@ -29,7 +29,8 @@ async def seed_documents() -> list[bytes]:
                     g.chan.send_input("s", seq, {"value": seq / 3, "sensor": f"x{seq % 2}"})
             else:
                 await asyncio.sleep(0.01)
-            docs.append(await g.chan.checkpoint(99))
+            doc = await g.chan.checkpoint(99)
+            docs += [doc, to_format_v1(doc)]  # the current and the previous format
     return docs
 
 
@@ -54,6 +55,11 @@ TOKENS = [
     b'"bits"',
     b'"value"',
     b'"base64"',
+    b'"AAAAAAAA+D8="',
+    b"==",
+    b"/",
+    b'"format_version":1',
+    b'"format_version":2',
     b'"int64_list"',
     b'"float64_list"',
     b"\x00",

@@ -87,15 +87,13 @@ static void write_value(struct jw *w, const struct kv_value *v)
         jw_arr_end(w);
         break;
     }
-    case KV_FLOAT64_LIST: {
-        const double *a = v->u.arr.p;
-        jw_key(w, "bits");
-        jw_arr_begin(w);
-        for (size_t i = 0; i < v->u.arr.n; i++)
-            jw_f64_bits(w, a[i]);
-        jw_arr_end(w);
+    case KV_FLOAT64_LIST:
+        /* Format version 2: the IEEE-754 bits of each element, 8 bytes
+         * little-endian, concatenated, in base64 (10.7 characters per
+         * element instead of 19 for a hex string). */
+        jw_key(w, "base64");
+        jw_base64_le64(w, v->u.arr.p, v->u.arr.n);
         break;
-    }
     }
     jw_obj_end(w);
 }
@@ -166,17 +164,42 @@ static bool parse_type(const char *s, enum kv_type *t)
     return false;
 }
 
-static const char *payload_member(enum kv_type t)
+/*
+ * Encodings that differ between format versions. Only float64_list does:
+ * version 1 wrote {"bits": [<16 hex digits>, ...]}, version 2 writes
+ * {"base64": "<little-endian bytes>"}. The reader notes which forms a
+ * document used and checks them against its format_version at the end
+ * (members come in any order, so the version may follow the values).
+ */
+enum payload_form {
+    FORM_BAD = -1,   /* the member does not belong to the type */
+    FORM_ANY = 0,    /* the same in every version */
+    FORM_V1 = 1,
+    FORM_V2 = 2
+};
+
+static enum payload_form payload_form(enum kv_type t, const char *member)
 {
+    const char *want;
+
     switch (t) {
-    case KV_FLOAT64:
     case KV_FLOAT64_LIST:
-        return "bits";
+        if (strcmp(member, "base64") == 0)
+            return FORM_V2;
+        if (strcmp(member, "bits") == 0)
+            return FORM_V1;
+        return FORM_BAD;
+    case KV_FLOAT64:
+        want = "bits";
+        break;
     case KV_BYTES:
-        return "base64";
+        want = "base64";
+        break;
     default:
-        return "value";
+        want = "value";
+        break;
     }
+    return strcmp(member, want) == 0 ? FORM_ANY : FORM_BAD;
 }
 
 static bool read_f64_bits(struct jp *j, double *out)
@@ -193,7 +216,8 @@ static bool read_f64_bits(struct jp *j, double *out)
     return true;
 }
 
-/* Reads a JSON array of int64 (is_f64 false) or of float64 bit strings. */
+/* Reads a JSON array of int64 (is_f64 false) or of float64 bit strings
+ * (the format version 1 float64_list). */
 static bool read_list(struct jp *j, struct kv_value *v, bool is_f64)
 {
     size_t n = 0, cap = 0;
@@ -241,7 +265,48 @@ static bool read_list(struct jp *j, struct kv_value *v, bool is_f64)
     return true;
 }
 
-static bool read_payload(struct jp *j, enum kv_type t, struct kv_value *v)
+/*
+ * A float64_list in format version 2: strict base64 of 8 little-endian
+ * bytes per element. A length that is not a whole number of elements, or
+ * more than KV_MAX_ELEMS elements, is refused before anything is stored.
+ */
+static bool read_f64_list_base64(struct jp *j, struct kv_value *v)
+{
+    const char *s;
+    size_t n, out_len;
+    uint8_t *buf;
+    double *a;
+
+    if (!jp_string_raw(j, &s, &n))
+        return false;
+    if (n / 4 * 3 / 8 > KV_MAX_ELEMS)
+        return jp_fail(j, "list too long");
+    /* Never empty, so an empty list still owns a block (getters return
+     * non-NULL). malloc's alignment suits double. */
+    buf = malloc(n / 4 * 3 + 1);
+    if (buf == NULL)
+        return jp_fail(j, "out of memory");
+    if (!base64_decode(s, n, buf, &out_len)) {
+        free(buf);
+        return jp_fail(j, "float64_list must be strict base64");
+    }
+    if (out_len % 8 != 0) {
+        free(buf);
+        return jp_fail(j, "float64_list base64 must hold a multiple of 8 bytes");
+    }
+    a = (double *)(void *)buf;
+    for (size_t i = 0; i < out_len / 8; i++) {
+        uint64_t bits = le64_load(buf + i * 8);
+        memcpy(&a[i], &bits, sizeof(bits));
+    }
+    v->type = KV_FLOAT64_LIST;
+    v->u.arr.p = buf;
+    v->u.arr.n = out_len / 8;
+    return true;
+}
+
+static bool read_payload(struct jp *j, enum kv_type t, enum payload_form form,
+                         struct kv_value *v)
 {
     switch (t) {
     case KV_INT64:
@@ -269,6 +334,8 @@ static bool read_payload(struct jp *j, enum kv_type t, struct kv_value *v)
 
         if (!jp_string_raw(j, &s, &n))
             return false;
+        if (n / 4 * 3 > KV_MAX_ELEMS)
+            return jp_fail(j, "bytes too long");
         buf = malloc(n / 4 * 3 + 1);
         if (buf == NULL)
             return jp_fail(j, "out of memory");
@@ -284,7 +351,8 @@ static bool read_payload(struct jp *j, enum kv_type t, struct kv_value *v)
     case KV_INT64_LIST:
         return read_list(j, v, false);
     case KV_FLOAT64_LIST:
-        return read_list(j, v, true);
+        return form == FORM_V2 ? read_f64_list_base64(j, v)
+                               : read_list(j, v, true);
     }
     return jp_fail(j, "unknown type");
 }
@@ -304,14 +372,16 @@ static const char *payload_name(const char *key)
 /*
  * One typed value: {"type": T, "<payload member>": ...}, members in any
  * order. If the payload comes first we remember where it starts, skip it,
- * and parse it from there once the type is known.
+ * and parse it from there once the type is known. Adds the payload's
+ * version-specific form, if any, to (*forms).
  */
-static bool read_typed_value(struct jp *j, struct kv_value *v)
+static bool read_typed_value(struct jp *j, struct kv_value *v, unsigned *forms)
 {
     struct jp payload_at;
     const char *payload_key = NULL;   /* static, from payload_name() */
     bool have_type = false, payload_done = false;
     enum kv_type t = KV_INT64;
+    enum payload_form form;
     struct jstr key;
     int r;
 
@@ -337,9 +407,12 @@ static bool read_typed_value(struct jp *j, struct kv_value *v)
             /* The usual order (ours): parse in place. */
             payload_key = pk;
             payload_done = true;
-            ok = (strcmp(pk, payload_member(t)) == 0 ||
+            form = payload_form(t, pk);
+            ok = (form != FORM_BAD ||
                   jp_fail(j, "wrong payload member for the value type")) &&
-                 read_payload(j, t, v);
+                 read_payload(j, t, form, v);
+            if (ok)
+                *forms |= (unsigned)form;
         } else if (pk != NULL && payload_key == NULL) {
             payload_key = pk;
             payload_at = *j;
@@ -348,12 +421,15 @@ static bool read_typed_value(struct jp *j, struct kv_value *v)
             ok = jp_fail(j, "unexpected or duplicate member in a typed value");
         }
         if (ok && have_type && payload_key != NULL && !payload_done) {
-            if (strcmp(payload_key, payload_member(t)) != 0) {
+            form = payload_form(t, payload_key);
+            if (form == FORM_BAD) {
                 ok = jp_fail(j, "wrong payload member for the value type");
             } else {
-                ok = read_payload(&payload_at, t, v);
+                ok = read_payload(&payload_at, t, form, v);
                 if (!ok)
                     jp_fail(j, payload_at.err ? payload_at.err : "bad value");
+                else
+                    *forms |= (unsigned)form;
             }
             payload_done = true;
         }
@@ -369,8 +445,8 @@ static bool read_typed_value(struct jp *j, struct kv_value *v)
     return true;
 }
 
-/* {"<key>": <typed value>, ...} into (m). */
-static bool read_typed_map(struct jp *j, struct kv *m)
+/* {"<key>": <typed value>, ...} into (m); see read_typed_value(). */
+static bool read_typed_map(struct jp *j, struct kv *m, unsigned *forms)
 {
     struct jstr key;
     int r;
@@ -391,7 +467,7 @@ static bool read_typed_map(struct jp *j, struct kv *m)
             free(key.s);
             return jp_fail(j, "duplicate variable name");
         }
-        if (!read_typed_value(j, &tmp)) {
+        if (!read_typed_value(j, &tmp, forms)) {
             free(key.s);
             return false;
         }
@@ -516,7 +592,8 @@ static bool read_top(struct jp *j, const struct ferry_app *app,
                      struct checkpoint_state *st, bool *wrong_app,
                      const char **wrong_why)
 {
-    unsigned seen = 0;
+    unsigned seen = 0, forms = 0;
+    int64_t version = 0;
     struct jstr key;
     int r;
 
@@ -541,13 +618,12 @@ static bool read_top(struct jp *j, const struct ferry_app *app,
             ok = expect_string(j, CHECKPOINT_FORMAT, &match) &&
                  (match || jp_fail(j, "not a ferry checkpoint (\"format\")"));
             break;
-        case M_FORMAT_VERSION: {
-            int64_t v;
-            ok = jp_int64(j, &v) &&
-                 (v == CHECKPOINT_FORMAT_VERSION ||
+        case M_FORMAT_VERSION:
+            ok = jp_int64(j, &version) &&
+                 ((version >= CHECKPOINT_FORMAT_VERSION_MIN &&
+                   version <= CHECKPOINT_FORMAT_VERSION) ||
                   jp_fail(j, "unsupported format_version"));
             break;
-        }
         case M_APP:
             ok = read_app(j, app, &match);
             if (ok && !match && !*wrong_app) {
@@ -598,10 +674,10 @@ static bool read_top(struct jp *j, const struct ferry_app *app,
             }
             break;
         case M_PARAMS:
-            ok = read_typed_map(j, &st->params);
+            ok = read_typed_map(j, &st->params, &forms);
             break;
         case M_VARS:
-            ok = read_typed_map(j, &st->vars);
+            ok = read_typed_map(j, &st->vars, &forms);
             break;
         case M_WATERMARK:
             ok = read_watermark(j, &st->watermark);
@@ -616,6 +692,10 @@ static bool read_top(struct jp *j, const struct ferry_app *app,
         return false;
     if (seen != M_ALL)
         return jp_fail(j, "the checkpoint document lacks a required member");
+    if (version == 1 && (forms & FORM_V2))
+        return jp_fail(j, "a format_version 1 float64_list takes \"bits\"");
+    if (version == 2 && (forms & FORM_V1))
+        return jp_fail(j, "a format_version 2 float64_list takes \"base64\"");
     return true;
 }
 

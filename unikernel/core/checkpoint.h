@@ -14,7 +14,10 @@
 #include "kv.h"
 
 #define CHECKPOINT_FORMAT "ferry-checkpoint"
-#define CHECKPOINT_FORMAT_VERSION 1
+/* The version written. 2: float64_list as base64 of little-endian bytes. */
+#define CHECKPOINT_FORMAT_VERSION 2
+/* The oldest version still read (1: float64_list as hex strings). */
+#define CHECKPOINT_FORMAT_VERSION_MIN 1
 /* The step name event-mode apps report: each input is a step. */
 #define CHECKPOINT_EVENT_STEP "input"
 

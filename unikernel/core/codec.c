@@ -112,54 +112,71 @@ void base64_encode(const uint8_t *src, size_t n, char *out)
     }
 }
 
-static int b64_value(char c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+')
-        return 62;
-    if (c == '/')
-        return 63;
-    return -1;
-}
+/* The value of each byte in the base64 alphabet, BAD for any other byte. */
+#define BAD 0xff
+static const uint8_t b64_values[256] = {
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,  62, BAD, BAD, BAD,  63,
+     52,  53,  54,  55,  56,  57,  58,  59,  60,  61, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD,   0,   1,   2,   3,   4,   5,   6,   7,   8,   9,  10,  11,  12,  13,  14,
+     15,  16,  17,  18,  19,  20,  21,  22,  23,  24,  25, BAD, BAD, BAD, BAD, BAD,
+    BAD,  26,  27,  28,  29,  30,  31,  32,  33,  34,  35,  36,  37,  38,  39,  40,
+     41,  42,  43,  44,  45,  46,  47,  48,  49,  50,  51, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+    BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD, BAD,
+};
+#undef BAD
 
 bool base64_decode(const char *s, size_t n, uint8_t *out, size_t *out_len)
 {
-    size_t o = 0;
+    const unsigned char *p = (const unsigned char *)s;
+    size_t o = 0, i;
+    int pad = 0;
+    uint32_t v = 0;
 
     if (n % 4 != 0)
         return false;
-    for (size_t i = 0; i < n; i += 4) {
-        bool last = (i + 4 == n);
-        int pad = 0;
-        uint32_t v = 0;
-
-        if (last && s[i + 3] == '=')
-            pad = (s[i + 2] == '=') ? 2 : 1;
-        for (int k = 0; k < 4; k++) {
-            int d;
-            if (k >= 4 - pad) {
-                v <<= 6;
-                continue;
-            }
-            d = b64_value(s[i + k]);
-            if (d < 0)
-                return false;
-            v = (v << 6) | (uint32_t)d;
-        }
-        /* Unused low bits must be zero: one encoding per byte string. */
-        if ((pad == 1 && (v & 0xff)) || (pad == 2 && (v & 0xffff)))
-            return false;
-        out[o++] = (uint8_t)(v >> 16);
-        if (pad < 2)
-            out[o++] = (uint8_t)(v >> 8);
-        if (pad < 1)
-            out[o++] = (uint8_t)v;
+    if (n == 0) {
+        *out_len = 0;
+        return true;
     }
+    /* Every group but the last: four alphabet characters, no padding. */
+    for (i = 0; i < n - 4; i += 4) {
+        uint32_t a = b64_values[p[i]], b = b64_values[p[i + 1]],
+                 c = b64_values[p[i + 2]], d = b64_values[p[i + 3]];
+
+        if ((a | b | c | d) & 0x80)
+            return false;
+        v = a << 18 | b << 12 | c << 6 | d;
+        out[o++] = (uint8_t)(v >> 16);
+        out[o++] = (uint8_t)(v >> 8);
+        out[o++] = (uint8_t)v;
+    }
+    /* The last group may end in "=" or "==". */
+    if (p[i + 3] == '=')
+        pad = (p[i + 2] == '=') ? 2 : 1;
+    v = 0;
+    for (int k = 0; k < 4; k++) {
+        uint32_t d = k < 4 - pad ? b64_values[p[i + k]] : 0;
+        if (d & 0x80)
+            return false;
+        v = (v << 6) | d;
+    }
+    /* Unused low bits must be zero: one encoding per byte string. */
+    if ((pad == 1 && (v & 0xff)) || (pad == 2 && (v & 0xffff)))
+        return false;
+    out[o++] = (uint8_t)(v >> 16);
+    if (pad < 2)
+        out[o++] = (uint8_t)(v >> 8);
+    if (pad < 1)
+        out[o++] = (uint8_t)v;
     *out_len = o;
     return true;
 }

@@ -34,4 +34,24 @@ void base64_encode(const uint8_t *src, size_t n, char *out);
  */
 bool base64_decode(const char *s, size_t n, uint8_t *out, size_t *out_len);
 
+/*
+ * 64-bit values as 8 little-endian bytes (checkpoint lists are base64 of
+ * these bytes, whatever the host's byte order). Plain shifts: compilers
+ * turn them into a single load/store on little-endian targets.
+ */
+static inline void le64_store(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline uint64_t le64_load(const uint8_t *p)
+{
+    uint64_t v = 0;
+
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
 #endif /* FERRY_CODEC_H */

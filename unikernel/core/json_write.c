@@ -339,6 +339,39 @@ void jw_base64(struct jw *w, const uint8_t *data, size_t n)
     w->buf[w->len++] = '"';
 }
 
+void jw_base64_le64(struct jw *w, const void *vals, size_t n)
+{
+    /* Converted to little-endian bytes a chunk at a time. A chunk is a
+     * multiple of 3 values (24 bytes, 32 base64 characters, no padding),
+     * so the chunks' encodings concatenate to the encoding of the whole. */
+    enum { CHUNK = 3 * 32 };
+    uint8_t tmp[CHUNK * 8];
+    const unsigned char *src = vals;
+    size_t elen;
+
+    before_value(w);
+    if (n > (size_t)-1 / 8 || ((elen = base64_encoded_len(n * 8)) == 0 && n != 0)) {
+        w->failed = true;
+        return;
+    }
+    if (!reserve_more(w, elen + 2))
+        return;
+    w->buf[w->len++] = '"';
+    for (size_t i = 0; i < n;) {
+        size_t k = n - i < CHUNK ? n - i : CHUNK;
+
+        for (size_t e = 0; e < k; e++) {
+            uint64_t v;
+            memcpy(&v, src + (i + e) * 8, 8);
+            le64_store(tmp + e * 8, v);
+        }
+        base64_encode(tmp, k * 8, w->buf + w->len);
+        w->len += base64_encoded_len(k * 8);
+        i += k;
+    }
+    w->buf[w->len++] = '"';
+}
+
 void jw_raw_value(struct jw *w, const char *s, size_t n)
 {
     before_value(w);

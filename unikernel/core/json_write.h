@@ -52,6 +52,9 @@ void jw_f64(struct jw *w, double v);
 void jw_f64_bits(struct jw *w, double v);
 /* A string holding the base64 of (data, n). */
 void jw_base64(struct jw *w, const uint8_t *data, size_t n);
+/* A string holding the base64 of the (n) 64-bit values at (vals) (int64_t
+ * or double), each as 8 little-endian bytes: 8n bytes, no separators. */
+void jw_base64_le64(struct jw *w, const void *vals, size_t n);
 
 /* Appends raw bytes (trusted JSON text) as one value. */
 void jw_raw_value(struct jw *w, const char *s, size_t n);
