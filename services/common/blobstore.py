@@ -60,8 +60,11 @@ class BlobStore:
     def __init__(self, config: S3Config) -> None:
         self.config = config
         self.bucket = config.bucket
+        # One limit for connect and read: urllib3 keeps the *connect* timeout on the socket while
+        # it sends a request body, so a short one would cut off any upload that takes longer
+        # (an 8 MB blob needs ~7 s at 10 Mbit/s). Phases are bounded by the scheduler anyway.
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=5.0, read=60.0),
+            timeout=urllib3.Timeout(connect=config.timeout, read=config.timeout),
             maxsize=16,
             retries=urllib3.Retry(total=3, backoff_factor=0.1, status_forcelist=(500, 502, 503)),
         )

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "region": "us-east-1",
         "bucket": "ferry",
         "secure": False,
+        "timeout": 300.0,
     },
     "executor": {
         "runtimes": ["unix", "microvm", "microvm-snapshot", "podman"],
@@ -67,6 +68,7 @@ class S3Config:
     region: str
     bucket: str
     secure: bool
+    timeout: float
 
 
 @dataclass(frozen=True)
