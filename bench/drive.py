@@ -156,7 +156,9 @@ class Job:
             self._emit(record, _summary(record, label))
 
     def _params(self, unit: dict[str, Any]) -> dict[str, Any]:
-        return {"window": unit["window"], "ballast_kb": self.ballast_kb}
+        # history_sensors=1: the window of sensor dev-1 (the simulator's producer) starts full,
+        # so the state really is window x 8 bytes, as in a service that has run for a while.
+        return {"window": unit["window"], "ballast_kb": self.ballast_kb, "history_sensors": 1}
 
     async def _deploy(self, service: str, unit: dict[str, Any]) -> None:
         assert self.ops is not None

@@ -46,8 +46,8 @@ EDGES = ("edge1", "edge2")
 LAB_PREFIX = "fb"
 
 # The state size of a run is the aggregator's window: float64 samples, 8 bytes each in the
-# guest's store. What crosses the network is measured (bytes_moved): checkpoints are compressed,
-# and a window not yet filled by inputs is mostly zeros, so it moves far fewer bytes.
+# guest's store, full from the start (history_sensors=1). What crosses the network is measured
+# (bytes_moved): checkpoint blobs are compressed, and sensor readings compress about 2x.
 BYTES_PER_SAMPLE = 8
 DEFAULT_BALLAST_KB = 8192
 SINGLE_RATE_MBIT = 100.0

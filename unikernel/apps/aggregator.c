@@ -4,7 +4,9 @@
  *
  * Params: window (int, samples kept per sensor, 1..4194304, default 64),
  *         threshold (number, default 100),
- *         ballast_kb (int, 0..1048576, default 0): process memory, see below.
+ *         ballast_kb (int, 0..1048576, default 0): process memory, see below,
+ *         history_sensors (int, 0..1024, default 0): sensors "dev-1".."dev-N"
+ *         whose windows start full, see below.
  * Input payload: {"sensor": "<id>" (default: the input's source),
  *                 "value": <number>}
  * Output: {"sensor", "n", "mean", "min", "max", "stddev", "alert",
@@ -20,6 +22,12 @@
  * image (CRIU, a VM snapshot) must carry it, an app-level checkpoint does
  * not. The benchmark uses it to give the app a realistic footprint. It is
  * not rebuilt after a RESTORE (nothing of the app needs it).
+ *
+ * History: a fresh START with history_sensors = N fills the windows of
+ * sensors "dev-1".."dev-N" (the simulator's producer names) with plausible
+ * readings (15.00..30.00), as if the service had been running for a while.
+ * That state IS in the store: it is what a long-running aggregator carries,
+ * and what a checkpoint must move (the benchmark sweeps its size with it).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -66,12 +74,54 @@ static void must(ferry_result_t r)
 /* Kept reachable so the compiler cannot drop the allocation or its fill. */
 static volatile uint64_t *ballast;
 
+static uint64_t xorshift(uint64_t *x)
+{
+    /* xorshift64: fast, deterministic, and its output does not compress. */
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+static void fill_history(void)
+{
+    int64_t sensors = ferry_param_i64("history_sensors", 0);
+    int64_t window = ferry_param_i64("window", 64);
+    uint64_t x = 0x2545f4914f6cdd1dULL;
+    char name[32], key[FERRY_KEY_MAX + 1];
+
+    if (sensors < 0 || sensors > 1024)
+        ferry_fail("aggregator: history_sensors must be 0..1024");
+    if (window < 1 || window > 4194304)
+        ferry_fail("aggregator: window must be 1..4194304");
+    for (int64_t s = 1; s <= sensors; s++) {
+        double *win;
+        int64_t len = 0;
+        char digits[24];
+
+        for (int64_t v = s; v > 0; v /= 10)
+            digits[len++] = (char)('0' + v % 10);
+        memcpy(name, "dev-", 4);
+        for (int64_t i = 0; i < len; i++)
+            name[4 + i] = digits[len - 1 - i];
+        name[4 + len] = '\0';
+        win = ferry_f64_list_mut(key_of(key, "win/", name), (size_t)window);
+        if (win == NULL)
+            ferry_fail("aggregator: out of memory");
+        for (int64_t i = 0; i < window; i++)
+            win[i] = 15.0 + (double)(xorshift(&x) % 1501) / 100.0;
+        must(ferry_set_i64(key_of(key, "head/", name), 0));
+        must(ferry_set_i64(key_of(key, "n/", name), window));
+    }
+}
+
 static void on_start(void)
 {
     int64_t kb = ferry_param_i64("ballast_kb", 0);
     size_t words;
     uint64_t x = 0x9e3779b97f4a7c15ULL;
 
+    fill_history();
     if (kb < 0 || kb > 1048576)
         ferry_fail("aggregator: ballast_kb must be 0..1048576");
     if (kb == 0)
@@ -80,13 +130,8 @@ static void on_start(void)
     ballast = malloc(words * sizeof(uint64_t));
     if (ballast == NULL)
         ferry_fail("aggregator: cannot allocate the ballast");
-    for (size_t i = 0; i < words; i++) {
-        /* xorshift64: fast, and its output does not compress. */
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ballast[i] = x;
-    }
+    for (size_t i = 0; i < words; i++)
+        ballast[i] = xorshift(&x);
 }
 
 static void on_input(void)
