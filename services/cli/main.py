@@ -71,6 +71,7 @@ def print_outcome(final: dict[str, Any]) -> int:
 
 
 async def cmd_deploy(config: FerryConfig, args: argparse.Namespace) -> int:
+    params = _params(args.param)  # bad usage is reported before anything is contacted
     async with Operator(config) as ops:
         result = await ops.command(
             "deploy",
@@ -78,7 +79,7 @@ async def cmd_deploy(config: FerryConfig, args: argparse.Namespace) -> int:
             app=args.app,
             node=args.node,
             runtime=args.runtime,
-            params=_params(args.param),
+            params=params,
             device=args.device,
         )
     console.print(
@@ -241,9 +242,13 @@ async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
         await stack.down()
         console.print("stack down")
     else:
+        parts = await stack.status()
+        if not parts:
+            err.print(f"no stack is running under {config.stack.dir} (start one: `ferry up`)")
+            return 1
         table = Table("part", "pid", "alive", "ready", "detail")
         healthy = True
-        for part in await stack.status():
+        for part in parts:
             healthy &= bool(part.ready)
             table.add_row(
                 part.name, str(part.pid or "-"), str(part.alive), str(part.ready), part.detail

@@ -17,6 +17,7 @@ from services.common.config import FerryConfig
 from services.scheduler.migration import FINAL_PHASES
 
 COMMAND_TIMEOUT = 120.0
+CONNECT_TIMEOUT = 3.0
 
 
 class Operator:
@@ -24,7 +25,10 @@ class Operator:
 
     def __init__(self, config: FerryConfig) -> None:
         self.config = config
-        self.bus = Bus(config.broker, f"ferry-cli-{uuid.uuid4().hex[:10]}", validate_inbound=True)
+        # An operator waits seconds, not the services' half minute, to hear the stack is down.
+        self.bus = Bus(
+            config.broker, f"ferry-cli-{uuid.uuid4().hex[:10]}", connect_timeout=CONNECT_TIMEOUT
+        )
         self._events: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._service_of: dict[str, str] = {}
         self._router: asyncio.Task[None] | None = None

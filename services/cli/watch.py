@@ -6,6 +6,7 @@ import time
 import uuid
 from typing import Any
 
+from services.cli.operator import CONNECT_TIMEOUT
 from services.cli.output import console
 from services.common import topics
 from services.common.bus import Bus
@@ -35,7 +36,10 @@ def summarize(topic: str, payload: dict[str, Any]) -> str:
 async def watch(config: FerryConfig, topic_filter: str = "#") -> None:
     """Print every message under ferry/v1/<filter> until interrupted."""
     async with Bus(
-        config.broker, f"ferry-watch-{uuid.uuid4().hex[:8]}", validate_inbound=False
+        config.broker,
+        f"ferry-watch-{uuid.uuid4().hex[:8]}",
+        validate_inbound=False,
+        connect_timeout=CONNECT_TIMEOUT,
     ) as bus:
         await bus.subscribe(f"{topics.PREFIX}/{topic_filter}", qos=0)
         async for message in bus.messages():
