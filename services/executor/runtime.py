@@ -19,7 +19,7 @@ from typing import Protocol
 from services.executor.channel import GuestChannel
 
 
-class RuntimeError_(Exception):
+class GuestRuntimeError(Exception):
     """A runtime could not launch, capture or restore a guest; the message says which and why."""
 
 
@@ -96,10 +96,10 @@ class AppLevelRuntime:
         return None
 
     async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
-        raise RuntimeError_(f"the {self.name} runtime moves app-level checkpoints, not images")
+        raise GuestRuntimeError(f"the {self.name} runtime moves app-level checkpoints, not images")
 
     async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
-        raise RuntimeError_(f"the {self.name} runtime moves app-level checkpoints, not images")
+        raise GuestRuntimeError(f"the {self.name} runtime moves app-level checkpoints, not images")
 
     async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
         return guest

@@ -27,7 +27,7 @@ from services.common.config import FerryConfig
 from services.executor.channel import ChannelError, GuestError
 from services.executor.images import ImageCache
 from services.executor.instance import Instance, InstanceError
-from services.executor.runtime import LaunchSpec, Runtime, RuntimeError_
+from services.executor.runtime import GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Executor:
                 result = await getattr(self, f"_cmd_{name}")(command)
             except InstanceError as exc:
                 raise RemoteError(exc.code, str(exc)) from exc
-            except RuntimeError_ as exc:
+            except GuestRuntimeError as exc:
                 raise RemoteError("runtime_failed", str(exc)) from exc
             except GuestError as exc:
                 raise RemoteError("guest_refused", f"the guest refused: {exc}") from exc

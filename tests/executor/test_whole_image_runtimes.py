@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.executor.channel import FrameType, GuestChannel
-from services.executor.runtime import Guest, LaunchSpec, RuntimeError_
+from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec
 from services.executor.runtimes.podman import PodmanRuntime, container_name, podman_available
 from services.executor.runtimes.snapshot import SnapshotRuntime
 
@@ -129,10 +129,10 @@ async def test_snapshot_refuses_a_broken_image(
     spec = spec_for(tmp_path, "edge-b", "c2", counter_elf)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a migration stream" * 100)
-    with pytest.raises(RuntimeError_):
+    with pytest.raises(GuestRuntimeError):
         await runtime.launch_from(spec, junk)
     await runtime.prepare(spec)
-    with pytest.raises(RuntimeError_):
+    with pytest.raises(GuestRuntimeError):
         await runtime.launch_from(spec, junk)
     await runtime.unprepare(spec)  # nothing left: idempotent
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from qemu.qmp import QMPClient
 
 from services.executor.channel import GuestChannel
-from services.executor.runtime import AppLevelRuntime, Guest, LaunchSpec, RuntimeError_
+from services.executor.runtime import AppLevelRuntime, Guest, GuestRuntimeError, LaunchSpec
 
 QEMU = "qemu-system-x86_64"
 #: The chardev id of the guest channel in ``qemu_argv``.
@@ -78,12 +78,14 @@ async def connect_when_listening(
     deadline = loop.time() + SOCKET_WAIT
     while True:
         if process.returncode is not None:
-            raise RuntimeError_(f"QEMU exited with code {process.returncode} before {path.name}")
+            raise GuestRuntimeError(
+                f"QEMU exited with code {process.returncode} before {path.name}"
+            )
         try:
             return await asyncio.open_unix_connection(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if loop.time() > deadline:
-                raise RuntimeError_(
+                raise GuestRuntimeError(
                     f"QEMU did not listen on {path} within {SOCKET_WAIT:g} s"
                 ) from exc
         await asyncio.sleep(0.002)
@@ -111,7 +113,7 @@ class MicrovmRuntime(AppLevelRuntime):
             )
         except OSError as exc:
             shutil.rmtree(sockets, ignore_errors=True)
-            raise RuntimeError_(f"cannot start {QEMU}: {exc}") from exc
+            raise GuestRuntimeError(f"cannot start {QEMU}: {exc}") from exc
         finally:
             log.close()
         try:
@@ -123,7 +125,7 @@ class MicrovmRuntime(AppLevelRuntime):
         except Exception as exc:
             await _kill(process)
             shutil.rmtree(sockets, ignore_errors=True)
-            raise RuntimeError_(f"{exc}: {tail_log(spec.workdir / 'qemu.log')}") from exc
+            raise GuestRuntimeError(f"{exc}: {tail_log(spec.workdir / 'qemu.log')}") from exc
         return Guest(
             channel=GuestChannel(reader, writer),
             pid=process.pid,
@@ -136,7 +138,7 @@ class MicrovmRuntime(AppLevelRuntime):
             await asyncio.wait_for(guest.channel.hello(), HELLO_TIMEOUT)
         except Exception as exc:
             await self.terminate(guest)
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"{spec.app} unikernel did not greet within {HELLO_TIMEOUT:g} s "
                 f"({type(exc).__name__}: {exc}); see {spec.workdir / 'console.log'}"
             ) from exc

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from services.executor import podman
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, LaunchSpec, RuntimeError_
+from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec
 
 ARCHIVE_NAME = "checkpoint.tar.zst"
 HELLO_TIMEOUT = 10.0
@@ -58,7 +58,7 @@ class PodmanRuntime:
             await podman.run(name, image, ["--listen", f"127.0.0.1:{port}"], port)
         except podman.PodmanError as exc:
             await podman.remove(name, quiet=True)
-            raise RuntimeError_(f"cannot start container {name}: {exc}") from exc
+            raise GuestRuntimeError(f"cannot start container {name}: {exc}") from exc
         return await self._connect(spec, name, port, "waiting")
 
     async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
@@ -70,7 +70,7 @@ class PodmanRuntime:
         try:
             result = await podman.checkpoint_export(name, archive)
         except podman.PodmanError as exc:
-            raise RuntimeError_(f"checkpoint of {name} failed: {exc}") from exc
+            raise GuestRuntimeError(f"checkpoint of {name} failed: {exc}") from exc
         guest.detail["captured"] = archive
         guest.detail["checkpoint_seconds"] = result.seconds
         return archive
@@ -83,12 +83,12 @@ class PodmanRuntime:
             listen = origin.command[origin.command.index("--listen") + 1]
             port = int(listen.rpartition(":")[2])
         except (podman.PodmanError, ValueError, IndexError) as exc:
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"{image_file.name} is not a checkpoint of a Ferry container: {exc}"
             ) from exc
         local_image = await self._ensure_image(spec)
         if local_image != origin.image_id:
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"{image_file.name} was taken from image {origin.image_id[:12]}, but {spec.image} "
                 f"gives image {local_image[:12]} here: the nodes run different app binaries"
             )
@@ -96,7 +96,9 @@ class PodmanRuntime:
         try:
             await podman.restore_import(image_file, name, port)
         except podman.PodmanError as exc:
-            raise RuntimeError_(f"restore of {name} from {image_file.name} failed: {exc}") from exc
+            raise GuestRuntimeError(
+                f"restore of {name} from {image_file.name} failed: {exc}"
+            ) from exc
         return await self._connect(spec, name, port, "running")
 
     async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
@@ -104,13 +106,13 @@ class PodmanRuntime:
         name, port = _container_of(guest)
         archive = guest.detail.get("captured")
         if not isinstance(archive, Path):
-            raise RuntimeError_(f"{name} was not captured: nothing to resume from")
+            raise GuestRuntimeError(f"{name} was not captured: nothing to resume from")
         podman.become_subreaper()
         try:
             await podman.remove(name)
             await podman.restore_import(archive, name, port)
         except podman.PodmanError as exc:
-            raise RuntimeError_(f"cannot resume {name} from {archive.name}: {exc}") from exc
+            raise GuestRuntimeError(f"cannot resume {name} from {archive.name}: {exc}") from exc
         resumed = await self._connect(spec, name, port, "running")
         resumed.detail["captured"] = None
         return resumed
@@ -129,14 +131,14 @@ class PodmanRuntime:
             hello = await asyncio.wait_for(channel.hello(), HELLO_TIMEOUT)
         except Exception as exc:
             await podman.remove(name, quiet=True)
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"{name} on port {port} did not greet ({type(exc).__name__}: {exc}); "
                 f"see `podman logs {name}`"
             ) from exc
         if hello.get("app") != spec.app or hello.get("state") != state:
             await channel.close()
             await podman.remove(name, quiet=True)
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"{name} on port {port} greeted as {hello.get('app')!r} in state "
                 f"{hello.get('state')!r}; expected {spec.app!r} in state {state!r}"
             )
@@ -152,7 +154,7 @@ class PodmanRuntime:
                 known = await podman.build_image(spec.image, f"localhost/ferry-{spec.app}:latest")
                 self._images[key] = known
         except (OSError, podman.PodmanError) as exc:
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"cannot build {spec.app}'s image from {spec.image}: {exc}"
             ) from exc
         return known
@@ -161,5 +163,5 @@ class PodmanRuntime:
 def _container_of(guest: Guest) -> tuple[str, int]:
     name, port = guest.detail.get("container"), guest.detail.get("port")
     if not isinstance(name, str) or not isinstance(port, int):
-        raise RuntimeError_("guest was not started by the podman runtime")
+        raise GuestRuntimeError("guest was not started by the podman runtime")
     return name, port

@@ -26,7 +26,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, LaunchSpec, RuntimeError_
+from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec
 from services.executor.runtimes.microvm import (
     CHANNEL_ID,
     MicrovmRuntime,
@@ -88,9 +88,9 @@ class SnapshotRuntime:
             await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(image))}"})
             status = await _wait_migrated(qmp)
         except Exception as exc:
-            raise RuntimeError_(f"snapshot of {spec.instance} failed: {exc}") from exc
+            raise GuestRuntimeError(f"snapshot of {spec.instance} failed: {exc}") from exc
         if status.get("status") != "completed":
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"snapshot of {spec.instance} ended {status.get('status')}: "
                 f"{status.get('error-desc', 'no reason given')}"
             )
@@ -107,7 +107,7 @@ class SnapshotRuntime:
                 await _qmp_of(guest).execute("migrate-incoming", {"uri": uri})
             except Exception as exc:
                 await self._vm.terminate(guest)
-                raise RuntimeError_(f"migrate-incoming of {image_file} refused: {exc}") from exc
+                raise GuestRuntimeError(f"migrate-incoming of {image_file} refused: {exc}") from exc
         else:
             if entry is not None:
                 await self._vm.terminate(entry[1])
@@ -118,9 +118,9 @@ class SnapshotRuntime:
             await asyncio.wait_for(guest.channel.hello(), HELLO_TIMEOUT)
         except Exception as exc:
             await self._vm.terminate(guest)
-            if isinstance(exc, RuntimeError_):
+            if isinstance(exc, GuestRuntimeError):
                 raise
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"restoring {spec.instance} from {image_file.name} failed "
                 f"({type(exc).__name__}: {exc}): {tail_log(spec.workdir / 'qemu.log')}"
             ) from exc
@@ -131,7 +131,7 @@ class SnapshotRuntime:
         qmp = _qmp_of(guest)
         sockets = guest.detail.get("sockets")
         if not isinstance(sockets, Path):
-            raise RuntimeError_(f"{spec.instance}: no channel socket to reconnect to")
+            raise GuestRuntimeError(f"{spec.instance}: no channel socket to reconnect to")
         try:
             status = await _query(qmp, "query-status")
             if not status.get("running"):
@@ -140,13 +140,13 @@ class SnapshotRuntime:
                 sockets / "channel.sock", _process_of(guest)
             )
         except Exception as exc:
-            raise RuntimeError_(f"cannot resume {spec.instance}: {exc}") from exc
+            raise GuestRuntimeError(f"cannot resume {spec.instance}: {exc}") from exc
         await guest.channel.close()
         guest.channel = GuestChannel(reader, writer)
         try:
             await asyncio.wait_for(guest.channel.hello(), HELLO_TIMEOUT)
         except Exception as exc:
-            raise RuntimeError_(f"{spec.instance} did not greet after resume: {exc}") from exc
+            raise GuestRuntimeError(f"{spec.instance} did not greet after resume: {exc}") from exc
         guest.detail.pop("captured", None)
         return guest
 
@@ -157,7 +157,7 @@ class SnapshotRuntime:
 def _qmp_of(guest: Guest) -> QMPClient:
     qmp = guest.detail.get("qmp")
     if not isinstance(qmp, QMPClient):
-        raise RuntimeError_("guest has no QMP connection (already terminated?)")
+        raise GuestRuntimeError("guest has no QMP connection (already terminated?)")
     return qmp
 
 
@@ -165,7 +165,7 @@ async def _query(qmp: QMPClient, command: str) -> dict[str, Any]:
     """A QMP query whose answer is an object (``query-status``, ``query-migrate``)."""
     answer = await qmp.execute(command)
     if not isinstance(answer, dict):
-        raise RuntimeError_(f"QMP {command} answered {answer!r}, not an object")
+        raise GuestRuntimeError(f"QMP {command} answered {answer!r}, not an object")
     return answer
 
 
@@ -177,7 +177,7 @@ def _same_vm(a: LaunchSpec, b: LaunchSpec) -> bool:
 def _process_of(guest: Guest) -> asyncio.subprocess.Process:
     process = guest.detail.get("process")
     if not isinstance(process, asyncio.subprocess.Process):
-        raise RuntimeError_("guest has no QEMU process (already terminated?)")
+        raise GuestRuntimeError("guest has no QEMU process (already terminated?)")
     return process
 
 
@@ -198,7 +198,7 @@ async def _wait_disconnected(qmp: QMPClient) -> None:
         if filename.startswith("disconnected:"):
             return
         if loop.time() > deadline:
-            raise RuntimeError_(f"QEMU still shows chardev {CHANNEL_ID} as {filename!r}")
+            raise GuestRuntimeError(f"QEMU still shows chardev {CHANNEL_ID} as {filename!r}")
         await asyncio.sleep(_POLL)
 
 
@@ -213,7 +213,7 @@ async def _wait_migrated(qmp: QMPClient) -> dict[str, Any]:
         if loop.time() > deadline:
             with contextlib.suppress(Exception):
                 await qmp.execute("migrate_cancel")
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"migration still {status.get('status')} after {MIGRATE_TIMEOUT:g} s"
             )
         await asyncio.sleep(_POLL)
@@ -227,7 +227,7 @@ async def _wait_incoming(guest: Guest, spec: LaunchSpec) -> None:
     deadline = loop.time() + INCOMING_TIMEOUT
     while True:
         if isinstance(process, asyncio.subprocess.Process) and process.returncode is not None:
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"QEMU exited with code {process.returncode} while loading the snapshot: "
                 f"{tail_log(spec.workdir / 'qemu.log')}"
             )
@@ -235,10 +235,10 @@ async def _wait_incoming(guest: Guest, spec: LaunchSpec) -> None:
         if status.get("status") in ("paused", "running"):
             return
         if status.get("status") != "inmigrate":
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"QEMU is {status.get('status')} instead of paused after loading the snapshot: "
                 f"{tail_log(spec.workdir / 'qemu.log')}"
             )
         if loop.time() > deadline:
-            raise RuntimeError_(f"snapshot not loaded after {INCOMING_TIMEOUT:g} s")
+            raise GuestRuntimeError(f"snapshot not loaded after {INCOMING_TIMEOUT:g} s")
         await asyncio.sleep(_POLL)

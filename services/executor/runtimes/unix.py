@@ -9,7 +9,7 @@ import signal
 import socket
 
 from services.executor.channel import GuestChannel
-from services.executor.runtime import AppLevelRuntime, Guest, LaunchSpec, RuntimeError_
+from services.executor.runtime import AppLevelRuntime, Guest, GuestRuntimeError, LaunchSpec
 
 HELLO_TIMEOUT = 10.0
 
@@ -35,7 +35,7 @@ class UnixRuntime(AppLevelRuntime):
             )
         except OSError as exc:
             parent.close()
-            raise RuntimeError_(f"cannot run {spec.image}: {exc}") from exc
+            raise GuestRuntimeError(f"cannot run {spec.image}: {exc}") from exc
         finally:
             child.close()
             log.close()
@@ -46,7 +46,7 @@ class UnixRuntime(AppLevelRuntime):
             await asyncio.wait_for(channel.hello(), HELLO_TIMEOUT)
         except (TimeoutError, Exception) as exc:
             await self.terminate(guest)
-            raise RuntimeError_(
+            raise GuestRuntimeError(
                 f"{spec.app} ({spec.image.name}) did not greet within {HELLO_TIMEOUT:g} s: "
                 f"{exc or type(exc).__name__}; see {spec.workdir / 'guest.log'}"
             ) from exc
