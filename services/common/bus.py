@@ -158,6 +158,8 @@ class Bus:
             # for the broker's delayed ACK (~40 ms), straight into a migration's downtime.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
+        # Many requests in flight at once is normal here (16 parallel migrations): not a warning.
+        client.pending_calls_threshold = 1000
         if self._manual_ack:
             # aiomqtt does not expose manual acks; paho (its engine) does, publicly.
             client._client.manual_ack_set(True)
