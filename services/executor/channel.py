@@ -52,6 +52,7 @@ class FrameType(IntEnum):
     ERROR = 0x0C
     EXITED = 0x0D
     FINISHED = 0x0E
+    RESUME = 0x0F
 
 
 class ChannelError(Exception):
@@ -313,13 +314,24 @@ class GuestChannel:
         ready: dict[str, Any] = (await self._await_answer(FrameType.READY)).json()
         return ready
 
-    async def checkpoint(self, time_ms: int) -> bytes:
+    async def checkpoint(self, time_ms: int, pause: bool = False) -> bytes:
         """Ask for a checkpoint at the next step boundary; returns the raw document.
 
-        Every INPUT sent before this call is applied (and its DONE dispatched) first.
+        Every INPUT sent before this call is applied (and its DONE dispatched) first. With
+        ``pause``, a procedural guest then runs no step until ``resume()``: the checkpoint is
+        about to move, and a step run here would run again where it lands.
         """
-        self.send(FrameType.CHECKPOINT_REQUEST, {"time_ms": time_ms})
+        body: dict[str, Any] = {"time_ms": time_ms}
+        if pause:
+            body["pause"] = True
+        self.send(FrameType.CHECKPOINT_REQUEST, body)
         return (await self._await_answer(FrameType.CHECKPOINT)).body
+
+    async def resume(self) -> dict[str, Any]:
+        """Undo a pausing checkpoint (the move was called off); returns READY's body."""
+        self.send(FrameType.RESUME, {})
+        ready: dict[str, Any] = (await self._await_answer(FrameType.READY)).json()
+        return ready
 
     async def stop(self) -> dict[str, Any]:
         """Ask the guest to end; returns EXITED's body (code 0 on a clean stop)."""

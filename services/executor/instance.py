@@ -189,7 +189,7 @@ class Instance:
             image_file = await self.runtime.capture(guest, self.spec)
             watermark: dict[str, int] = {}
         else:
-            document = await guest.channel.checkpoint(now_ms())
+            document = await guest.channel.checkpoint(now_ms(), pause=True)
             watermark = _watermark_of(document)
         checkpoint_ms = (time.perf_counter() - drained) * 1000
         drain_ms = (drained - started) * 1000
@@ -202,6 +202,8 @@ class Instance:
         guest = self._require("paused")
         if self.runtime.whole_image:
             self._adopt(await self.runtime.resume_captured(guest, self.spec))
+        else:
+            await guest.channel.resume()
         await self.attach_input()
 
     async def stop(self) -> None:

@@ -48,22 +48,24 @@ async def cluster(
     processes.start("executor@edge-a", "--node", "edge-a")
     processes.start("executor@edge-b", "--node", "edge-b")
     store = BlobStore(config.s3)
-    manifests = {app: await images.push(store, app, unikernel_builds) for app in ("counter",)}
+    manifests = {
+        app: await images.push(store, app, unikernel_builds) for app in ("counter", "procedural")
+    }
     await wait_online(config, [topics.node_status("edge-a"), topics.node_status("edge-b")])
     async with Bus(config.broker, f"test-sched-{uuid.uuid4().hex[:6]}") as bus:
         yield config, Node(bus, "edge-a"), Node(bus, "edge-b"), manifests
 
 
 def start_args(
-    service: str, instance: str, runtime: str, manifests: dict[str, Any]
+    service: str, instance: str, runtime: str, manifests: dict[str, Any], app: str = "counter"
 ) -> dict[str, Any]:
     target = images.TARGET_OF_RUNTIME[runtime]
     return {
         "service": service,
         "instance": instance,
-        "app": "counter",
+        "app": app,
         "runtime": runtime,
-        "image": manifests["counter"][target].to_dict(),
+        "image": manifests[app][target].to_dict(),
     }
 
 
@@ -243,3 +245,37 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_a_procedural_app_continues_at_the_right_step_on_the_target(
+    cluster: Any, runtime: str
+) -> None:
+    config, edge_a, edge_b, manifests = cluster
+    moved, reference = (f"{p}-{runtime}-{uuid.uuid4().hex[:4]}" for p in ("proc", "pref"))
+    params = {"rounds": 12, "step_delay_ms": 15}
+    out_bus, outputs = await collect_outputs(config, moved)
+    ref_bus, ref_outputs = await collect_outputs(config, reference)
+    for node, service in ((edge_a, moved), (edge_b, reference)):
+        args = start_args(service, f"{service}.1", runtime, manifests, app="procedural")
+        await node("start", mode="fresh", params=params, **args)
+    await wait_for(lambda: len(outputs) >= 10)
+    await edge_b(
+        "start", mode="wait", **start_args(moved, f"{moved}.2", runtime, manifests, "procedural")
+    )
+    checkpoint = await edge_a("checkpoint", service=moved, instance=f"{moved}.1")
+    await edge_a("stop", service=moved, instance=f"{moved}.1")
+    await edge_b(
+        "restore", service=moved, instance=f"{moved}.2", checkpoint=checkpoint["checkpoint"]
+    )
+
+    def finished(rows: list[dict[str, Any]]) -> bool:
+        return any(r["data"].get("step") == "finish" for r in rows)
+
+    await wait_for(lambda: finished(outputs) and finished(ref_outputs), timeout=60)
+    steps = [(o["data"]["step"], o["data"]["round"]) for o in outputs]
+    assert steps == [(o["data"]["step"], o["data"]["round"]) for o in ref_outputs]
+    assert [o["data"] for o in outputs] == [o["data"] for o in ref_outputs]
+    assert {o["node"] for o in outputs} == {"edge-a", "edge-b"}
+    for bus in (out_bus, ref_bus):
+        await bus.close()

@@ -43,7 +43,9 @@ class Guest:
     def take(self, ftype: FrameType) -> list[dict[str, Any]]:
         """Remove and return the bodies of the collected events of one type."""
         out = [f.json() for f in self.events if f.type is ftype]
-        self.events = [f for f in self.events if f.type is not ftype]
+        self.events[:] = [
+            f for f in self.events if f.type is not ftype
+        ]  # the collector appends here
         return out
 
     async def wait(self) -> int:

@@ -34,7 +34,7 @@ enum frame_status frame_read(struct frame *f)
     if (len < 1 || len > FRAME_MAX_LEN)
         return FRAME_BAD_LENGTH;
     f->type = hdr[4];
-    if (f->type < FRAME_HELLO || f->type > FRAME_FINISHED)
+    if (f->type < FRAME_HELLO || f->type > FRAME_RESUME)
         return FRAME_BAD_TYPE;
     f->len = len - 1;
     f->body = malloc(f->len + 1);

@@ -28,7 +28,8 @@ enum frame_type {
     FRAME_LOG = 0x0B,
     FRAME_ERROR = 0x0C,
     FRAME_EXITED = 0x0D,
-    FRAME_FINISHED = 0x0E
+    FRAME_FINISHED = 0x0E,
+    FRAME_RESUME = 0x0F
 };
 
 struct frame {

@@ -271,13 +271,18 @@ static void handle_input(const struct frame *f)
     kv_clear(&rt.input_payload);
 }
 
-/* CHECKPOINT_REQUEST {"time_ms": n}; other members ignored. */
+/*
+ * CHECKPOINT_REQUEST {"time_ms": n, "pause": bool (optional)}; other members ignored.
+ * With pause, a procedural guest runs no further step until RESUME: the host is moving it, and
+ * a step run now would be run again by the copy restored elsewhere.
+ */
 static void handle_checkpoint_request(const struct frame *f)
 {
     struct jp j;
     struct jstr key;
     struct jw w;
     int64_t time_ms = -1;
+    bool pause = false;
     int r;
 
     require_running(true, "CHECKPOINT_REQUEST before START or RESTORE");
@@ -289,6 +294,8 @@ static void handle_checkpoint_request(const struct frame *f)
         if (strcmp(key.s, "time_ms") == 0 && time_ms < 0)
             ok = jp_int64(&j, &time_ms) &&
                  (time_ms >= 0 || jp_fail(&j, "time_ms must be >= 0"));
+        else if (strcmp(key.s, "pause") == 0)
+            ok = jp_bool(&j, &pause);
         else
             ok = jp_skip(&j);
         free(key.s);
@@ -307,6 +314,15 @@ static void handle_checkpoint_request(const struct frame *f)
                  RT_EXIT_NO_MEMORY);
     }
     rt_send(FRAME_CHECKPOINT, &w);
+    rt.paused = pause;
+}
+
+/* RESUME {}: steps run again after a pausing checkpoint (the move was called off). */
+static void handle_resume(void)
+{
+    require_running(true, "RESUME before START or RESTORE");
+    rt.paused = false;
+    send_ready(false);
 }
 
 static void handle_stop(void)
@@ -338,6 +354,9 @@ static void handle_frame(const struct frame *f)
         break;
     case FRAME_CHECKPOINT_REQUEST:
         handle_checkpoint_request(f);
+        break;
+    case FRAME_RESUME:
+        handle_resume();
         break;
     case FRAME_STOP:
         handle_stop();
@@ -412,7 +431,7 @@ static void run_step(void)
 static bool step_due(void)
 {
     if (!rt.running || rt.app->mode != FERRY_MODE_PROCEDURAL || rt.finished ||
-        rt.chan_broken)
+        rt.paused || rt.chan_broken)
         return false;
     if (rt.defer_until_ns != 0) {
         if (plat_chan_wait(rt.defer_until_ns))

@@ -28,6 +28,7 @@ struct runtime {
     bool running;                  /* started or restored */
     struct checkpoint_state st;    /* everything that migrates */
     bool finished;                 /* procedural: the last step returned NULL */
+    bool paused;                   /* procedural: no step after a pausing checkpoint until RESUME */
     bool chan_broken;              /* a write failed: drop frames until EOF */
 
     /* The input being handled (event mode). */
