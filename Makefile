@@ -21,8 +21,9 @@ lint: setup
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/mypy
 
+# DEMO_ARGS: e.g. --keep (leave the stack up afterwards) or --runtime unix
 demo: setup
-	$(PY) -m services.cli.demo
+	$(PY) -m services.cli.demo $(DEMO_ARGS)
 
 bench: setup-podman
 	$(PY) -m bench.run

@@ -44,7 +44,7 @@ async def demo(runtime: str, keep: bool) -> int:
             )
         else:
             await stack.down()
-            console.print("\nstack stopped (run with --keep to leave it up)")
+            console.print("\nstack stopped (`make demo DEMO_ARGS=--keep` leaves it up)")
 
 
 async def _story(config: FerryConfig, runtime: str) -> int:
