@@ -56,3 +56,16 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml", env={})
     with pytest.raises(ConfigError, match="FERRY_CONFIG points to"):
         load_config(env={"FERRY_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_the_shipped_example_configures_every_key() -> None:
+    from services.common.config import DEFAULTS
+
+    example = Path(__file__).resolve().parents[1] / "deploy" / "ferry.example.toml"
+    config = load_config(example, env={})
+    assert config.broker.host == "mqtt.example.internal" and config.s3.secure is True
+    import tomllib
+
+    written = tomllib.loads(example.read_text())
+    for section, keys in DEFAULTS.items():
+        assert set(written[section]) == set(keys), f"[{section}] in the example is incomplete"
