@@ -1,4 +1,4 @@
-"""Checkpoint blobs: plain for small documents, zlib above, told apart by their first byte."""
+"""Checkpoint blobs: plain for small documents, zstd above, told apart by their first bytes."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_large_documents_shrink_and_round_trip() -> None:
     large = document(20_000)
     packed = checkpoint_blob.pack(large)
     assert len(packed) < len(large) * 0.7
-    assert packed[:1] == b"x"
+    assert packed[:4] == checkpoint_blob.ZSTD_MAGIC
     assert checkpoint_blob.unpack(packed) == large
 
 
@@ -32,3 +32,8 @@ def test_a_damaged_stream_is_an_error_not_garbage() -> None:
     packed[len(packed) // 2] ^= 0xFF
     with pytest.raises(checkpoint_blob.BlobFormatError):
         checkpoint_blob.unpack(bytes(packed))
+
+
+def test_anything_else_is_refused() -> None:
+    with pytest.raises(checkpoint_blob.BlobFormatError):
+        checkpoint_blob.unpack(b"PK\x03\x04 not a checkpoint")
