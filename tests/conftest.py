@@ -50,7 +50,8 @@ class ServiceProcesses:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *extra: str) -> None:
+    def start(self, name: str, *extra: str, env: dict[str, str] | None = None) -> None:
+        """Start ``python -m services.<package>``; ``env`` adds to this process's environment."""
         package = name.split("@")[0]
         log = (self.log_dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
@@ -65,6 +66,7 @@ class ServiceProcesses:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

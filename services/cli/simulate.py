@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,20 +68,16 @@ class Simulator:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"ferry-sim-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
-        self._client.on_message = self._on_output
         self._broker = broker
+        self._client: mqtt.Client | None = None
         self._subscribed = threading.Event()
-        self._client.on_subscribe = lambda *args: self._subscribed.set()
 
     def start(self) -> None:
         """Connect, subscribe to the outputs, and start publishing in a background thread."""
-        self._client.connect(self._broker.host, self._broker.port, keepalive=30)
-        self._client.loop_start()
+        self._client = connect_paho(
+            self._broker, f"ferry-sim-{uuid.uuid4().hex[:8]}", on_message=self._on_output
+        )
+        self._client.on_subscribe = lambda *args: self._subscribed.set()
         self._client.subscribe(topics.app_output(self.service), qos=1)
         if not self._subscribed.wait(10):
             raise TimeoutError("simulator: broker did not confirm the output subscription")
@@ -100,6 +97,7 @@ class Simulator:
         body = orjson.dumps(
             {"producer": producer, "seq": seq, "data": reading, "sent": time.time_ns() // 10**6}
         )
+        assert self._client is not None, "start() first"
         return self._client.publish(topics.app_input(self.service), body, qos=1)
 
     def _publish_loop(self) -> None:
@@ -140,8 +138,9 @@ class Simulator:
         while time.monotonic() < deadline and len(self.missing()) > 0:
             time.sleep(0.05)
         report = self.report()
-        self._client.disconnect()
-        self._client.loop_stop()
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
         return report
 
     def missing(self) -> list[tuple[str, int]]:
@@ -176,9 +175,7 @@ def reading_value(producer: str, seq: int) -> float:
 
 def publish_mobility(broker: BrokerConfig, device: str, node: str, cell: str | None = None) -> None:
     """Announce that ``device`` is now in a cell served by ``node`` (one-shot, QoS 1)."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(broker.host, broker.port, keepalive=10)
-    client.loop_start()
+    client = connect_paho(broker, f"ferry-mobility-{uuid.uuid4().hex[:8]}")
     try:
         event: dict[str, Any] = {"device": device, "node": node, "time": time.time_ns() // 10**6}
         if cell:
@@ -187,3 +184,42 @@ def publish_mobility(broker: BrokerConfig, device: str, node: str, cell: str | N
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def connect_paho(
+    broker: BrokerConfig,
+    client_id: str,
+    on_message: Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None] | None = None,
+    timeout: float = 10.0,
+) -> mqtt.Client:
+    """A paho MQTT v5 client, logged in as ``broker`` says, connected, its network loop running.
+
+    Raises ConnectionError naming the broker and the login when the broker refuses or is silent.
+    """
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+    )
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password or None)
+    if on_message is not None:
+        client.on_message = on_message
+    answered = threading.Event()
+    reasons: list[Any] = []
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        reasons.append(reason)
+        answered.set()
+
+    client.on_connect = on_connect
+    where = f"MQTT broker {broker.host}:{broker.port}"
+    login = broker.username or "anonymous"
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        raise ConnectionError(f"{where} unreachable: {exc}") from exc
+    client.loop_start()
+    if not answered.wait(timeout) or reasons[0].is_failure:
+        client.loop_stop()
+        reason = reasons[0] if reasons else f"no answer in {timeout:g} s"
+        raise ConnectionError(f"{where} refused {client_id!r} logging in as {login!r}: {reason}")
+    return client

@@ -26,14 +26,19 @@ from typing import Any
 
 import aiomqtt
 import orjson
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from services.common import contract, topics
 from services.common.config import BrokerConfig
 
 log = logging.getLogger(__name__)
+
+# CONNACK reason codes that no retry can fix: bad client id, bad login, not authorized, banned,
+# bad authentication method (MQTT 5, 3.2.2.2).
+LOGIN_REFUSED = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
 
 
 class BusError(Exception):
@@ -152,6 +157,8 @@ class Bus:
             will=will,
             clean_start=self._session_expiry == 0,
             keepalive=self.broker.keepalive,
+            username=self.broker.username or None,
+            password=self.broker.password or None,
             properties=connect_props,
             timeout=10,
             # paho leaves Nagle on: a reply queued behind an unacknowledged segment would wait
@@ -167,7 +174,9 @@ class Bus:
 
     async def _connect(self) -> None:
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(aiomqtt.MqttError),
+            retry=retry_if_exception(
+                lambda exc: isinstance(exc, aiomqtt.MqttError) and not _login_refused(exc)
+            ),
             wait=wait_exponential(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self._connect_timeout),
             reraise=True,
@@ -178,15 +187,31 @@ class Bus:
                     client = self._new_client()
                     await client.__aenter__()
         except aiomqtt.MqttError as exc:
+            if _login_refused(exc):
+                user = self.broker.username or "anonymous"
+                raise BusError(
+                    f"MQTT broker {self.broker.host}:{self.broker.port} refused {self.client_id!r} "
+                    f"logging in as {user!r}: {exc}; check broker.username and broker.password"
+                ) from exc
             raise BusError(
                 f"cannot connect to MQTT broker {self.broker.host}:{self.broker.port} "
                 f"as {self.client_id!r}: {exc}"
             ) from exc
         self._client = client
         self._generation += 1
-        await client.subscribe(self.reply_topic, qos=1)
+        await self._subscribe_on(client, self.reply_topic, 1)
         for topic_filter, qos in self._subscriptions.items():
-            await client.subscribe(topic_filter, qos=qos)
+            await self._subscribe_on(client, topic_filter, qos)
+
+    async def _subscribe_on(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
+        """Subscribe, and fail loudly if the broker refuses (an ACL that does not allow it)."""
+        granted = await client.subscribe(topic_filter, qos=qos)
+        refused = [code for code in granted if _reason_value(code) >= 0x80]
+        if refused:
+            raise BusError(
+                f"{self.client_id}: the broker refused the subscription to {topic_filter!r} "
+                f"({refused[0]!s}); not authorized for this login?"
+            )
 
     async def _read_forever(self) -> None:
         while not self._closing:
@@ -319,8 +344,8 @@ class Bus:
         """Subscribe now and again after every reconnect."""
         if self._client is None:
             raise BusError(f"{self.client_id}: not connected")
+        await self._subscribe_on(self._client, topic_filter, qos)
         self._subscriptions[topic_filter] = qos
-        await self._client.subscribe(topic_filter, qos=qos)
 
     async def unsubscribe(self, topic_filter: str) -> None:
         self._subscriptions.pop(topic_filter, None)
@@ -397,3 +422,12 @@ class Bus:
             if error.details:
                 body["error"]["details"] = error.details
         await self.publish(request.response_topic, body, correlation=request.correlation)
+
+
+def _login_refused(exc: BaseException) -> bool:
+    return isinstance(exc, MqttConnectError) and _reason_value(exc.rc) in LOGIN_REFUSED
+
+
+def _reason_value(code: Any) -> int:
+    """A paho ``ReasonCode`` (MQTT 5) or plain int as its number."""
+    return int(getattr(code, "value", code) or 0)

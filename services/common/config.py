@@ -21,7 +21,14 @@ CONFIG_FILE_NAME = "ferry.toml"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "stack": {"dir": str(DEFAULT_STACK_DIR), "host": "127.0.0.1", "nodes": ["edge-a", "edge-b"]},
-    "broker": {"host": "127.0.0.1", "port": 1883, "keepalive": 30, "request_timeout": 10.0},
+    "broker": {
+        "host": "127.0.0.1",
+        "port": 1883,
+        "keepalive": 30,
+        "request_timeout": 10.0,
+        "username": "",
+        "password": "",
+    },
     "s3": {
         "endpoint": "127.0.0.1:9000",
         "access_key": "test:tester",
@@ -58,6 +65,9 @@ class BrokerConfig:
     port: int
     keepalive: int
     request_timeout: float
+    #: The broker login of this process (empty: anonymous, as on the local stack).
+    username: str
+    password: str
 
 
 @dataclass(frozen=True)
