@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Check the quickstart on a fresh Debian: debootstrap a minimal SUITE (bookworm = 12, trixie = 13)
+# into DIR, copy this checkout in (committed files only), and run `make TARGET` there as root in a
+# chroot, the way a new machine would. Needs root, debootstrap and the Debian mirror.
+#   deploy/fresh-debian.sh trixie /var/tmp/ferry-trixie          # make test
+#   deploy/fresh-debian.sh bookworm /var/tmp/ferry-bookworm demo
+# The chroot shares this kernel, /dev, /proc and /sys (so QEMU, network namespaces and Podman
+# work); its daemons are not started by package installs (policy-rc.d), as in a container.
+# Everything is unmounted on exit; DIR is kept for a rerun (`rm -rf DIR` to start over).
+set -euo pipefail
+suite=${1:?usage: fresh-debian.sh SUITE DIR [make target]}
+root=${2:?usage: fresh-debian.sh SUITE DIR [make target]}
+target=${3:-test}
+mirror=${MIRROR:-http://deb.debian.org/debian}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+
+if [ ! -x "$root/usr/bin/apt-get" ]; then
+  # `make` is the one thing the quickstart assumes; everything else is the project's to install.
+  debootstrap --variant=minbase --include=make,ca-certificates "$suite" "$root" "$mirror"
+fi
+printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
+chmod +x "$root/usr/sbin/policy-rc.d"
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+
+mounted=()
+cleanup() {
+  for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[i]}" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+bind() { mkdir -p "$root$1"; mount --rbind "$1" "$root$1"; mount --make-rslave "$root$1"; mounted+=("$root$1"); }
+bind /dev
+bind /proc
+bind /sys
+mkdir -p "$root/run" "$root/tmp"
+mount -t tmpfs tmpfs "$root/run"; mounted+=("$root/run")
+
+rm -rf "$root/ferry"
+git -C "$repo" archive --format=tar --prefix=ferry/ HEAD | tar -x -C "$root"
+echo "fresh-debian: $(cat "$root/etc/debian_version") in $root: make $target"
+chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  TERM="${TERM:-dumb}" CI=true bash -c "cd /ferry && make $target"
