@@ -20,7 +20,18 @@ if [ ! -x "$root/usr/bin/apt-get" ]; then
 fi
 printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
 chmod +x "$root/usr/sbin/policy-rc.d"
+# The host's way out stays the chroot's: resolver, local trust anchors (e.g. a TLS-inspecting
+# egress proxy), pip settings and proxy/certificate environment variables.
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" update-ca-certificates >/dev/null
+fi
+[ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
+passthrough=()
+while IFS= read -r var; do passthrough+=("$var=${!var}"); done < <(
+  compgen -e | grep -E '^(PIP_CERT|PIP_INDEX_URL|PIP_EXTRA_INDEX_URL|PIP_TRUSTED_HOST|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|https?_proxy|HTTPS?_PROXY|no_proxy|NO_PROXY)$' || true)
 
 mounted=()
 cleanup() {
@@ -38,4 +49,4 @@ rm -rf "$root/ferry"
 git -C "$repo" archive --format=tar --prefix=ferry/ HEAD | tar -x -C "$root"
 echo "fresh-debian: $(cat "$root/etc/debian_version") in $root: make $target"
 chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  TERM="${TERM:-dumb}" CI=true bash -c "cd /ferry && make $target"
+  TERM="${TERM:-dumb}" CI=true "${passthrough[@]}" bash -c "cd /ferry && make $target"

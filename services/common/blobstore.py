@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,11 @@ from minio.error import S3Error
 
 from services.common.config import S3Config
 
+log = logging.getLogger(__name__)
+
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
+#: Broken downloads in a row, each without a single new byte, before a download gives up.
+STALLED_ATTEMPTS = 3
 SHA256_META = "sha256"
 
 
@@ -153,13 +158,49 @@ class BlobStore:
     async def get_file(self, ref: BlobRef, path: Path) -> None:
         """Download to ``path`` atomically: the file appears only once verified."""
         partial = path.with_name(path.name + ".partial")
-        await self._call(self._client.fget_object, ref.bucket, ref.key, str(partial))
+        await self._call(self._download, ref, partial)
         try:
             _verify(ref, partial.stat().st_size, await asyncio.to_thread(_sha256_file, partial))
         except IntegrityError:
             partial.unlink(missing_ok=True)
             raise
         partial.replace(path)
+
+    def _download(self, ref: BlobRef, partial: Path) -> None:
+        """Write the object to ``partial``, resuming with a range request where a transfer broke.
+
+        Why: over a constrained edge link a large blob takes minutes, and one dropped connection
+        must cost neither the bytes already moved nor the migration waiting for them. A download
+        gives up after ``STALLED_ATTEMPTS`` breaks in a row that brought nothing new.
+        """
+        partial.unlink(missing_ok=True)
+        partial.touch()
+        stalled = 0
+        while True:
+            offset = partial.stat().st_size
+            try:
+                response = self._client.get_object(ref.bucket, ref.key, offset=offset)
+                try:
+                    with partial.open("ab") as out:
+                        for chunk in response.stream(amt=64 * 1024):
+                            out.write(chunk)
+                finally:
+                    response.close()
+                    response.release_conn()
+                return  # the caller verifies size and digest
+            except urllib3.exceptions.HTTPError as exc:
+                received = partial.stat().st_size
+                stalled = 0 if received > offset else stalled + 1
+                if received >= ref.size or stalled >= STALLED_ATTEMPTS:
+                    raise
+                log.warning(
+                    "s3://%s/%s: transfer broke at %d of %d bytes (%s); resuming",
+                    ref.bucket,
+                    ref.key,
+                    received,
+                    ref.size,
+                    exc,
+                )
 
     async def stat(self, key: str) -> BlobRef:
         """The reference of a stored blob, from its recorded metadata."""
