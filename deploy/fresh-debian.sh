@@ -6,7 +6,7 @@
 #   deploy/fresh-debian.sh bookworm /var/tmp/ferry-bookworm demo
 # The chroot shares this kernel, /dev, /proc and /sys (so QEMU, network namespaces and Podman
 # work); its daemons are not started by package installs (policy-rc.d), as in a container.
-# Everything is unmounted on exit; DIR is kept for a rerun (`rm -rf DIR` to start over).
+# Its mounts live in a private mount namespace; DIR is kept for a rerun (`rm -rf DIR` to redo).
 set -euo pipefail
 suite=${1:?usage: fresh-debian.sh SUITE DIR [make target]}
 root=${2:?usage: fresh-debian.sh SUITE DIR [make target]}
@@ -33,20 +33,20 @@ passthrough=()
 while IFS= read -r var; do passthrough+=("$var=${!var}"); done < <(
   compgen -e | grep -E '^(PIP_CERT|PIP_INDEX_URL|PIP_EXTRA_INDEX_URL|PIP_TRUSTED_HOST|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|https?_proxy|HTTPS?_PROXY|no_proxy|NO_PROXY)$' || true)
 
-mounted=()
-cleanup() {
-  for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[i]}" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-bind() { mkdir -p "$root$1"; mount --rbind "$1" "$root$1"; mount --make-rslave "$root$1"; mounted+=("$root$1"); }
-bind /dev
-bind /proc
-bind /sys
-mkdir -p "$root/run" "$root/tmp"
-mount -t tmpfs tmpfs "$root/run"; mounted+=("$root/run")
-
 rm -rf "$root/ferry"
 git -C "$repo" archive --format=tar --prefix=ferry/ HEAD | tar -x -C "$root"
 echo "fresh-debian: $(cat "$root/etc/debian_version") in $root: make $target"
-chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  TERM="${TERM:-dumb}" CI=true "${passthrough[@]}" bash -c "cd /ferry && make $target"
+
+# A private mount namespace, so every mount below ends with it; pivot_root rather than chroot,
+# so the mount table the tests see is a clean tree (CRIU refuses a chroot's: "No parent found").
+export root target
+unshare --mount --propagation private bash -euo pipefail -s -- "${passthrough[@]}" <<'INNER'
+mount --bind "$root" "$root"
+for fs in dev proc sys; do mkdir -p "$root/$fs"; mount --rbind "/$fs" "$root/$fs"; done
+mkdir -p "$root/run" "$root/.host"
+mount -t tmpfs tmpfs "$root/run"
+cd "$root"
+pivot_root . .host
+exec /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  TERM="${TERM:-dumb}" CI=true "$@" bash -c "umount -l /.host && cd /ferry && make $target"
+INNER

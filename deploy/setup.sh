@@ -13,7 +13,7 @@ PACKAGES=(
   swift swift-proxy swift-account swift-container swift-object python3-swift memcached
   qemu-system-x86 gcc make libc6-dev
   python3 python3-venv python3-dev
-  iproute2
+  iproute2 procps
 )
 
 missing=()
