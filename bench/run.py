@@ -144,10 +144,17 @@ def bench_config(stack_dir: Path, cloud: str, methods: Sequence[str]) -> str:
 
 
 def _git_commit() -> str | None:
-    proc = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    )
-    return proc.stdout.strip() or None
+    """The checkout's commit, or None where there is none (no git, or an exported tree)."""
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 class Bench:

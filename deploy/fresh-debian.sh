@@ -40,7 +40,10 @@ echo "fresh-debian: $(cat "$root/etc/debian_version") in $root: make $target"
 # A private mount namespace, so every mount below ends with it; pivot_root rather than chroot,
 # so the mount table the tests see is a clean tree (CRIU refuses a chroot's: "No parent found").
 export root target
+# Descriptors this script inherited point into the host's mounts, which CRIU cannot resolve
+# from inside: close all but stdio first.
 unshare --mount --propagation private bash -euo pipefail -s -- "${passthrough[@]}" <<'INNER'
+for fd in $(ls /proc/$$/fd); do if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi; done
 mount --bind "$root" "$root"
 for fs in dev proc sys; do mkdir -p "$root/$fs"; mount --rbind "/$fs" "$root/$fs"; done
 mkdir -p "$root/run" "$root/.host"
