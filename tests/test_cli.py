@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services.cli.output import format_detail
+
 
 def ferry(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     with socket.socket() as probe:  # a port nobody listens on
@@ -48,3 +50,8 @@ def test_bad_usage_and_bad_config_are_explained(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "broker.port" in result.stderr
+
+
+def test_event_details_show_flat_values_with_times_rounded() -> None:
+    detail = {"image_ms": 0.0963019992923364, "bytes": 338, "key": "k", "nested": {"a": 1}}
+    assert format_detail(detail) == "image_ms=0.1, bytes=338, key=k"

@@ -18,7 +18,7 @@ import orjson
 from rich.table import Table
 
 from services.cli.operator import Operator
-from services.cli.output import console, err
+from services.cli.output import console, err, format_detail
 from services.common import checkpoint_blob, images
 from services.common.blobstore import BlobError, BlobRef, BlobStore
 from services.common.bus import BusError, RemoteError
@@ -43,7 +43,7 @@ def _params(pairs: list[str]) -> dict[str, Any]:
 def print_event(event: dict[str, Any]) -> None:
     """One migration phase as a progress line."""
     detail = event.get("detail") or {}
-    extra = ", ".join(f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict))
+    extra = format_detail(detail)
     stamp = time.strftime("%H:%M:%S", time.localtime(event["time"] / 1000))
     ms = f"{event['time'] % 1000:03d}"
     console.print(

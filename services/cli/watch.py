@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from services.cli.operator import CONNECT_TIMEOUT
-from services.cli.output import console
+from services.cli.output import console, format_detail
 from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig
@@ -20,7 +20,7 @@ def summarize(topic: str, payload: dict[str, Any]) -> str:
     kind = topic.split("/")[2] if topic.count("/") >= 2 else topic
     if kind == "migrations":
         detail = payload.get("detail") or {}
-        shown = ", ".join(f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict))
+        shown = format_detail(detail)
         route = f"{payload.get('source') or '-'} → {payload.get('target') or '-'}"
         return f"{payload['service']} {payload.get('kind', '')} {route}: {payload['phase']} {shown}"
     if kind == "nodes" and topic.endswith("/status"):
