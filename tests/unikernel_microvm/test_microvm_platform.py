@@ -194,6 +194,25 @@ def test_image_is_small(smoke_elf: Path) -> None:
     assert text + data < 256 * 1024
 
 
+@pytest.mark.parametrize("app", ["counter", "procedural", "aggregator"])
+def test_shipped_app_images_are_stripped_and_small(unikernel_builds: Path, app: str) -> None:
+    shipped = unikernel_builds / "microvm" / f"{app}.elf"
+    sections = subprocess.run(
+        ["objdump", "-h", str(shipped)], check=True, capture_output=True, text=True
+    ).stdout
+    assert ".debug_info" not in sections
+    symbols = subprocess.run(["nm", str(shipped)], capture_output=True, text=True)
+    assert "no symbols" in symbols.stderr
+    assert shipped.stat().st_size < 256 * 1024
+    with_symbols = subprocess.run(
+        ["nm", str(unikernel_builds / "microvm" / "debug" / f"{app}.elf")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert " ferry_emit" in with_symbols  # the debug twin keeps what gdb needs
+
+
 def test_selftest_and_exit_code(smoke_elf: Path) -> None:
     b = boot(smoke_elf, "mode=selftest code=7")
     report("selftest", b)
