@@ -123,3 +123,21 @@ def processes(tmp_path: Path) -> Iterator[ServiceProcesses]:
     procs = ServiceProcesses(tmp_path / "ferry.toml", tmp_path)
     yield procs
     procs.stop_all()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 KiB filesystem (tmpfs) that any image or blob download fills up."""
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from services.common.blobstore import BlobNotFound, BlobRef, BlobStore, IntegrityError
+from services.common.blobstore import (
+    BlobNotFound,
+    BlobRef,
+    BlobStore,
+    IntegrityError,
+    LocalFileError,
+)
 from services.common.config import FerryConfig
 
 
@@ -118,3 +124,13 @@ async def test_a_broken_download_resumes_where_it_stopped(
     assert link.connections == 2
     assert re.search(rb"[Rr]ange: bytes=\d{6,}-", link.requests)  # picked up past the break
     assert not (tmp_path / "blob.partial").exists()
+
+
+async def test_a_full_local_disk_is_named_as_such_and_left_empty(
+    infra: FerryConfig, tiny_disk: Path
+) -> None:
+    store = BlobStore(infra.s3)
+    ref = await store.put_bytes(f"test/{uuid.uuid4().hex}", os.urandom(256 * 1024))
+    with pytest.raises(LocalFileError, match=r"cannot write .*tiny-disk.*No space left on device"):
+        await store.get_file(ref, tiny_disk / "blob")
+    assert list(tiny_disk.iterdir()) == []  # the partial download gave its space back

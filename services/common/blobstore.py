@@ -9,9 +9,11 @@ of a service never waits on the network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,10 @@ class BlobNotFound(BlobError):
 
 class IntegrityError(BlobError):
     """The bytes fetched do not match the digest or size recorded at upload."""
+
+
+class LocalFileError(BlobError):
+    """A local file could not be read or written (a full disk, permissions): the store is fine."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,8 @@ class BlobStore:
     ) -> BlobRef:
         """Upload a file (multipart above 16 MiB) and return its reference."""
         await self.ensure_bucket()
-        digest = await asyncio.to_thread(_sha256_file, path)
+        with _local_file(path, "read"):
+            digest = await asyncio.to_thread(_sha256_file, path)
         await self._call(
             self._client.fput_object,
             self.bucket,
@@ -156,15 +163,18 @@ class BlobStore:
             response.release_conn()
 
     async def get_file(self, ref: BlobRef, path: Path) -> None:
-        """Download to ``path`` atomically: the file appears only once verified."""
+        """Download to ``path`` atomically: the file appears only once verified, and nothing is
+        left behind when it cannot be (a full disk gets its space back)."""
         partial = path.with_name(path.name + ".partial")
-        await self._call(self._download, ref, partial)
         try:
-            _verify(ref, partial.stat().st_size, await asyncio.to_thread(_sha256_file, partial))
-        except IntegrityError:
+            await self._call(self._download, ref, partial)
+            with _local_file(partial, "read"):
+                digest = await asyncio.to_thread(_sha256_file, partial)
+                _verify(ref, partial.stat().st_size, digest)
+                partial.replace(path)
+        except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        partial.replace(path)
 
     def _download(self, ref: BlobRef, partial: Path) -> None:
         """Write the object to ``partial``, resuming with a range request where a transfer broke.
@@ -173,15 +183,16 @@ class BlobStore:
         must cost neither the bytes already moved nor the migration waiting for them. A download
         gives up after ``STALLED_ATTEMPTS`` breaks in a row that brought nothing new.
         """
-        partial.unlink(missing_ok=True)
-        partial.touch()
+        with _local_file(partial, "write"):
+            partial.unlink(missing_ok=True)
+            partial.touch()
         stalled = 0
         while True:
             offset = partial.stat().st_size
             try:
                 response = self._client.get_object(ref.bucket, ref.key, offset=offset)
                 try:
-                    with partial.open("ab") as out:
+                    with _local_file(partial, "write"), partial.open("ab") as out:
                         for chunk in response.stream(amt=64 * 1024):
                             out.write(chunk)
                 finally:
@@ -220,6 +231,16 @@ class BlobStore:
         await self.ensure_bucket()
         keys: list[str] = await self._call(collect)
         return keys
+
+
+@contextlib.contextmanager
+def _local_file(path: Path, doing: str) -> Iterator[None]:
+    """Turn an OSError on a local file into LocalFileError naming the file, so that a full disk
+    is never reported as an unreachable store."""
+    try:
+        yield
+    except OSError as exc:
+        raise LocalFileError(f"cannot {doing} {path}: {exc.strerror or exc}") from exc
 
 
 def _verify(ref: BlobRef, size: int, digest: str) -> None:

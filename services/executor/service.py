@@ -21,7 +21,13 @@ from typing import Any
 import orjson
 
 from services.common import checkpoint_blob, topics
-from services.common.blobstore import BlobError, BlobRef, BlobStore, IntegrityError
+from services.common.blobstore import (
+    BlobError,
+    BlobRef,
+    BlobStore,
+    IntegrityError,
+    LocalFileError,
+)
 from services.common.bus import Bus, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
 from services.executor.channel import ChannelError, GuestError
@@ -173,6 +179,8 @@ class Executor:
                 raise RemoteError("guest_failed", f"lost the guest's channel: {exc}") from exc
             except (IntegrityError, checkpoint_blob.BlobFormatError) as exc:
                 raise RemoteError("blob_corrupt", str(exc)) from exc
+            except LocalFileError as exc:
+                raise RemoteError("node_storage", f"node {self.node}: {exc}") from exc
             except BlobError as exc:
                 raise RemoteError("blob_unavailable", str(exc)) from exc
         await self.publish_status()

@@ -279,3 +279,28 @@ async def test_a_procedural_app_continues_at_the_right_step_on_the_target(
     assert {o["node"] for o in outputs} == {"edge-a", "edge-b"}
     for bus in (out_bus, ref_bus):
         await bus.close()
+
+
+async def test_a_full_image_cache_disk_is_a_clear_error_and_the_executor_keeps_serving(
+    cluster: Any, processes: ServiceProcesses, tiny_disk: Path
+) -> None:
+    config, _, _, manifests = cluster
+    processes.start(
+        "executor@edge-full",
+        "--node",
+        "edge-full",
+        env={"FERRY_EXECUTOR__CACHE_DIR": str(tiny_disk)},
+    )
+    await wait_online(config, [topics.node_status("edge-full")])
+    async with Bus(config.broker, f"test-full-{uuid.uuid4().hex[:6]}") as bus:
+        full = Node(bus, "edge-full")
+        service = f"full-{uuid.uuid4().hex[:5]}"
+        with pytest.raises(RemoteError) as refused:
+            await full(
+                "start", mode="fresh", **start_args(service, f"{service}.1", "unix", manifests)
+            )
+        assert refused.value.code == "node_storage"
+        assert "No space left on device" in refused.value.message
+        assert str(tiny_disk) in refused.value.message
+        assert await full.instances() in ({}, {f"{service}.1": "failed"})
+        assert list(tiny_disk.iterdir()) == []
