@@ -168,3 +168,14 @@ async def test_float64_round_trips_exactly() -> None:
     for i in (1, 2, 3):
         bits = orjson.loads(doc)["vars"][f"mean/d{i}"]["bits"]
         assert bits == struct.pack(">d", values[i - 1]).hex()
+
+
+async def test_per_device_keys_are_cut_to_the_key_limit() -> None:
+    """ferry_key(): a device name too long for a store key is cut, not overflowed."""
+    device = "d" * 300
+    async with spawn("counter") as g:
+        await g.chan.start({})
+        g.chan.send_input("src", 1, {"device": device, "value": 2.0})
+        doc = await g.chan.checkpoint(1)
+    keys = set(orjson.loads(doc)["vars"])
+    assert {"count/" + "d" * 250, "mean/" + "d" * 251} <= keys  # 256 bytes each

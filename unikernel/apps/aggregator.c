@@ -35,19 +35,6 @@
 
 #include "ferry.h"
 
-static const char *key_of(char out[FERRY_KEY_MAX + 1], const char *prefix,
-                          const char *name)
-{
-    size_t p = strlen(prefix), n = strlen(name);
-
-    if (p + n > FERRY_KEY_MAX)
-        n = FERRY_KEY_MAX - p;
-    memcpy(out, prefix, p);
-    memcpy(out + p, name, n);
-    out[p + n] = '\0';
-    return out;
-}
-
 /* Newton's method: no libm on every target. */
 static double square_root(double v)
 {
@@ -105,13 +92,13 @@ static void fill_history(void)
         for (int64_t i = 0; i < len; i++)
             name[4 + i] = digits[len - 1 - i];
         name[4 + len] = '\0';
-        win = ferry_f64_list_mut(key_of(key, "win/", name), (size_t)window);
+        win = ferry_f64_list_mut(ferry_key(key, "win/", name), (size_t)window);
         if (win == NULL)
             ferry_fail("aggregator: out of memory");
         for (int64_t i = 0; i < window; i++)
             win[i] = 15.0 + (double)(xorshift(&x) % 1501) / 100.0;
-        must(ferry_set_i64(key_of(key, "head/", name), 0));
-        must(ferry_set_i64(key_of(key, "n/", name), window));
+        must(ferry_set_i64(ferry_key(key, "head/", name), 0));
+        must(ferry_set_i64(ferry_key(key, "n/", name), window));
     }
 }
 
@@ -148,10 +135,10 @@ static void on_input(void)
 
     if (window < 1 || window > 4194304)
         ferry_fail("aggregator: window must be 1..4194304");
-    key_of(win_key, "win/", sensor);
-    key_of(head_key, "head/", sensor);
-    key_of(n_key, "n/", sensor);
-    key_of(alerts_key, "alerts/", sensor);
+    ferry_key(win_key, "win/", sensor);
+    ferry_key(head_key, "head/", sensor);
+    ferry_key(n_key, "n/", sensor);
+    ferry_key(alerts_key, "alerts/", sensor);
 
     win = ferry_f64_list_mut(win_key, (size_t)window);
     if (win == NULL)

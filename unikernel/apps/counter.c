@@ -7,23 +7,8 @@
  * Output: {"device", "count", "mean", "total"}
  * Store: "count/<device>" int64, "mean/<device>" float64, "total" int64.
  */
-#include <string.h>
 
 #include "ferry.h"
-
-/* "<prefix><name>" into (out); names too long for a key are cut. */
-static const char *key_of(char out[FERRY_KEY_MAX + 1], const char *prefix,
-                          const char *name)
-{
-    size_t p = strlen(prefix), n = strlen(name);
-
-    if (p + n > FERRY_KEY_MAX)
-        n = FERRY_KEY_MAX - p;
-    memcpy(out, prefix, p);
-    memcpy(out + p, name, n);
-    out[p + n] = '\0';
-    return out;
-}
 
 static void on_input(void)
 {
@@ -33,8 +18,8 @@ static void on_input(void)
     int64_t count, total;
     double mean;
 
-    key_of(count_key, "count/", device);
-    key_of(mean_key, "mean/", device);
+    ferry_key(count_key, "count/", device);
+    ferry_key(mean_key, "mean/", device);
     count = ferry_get_i64(count_key, 0) + 1;
     mean = ferry_get_f64(mean_key, 0.0);
     mean += (value - mean) / (double)count;

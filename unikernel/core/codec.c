@@ -47,7 +47,7 @@ void hex64_encode(uint64_t v, char out[16])
     }
 }
 
-static int hex_value(char c)
+int hex_digit_value(char c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';
@@ -65,7 +65,7 @@ bool hex64_decode(const char *s, size_t n, uint64_t *v)
     if (n != 16)
         return false;
     for (size_t i = 0; i < 16; i++) {
-        int d = hex_value(s[i]);
+        int d = hex_digit_value(s[i]);
         if (d < 0)
             return false;
         r = (r << 4) | (uint64_t)d;

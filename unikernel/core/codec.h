@@ -13,6 +13,9 @@
 /* True if (s, n) is well-formed UTF-8 (no overlongs, no surrogates). */
 bool utf8_valid(const char *s, size_t n);
 
+/* The value of one hex digit (either case), or -1 if (c) is not one. */
+int hex_digit_value(char c);
+
 /* Writes the 16 lower-case hex digits of (v) to (out); no NUL. */
 void hex64_encode(uint64_t v, char out[16]);
 

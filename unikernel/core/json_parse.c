@@ -129,17 +129,6 @@ int jp_arr_next(struct jp *j)
     return next_in(j, '[', ']');
 }
 
-static int hex_digit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 static bool read_u16_escape(struct jp *j, const char *s, uint32_t *v)
 {
     uint32_t r = 0;
@@ -147,7 +136,7 @@ static bool read_u16_escape(struct jp *j, const char *s, uint32_t *v)
     if (j->end - s < 4)
         return jp_fail(j, "truncated \\u escape");
     for (int i = 0; i < 4; i++) {
-        int d = hex_digit(s[i]);
+        int d = hex_digit_value(s[i]);
         if (d < 0)
             return jp_fail(j, "bad \\u escape");
         r = (r << 4) | (uint32_t)d;

@@ -35,6 +35,15 @@ void rt_send(uint8_t type, struct jw *w)
     jw_free(w);
 }
 
+/* rt_send() for the way out: a frame that cannot be built or sent is dropped,
+ * since failing again here would recurse into rt_fatal(). */
+static void send_best_effort(uint8_t type, struct jw *w)
+{
+    if (!w->failed && !rt.chan_broken)
+        frame_send(type, w);
+    jw_free(w);
+}
+
 void rt_fatal(const char *code, const char *message, int exit_code)
 {
     struct jw w;
@@ -47,9 +56,7 @@ void rt_fatal(const char *code, const char *message, int exit_code)
     jw_key(&w, "message");
     jw_str(&w, message);
     jw_obj_end(&w);
-    if (!w.failed && !rt.chan_broken)
-        frame_send(FRAME_ERROR, &w);
-    jw_free(&w);
+    send_best_effort(FRAME_ERROR, &w);
     jw_init(&w, FRAME_HEADER_LEN);
     jw_obj_begin(&w);
     jw_key(&w, "code");
@@ -57,9 +64,7 @@ void rt_fatal(const char *code, const char *message, int exit_code)
     jw_key(&w, "reason");
     jw_str(&w, code);
     jw_obj_end(&w);
-    if (!w.failed && !rt.chan_broken)
-        frame_send(FRAME_EXITED, &w);
-    jw_free(&w);
+    send_best_effort(FRAME_EXITED, &w);
     plat_exit(exit_code);
 }
 

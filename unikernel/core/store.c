@@ -54,6 +54,21 @@ static void *copy_of(const void *src, size_t n)
     return p;
 }
 
+const char *ferry_key(char out[FERRY_KEY_MAX + 1], const char *prefix,
+                      const char *name)
+{
+    size_t p = strlen(prefix), n = strlen(name);
+
+    if (p > FERRY_KEY_MAX)
+        p = FERRY_KEY_MAX;
+    if (n > FERRY_KEY_MAX - p)
+        n = FERRY_KEY_MAX - p;
+    memcpy(out, prefix, p);
+    memcpy(out + p, name, n);
+    out[p + n] = '\0';
+    return out;
+}
+
 int64_t ferry_get_i64(const char *key, int64_t dflt)
 {
     const struct kv_value *v = find_typed(key, KV_INT64);

@@ -108,6 +108,14 @@ int64_t ferry_get_i64(const char *key, int64_t dflt);
 ferry_result_t ferry_set_i64(const char *key, int64_t value);
 
 /*
+ * Writes "<prefix><name>" to (out) and returns (out): the key of state kept
+ * per device or sensor, e.g. ferry_key(k, "count/", device). What does not
+ * fit in FERRY_KEY_MAX bytes is cut off.
+ */
+const char *ferry_key(char out[FERRY_KEY_MAX + 1], const char *prefix,
+                      const char *name);
+
+/*
  * Returns the float64 stored at (key), or (dflt) if the key is absent or
  * holds another type. Checkpoints keep the exact bit pattern (NaN too).
  */
