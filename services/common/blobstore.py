@@ -192,6 +192,8 @@ class BlobStore:
             try:
                 response = self._client.get_object(ref.bucket, ref.key, offset=offset)
                 try:
+                    # The stream's network errors reach us as urllib3 errors, never as OSError,
+                    # so an OSError in here is the local file's.
                     with _local_file(partial, "write"), partial.open("ab") as out:
                         for chunk in response.stream(amt=64 * 1024):
                             out.write(chunk)

@@ -12,6 +12,7 @@ know which runtime it is driving.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -88,6 +89,26 @@ class AppLevelRuntime:
 
     name = "app-level"
     whole_image = False
+    #: How long a freshly started guest may take to say HELLO.
+    hello_timeout = 10.0
+    #: The file in the instance's workdir where the guest's own output goes.
+    log_name = "guest.log"
+
+    async def terminate(self, guest: Guest) -> None:
+        raise NotImplementedError
+
+    async def greeted(self, guest: Guest, spec: LaunchSpec) -> Guest:
+        """``guest`` once it said HELLO; if it does not in time, it is ended and the error
+        says where its output is."""
+        try:
+            await asyncio.wait_for(guest.channel.hello(), self.hello_timeout)
+        except Exception as exc:
+            await self.terminate(guest)
+            raise GuestRuntimeError(
+                f"{spec.app} ({spec.image.name}) did not greet within {self.hello_timeout:g} s "
+                f"({type(exc).__name__}: {exc}); see {spec.workdir / self.log_name}"
+            ) from exc
+        return guest
 
     async def prepare(self, spec: LaunchSpec) -> None:
         return None

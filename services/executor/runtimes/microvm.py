@@ -22,7 +22,6 @@ from services.executor.runtime import AppLevelRuntime, Guest, GuestRuntimeError,
 QEMU = "qemu-system-x86_64"
 #: The chardev id of the guest channel in ``qemu_argv``.
 CHANNEL_ID = "ch0"
-HELLO_TIMEOUT = 20.0
 SOCKET_WAIT = 10.0
 
 
@@ -95,6 +94,8 @@ class MicrovmRuntime(AppLevelRuntime):
     """Runs guests as unikernels in QEMU microvm with the given accelerator."""
 
     name = "microvm"
+    hello_timeout = 20.0  # TCG boots take longer on a loaded node
+    log_name = "console.log"
 
     def __init__(self, accel: str) -> None:
         self.accel = accel
@@ -133,16 +134,7 @@ class MicrovmRuntime(AppLevelRuntime):
         )
 
     async def launch(self, spec: LaunchSpec) -> Guest:
-        guest = await self.spawn(spec)
-        try:
-            await asyncio.wait_for(guest.channel.hello(), HELLO_TIMEOUT)
-        except Exception as exc:
-            await self.terminate(guest)
-            raise GuestRuntimeError(
-                f"{spec.app} unikernel did not greet within {HELLO_TIMEOUT:g} s "
-                f"({type(exc).__name__}: {exc}); see {spec.workdir / 'console.log'}"
-            ) from exc
-        return guest
+        return await self.greeted(await self.spawn(spec), spec)
 
     async def terminate(self, guest: Guest) -> None:
         await guest.channel.close()

@@ -11,8 +11,6 @@ import socket
 from services.executor.channel import GuestChannel
 from services.executor.runtime import AppLevelRuntime, Guest, GuestRuntimeError, LaunchSpec
 
-HELLO_TIMEOUT = 10.0
-
 
 class UnixRuntime(AppLevelRuntime):
     """Runs guests as plain Linux processes: fastest to start, used for development and tests."""
@@ -42,15 +40,7 @@ class UnixRuntime(AppLevelRuntime):
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         channel = GuestChannel(reader, writer)
         guest = Guest(channel=channel, pid=process.pid, detail={"process": process})
-        try:
-            await asyncio.wait_for(channel.hello(), HELLO_TIMEOUT)
-        except (TimeoutError, Exception) as exc:
-            await self.terminate(guest)
-            raise GuestRuntimeError(
-                f"{spec.app} ({spec.image.name}) did not greet within {HELLO_TIMEOUT:g} s: "
-                f"{exc or type(exc).__name__}; see {spec.workdir / 'guest.log'}"
-            ) from exc
-        return guest
+        return await self.greeted(guest, spec)
 
     async def terminate(self, guest: Guest) -> None:
         await guest.channel.close()
