@@ -19,7 +19,7 @@ import math
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -72,6 +72,8 @@ class Inbound:
     qos: int = 0
     generation: int = 0
     received: float = field(default_factory=time.time)
+    #: Bytes of the payload as it came off the wire.
+    size: int = 0
 
 
 def now_ms() -> int:
@@ -92,7 +94,14 @@ class Bus:
         manual_ack: bool = False,
         validate_inbound: bool = True,
         connect_timeout: float = 30.0,
+        receive_maximum: int = 1000,
+        on_lost: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """``on_lost``: instead of reconnecting after a lost connection, call it and stop.
+
+        A service's input session must not come back on its own: the session may have moved to
+        another node meanwhile, and taking it back would take it from the rightful owner.
+        """
         self.broker = broker
         self.client_id = client_id
         self.reply_topic = topics.replies(client_id)
@@ -101,6 +110,8 @@ class Bus:
         self._manual_ack = manual_ack
         self._validate_inbound = validate_inbound
         self._connect_timeout = connect_timeout
+        self._receive_maximum = receive_maximum
+        self._on_lost = on_lost
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self._subscriptions: dict[str, int] = {}
@@ -148,7 +159,7 @@ class Bus:
             will = aiomqtt.Will(will_topic, orjson.dumps(will_payload), qos=1, retain=True)
         connect_props = Properties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = self._session_expiry
-        connect_props.ReceiveMaximum = 1000
+        connect_props.ReceiveMaximum = self._receive_maximum
         client = aiomqtt.Client(
             self.broker.host,
             self.broker.port,
@@ -167,6 +178,9 @@ class Bus:
         )
         # Many requests in flight at once is normal here (16 parallel migrations): not a warning.
         client.pending_calls_threshold = 1000
+        # paho holds back QoS 1 publishes beyond 20 in flight; outputs are pipelined by the
+        # thousand, and the broker's Receive Maximum still bounds what it accepts at once.
+        client._client.max_inflight_messages_set(0)
         if self._manual_ack:
             # aiomqtt does not expose manual acks; paho (its engine) does, publicly.
             client._client.manual_ack_set(True)
@@ -223,9 +237,14 @@ class Bus:
             except aiomqtt.MqttError as exc:
                 if self._closing:
                     return
-                log.warning("%s: lost broker connection (%s); reconnecting", self.client_id, exc)
                 with contextlib.suppress(Exception):
                     await client.__aexit__(None, None, None)
+                if self._on_lost is not None:
+                    log.warning("%s: lost broker connection (%s)", self.client_id, exc)
+                    self._client = None
+                    self._on_lost(exc)
+                    return
+                log.warning("%s: lost broker connection (%s); reconnecting", self.client_id, exc)
                 await self._connect()
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
@@ -259,6 +278,7 @@ class Bus:
             mid=message.mid,
             qos=message.qos,
             generation=self._generation,
+            size=len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0,
         )
         if topic == self.reply_topic:
             future = self._pending.pop(inbound.correlation or b"", None)

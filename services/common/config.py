@@ -45,11 +45,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "heartbeat_interval": 5.0,
         "cache_dir": "",
         "microvm_memory_mb": 64,
+        "checkpoint_interval": 1.0,
+        "checkpoint_inputs": 20000,
+        "max_input_bytes": 1048576,
+        "pause_timeout": 60.0,
     },
     "scheduler": {
         "max_parallel_per_node": 4,
         "phase_timeout": 30.0,
         "mobility_hysteresis": 2.0,
+        "recovery_grace": 3.0,
     },
     "statestore": {"database": ""},
 }
@@ -96,6 +101,15 @@ class ExecutorConfig:
     heartbeat_interval: float
     cache_dir: str
     microvm_memory_mb: int
+    #: s between durable checkpoints of a serving app-level instance (0: none; inputs are then
+    #: acknowledged as soon as their outputs are out, and a crash loses the state).
+    checkpoint_interval: float
+    #: Also checkpoint once this many inputs wait for one (bounds the unacknowledged window).
+    checkpoint_inputs: int
+    #: Largest input (bytes on the wire) forwarded to a guest; larger ones are dead-lettered.
+    max_input_bytes: int
+    #: s a source paused for a migration waits for the hand-over before it serves again.
+    pause_timeout: float
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,8 @@ class SchedulerConfig:
     max_parallel_per_node: int
     phase_timeout: float
     mobility_hysteresis: float
+    #: s a node may stay offline (or an instance lost) before its services are recovered.
+    recovery_grace: float
 
 
 @dataclass(frozen=True)

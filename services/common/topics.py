@@ -37,6 +37,10 @@ def app_output(service: str) -> str:
     return f"{PREFIX}/apps/{service}/out"
 
 
+def app_dead_letters(service: str) -> str:
+    return f"{PREFIX}/apps/{service}/dead"
+
+
 def mobility(device: str) -> str:
     return f"{PREFIX}/mobility/{device}"
 
@@ -61,6 +65,7 @@ TEMPLATES = (
     replies("{client}"),
     app_input("{service}"),
     app_output("{service}"),
+    app_dead_letters("{service}"),
     mobility("{device}"),
     migration_events("{migration}"),
     service_state("{service}"),

@@ -207,17 +207,30 @@ class Database:
 
     # -- services ----------------------------------------------------------------------------
 
-    def put_service(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def put_service(
+        self, doc: dict[str, Any], expect: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Store a complete service-state document; refuse one with an older epoch.
 
         Why the epoch check: the statestore's session is persistent, so a request that sat in
         the broker while the statestore was down can arrive after newer ones; a lower epoch
         is such a stale write and must not roll the record back.
+        ``expect`` makes it a compare-and-set: the stored record must still have those values
+        (a commit and a paused source claiming its service back cannot both win).
         """
         with self._tx() as conn:
             row = conn.execute(
-                "SELECT epoch FROM services WHERE name = ?", (doc["service"],)
+                "SELECT epoch, instance, status FROM services WHERE name = ?", (doc["service"],)
             ).fetchone()
+            for field_name, wanted in (expect or {}).items():
+                stored = row[field_name] if row is not None else None
+                if stored != wanted:
+                    raise Conflict(
+                        "conflict",
+                        f"service {doc['service']!r} has {field_name} {stored!r}, "
+                        f"not {wanted!r}; refusing the write",
+                        {field_name: stored},
+                    )
             if row is not None and doc["epoch"] < row["epoch"]:
                 raise Conflict(
                     "stale_epoch",
@@ -265,8 +278,22 @@ class Database:
     # -- checkpoints -------------------------------------------------------------------------
 
     def record_checkpoint(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Store a checkpoint (flat fields, see ``_checkpoint_doc``); the same key twice is one."""
+        """Store a checkpoint (flat fields, see ``_checkpoint_doc``); the same key twice is one.
+
+        A record naming its ``instance`` is refused (``not_owner``) unless the service record
+        names that instance: a copy that was fenced off must never become the recovery point.
+        """
         with self._tx() as conn:
+            if record.get("instance"):
+                row = conn.execute(
+                    "SELECT instance FROM services WHERE name = ?", (record["service"],)
+                ).fetchone()
+                if row is not None and row["instance"] != record["instance"]:
+                    raise Conflict(
+                        "not_owner",
+                        f"service {record['service']!r} is served by {row['instance']!r}, "
+                        f"not {record['instance']!r}; checkpoint not recorded",
+                    )
             conn.execute(
                 "INSERT INTO checkpoints (service, bucket, key, sha256, size, watermark, time, "
                 "migration) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (service, key) DO UPDATE "

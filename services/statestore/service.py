@@ -273,7 +273,7 @@ class StatestoreService:
             )
         record["time"] = now_ms()
         _check(self._service_state, record, "service-state record")
-        doc = await self._call(self._database().put_service, record)
+        doc = await self._call(self._database().put_service, record, request.get("expect"))
         assert self.bus is not None
         await self.bus.publish(topics.service_state(doc["service"]), doc, retain=True)
         return doc
