@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jsonschema import Draft202012Validator
-
 from services.common import contract, topics
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
@@ -41,12 +39,12 @@ SESSION_EXPIRY_S = 86400
 T = TypeVar("T")
 
 
-def _check(validator: Draft202012Validator, record: dict[str, Any], what: str) -> None:
+def _check(validator: contract.Validator, record: dict[str, Any], what: str) -> None:
     """Raise RemoteError('invalid_record') naming the first violation."""
-    error = next(iter(validator.iter_errors(record)), None)
+    error = validator.first_error(record)
     if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        raise RemoteError("invalid_record", f"{what}: at {where}: {error.message}")
+        where, message = error
+        raise RemoteError("invalid_record", f"{what}: at {where}: {message}")
 
 
 def database_path(config: FerryConfig) -> Path:
