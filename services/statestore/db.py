@@ -356,8 +356,9 @@ class Database:
         self, now: int, keep: int, stopped_before: int, finished_before: int, due: int
     ) -> dict[str, Any]:
         """One retention sweep (cheap when there is nothing to do: reads first, writes only if
-        needed). Returns ``{"checkpoints": n, "migrations": n, "forgotten": [service, ...]}``;
-        the forgotten services had their record deleted, so their retained state is stale.
+        needed). Returns ``{"checkpoints": n, "migrations": n, "forgotten": [...],
+        "deleted": [...]}``: the forgotten (stopped) services had their record deleted, so their
+        retained state is stale; the deleted ones were retired after their grace.
 
         - every service's checkpoints beyond its newest ``keep`` (catch-up after a change of
           ``keep``; normally ``record_checkpoint`` already did it);
@@ -386,7 +387,12 @@ class Database:
             "SELECT COUNT(*) FROM migrations WHERE outcome IS NOT NULL AND updated < ?",
             (finished_before,),
         ).fetchone()[0]
-        result: dict[str, Any] = {"checkpoints": 0, "migrations": old, "forgotten": stopped}
+        result: dict[str, Any] = {
+            "checkpoints": 0,
+            "migrations": old,
+            "forgotten": stopped,
+            "deleted": deleted,
+        }
         if not (over or stopped or deleted or old):
             return result
         with self._tx() as tx:

@@ -227,6 +227,8 @@ class StatestoreService:
         assert self.bus is not None
         for service in result["forgotten"]:
             await self.bus.publish(topics.service_state(service), None, retain=True)
+        for service in [*result["forgotten"], *result["deleted"]]:
+            await self._end_input_session(service)
         self.collected["checkpoints"] += result["checkpoints"]
         self.collected["migrations"] += result["migrations"]
         self.collected["services"] += len(result["forgotten"])
@@ -238,6 +240,19 @@ class StatestoreService:
                 len(result["forgotten"]),
             )
         return result
+
+    async def _end_input_session(self, service: str) -> None:
+        """Discard a retired service's persistent input session (and the inputs the broker
+        queued for it, up to max_queued_messages for 7 days): a clean-start connect with its
+        client id and no expiry ends the session. Only for services stopped or deleted for
+        ``stopped_grace``, since it would also cut off a live owner. Best effort."""
+        from services.executor.instance import session_client_id  # the one definition
+
+        try:
+            async with Bus(self.config.broker, session_client_id(service), connect_timeout=5.0):
+                pass
+        except (BusError, OSError) as exc:
+            log.warning("statestore: could not end the input session of %s: %s", service, exc)
 
     async def delete_due_blobs(self) -> int:
         """Delete the S3 objects of collected checkpoints that are due; returns how many went.

@@ -8,6 +8,7 @@ executor does; what remains is read back from S3 and from the statestore itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from services.common import topics
 from services.common.blobstore import BlobRef, BlobStore
 from services.common.bus import Bus, RemoteError
 from services.common.config import FerryConfig
+from services.executor.instance import session_client_id
 from services.statestore import StatestoreService
 
 WAIT = 10.0
@@ -169,6 +171,13 @@ async def test_a_stopped_service_loses_checkpoints_record_and_retained_state_aft
     for service in (stopped, deleted, serving):
         await ask(client, "put_service", record={"service": service, **record})
         await checkpoint(client, blobs, service, 1)
+    for service in (stopped, serving):  # each with a persistent input session, inputs queued
+        async with Bus(infra.broker, session_client_id(service), session_expiry=3600) as owner:
+            await owner.subscribe(topics.app_input(service))
+        for seq in (1, 2):
+            await client.publish(
+                topics.app_input(service), {"producer": "dev-1", "seq": seq, "data": {}}
+            )
     await ask(client, "put_service", record={"service": stopped, **record, "status": "stopped"})
     await ask(client, "delete_service", service=deleted)
     await client.subscribe(topics.service_state(stopped))
@@ -193,9 +202,24 @@ async def test_a_stopped_service_loses_checkpoints_record_and_retained_state_aft
         await late.subscribe(topics.service_state(stopped))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(anext(late.messages()), 0.5)
+    # Its input session is gone with the inputs queued in it; the serving one's is not.
+    assert await queued_inputs(infra, stopped) == []
+    assert await queued_inputs(infra, serving) == [1, 2]
     # The serving one keeps everything.
     assert (await ask(client, "get_service", service=serving))["status"] == "serving"
     assert await blobs.list_keys(f"checkpoints/{serving}/") == [f"checkpoints/{serving}/1.json"]
+
+
+async def queued_inputs(infra: FerryConfig, service: str) -> list[int]:
+    """Resume the service's input session (subscribing to nothing) and collect what the broker
+    delivers from it: the inputs it queued, if the session still exists."""
+    seqs: list[int] = []
+    async with Bus(infra.broker, session_client_id(service), session_expiry=3600) as owner:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                async for message in owner.messages():
+                    seqs.append(message.payload["seq"])
+    return seqs
 
 
 async def test_blobs_wait_out_an_unreachable_s3_store_and_are_deleted_later(

@@ -164,9 +164,10 @@ def test_collect_retires_stopped_and_deleted_services_and_old_migrations(tmp_pat
     db.record_event({**event("planned", 30), "migration": "m-open"}, now=100)
     # Inside every grace: nothing goes.
     nothing = db.collect(now=150, keep=3, stopped_before=100, finished_before=100, due=150)
-    assert nothing == {"checkpoints": 0, "migrations": 0, "forgotten": []}
+    assert nothing == {"checkpoints": 0, "migrations": 0, "forgotten": [], "deleted": []}
     done = db.collect(now=200, keep=3, stopped_before=101, finished_before=101, due=200)
-    assert done == {"checkpoints": 2, "migrations": 1, "forgotten": ["stopped"]}
+    assert done["forgotten"] == ["stopped"] and done["deleted"] == ["deleted"]
+    assert (done["checkpoints"], done["migrations"]) == (2, 1)
     assert sorted(db.due_garbage(now=200)) == [("ferry", "deleted/1"), ("ferry", "stopped/1")]
     with pytest.raises(NotFound):
         db.get_service("stopped")
