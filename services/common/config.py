@@ -56,7 +56,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "mobility_hysteresis": 2.0,
         "recovery_grace": 3.0,
     },
-    "statestore": {"database": ""},
+    "statestore": {
+        "database": "",
+        "keep_checkpoints": 3,
+        "checkpoint_grace": 60.0,
+        "stopped_grace": 3600.0,
+        "migration_retention": 7 * 86400.0,
+        "collect_interval": 60.0,
+    },
 }
 
 
@@ -124,6 +131,18 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class StatestoreConfig:
     database: str
+    #: Checkpoints kept per service (at least 1: the latest is never collected), plus any that an
+    #: open migration names.
+    keep_checkpoints: int = 3
+    #: s a collected checkpoint's blob stays in S3, so a reader that just looked it up can fetch it.
+    checkpoint_grace: float = 60.0
+    #: s after a service is stopped or deleted before its checkpoints go (and a stopped one's
+    #: record and retained state).
+    stopped_grace: float = 3600.0
+    #: s finished migrations (and their events) are kept.
+    migration_retention: float = 7 * 86400.0
+    #: s between retention sweeps (blob deletions also run right after a checkpoint is recorded).
+    collect_interval: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -331,8 +331,9 @@ async def test_a_guest_that_dies_is_recovered_from_its_checkpoint_with_nothing_l
         async with asyncio.timeout(30):
             async for message in watcher.messages():
                 if message.topic == topics.ERRORS:
-                    reported = reported or f"{service}: " in message.payload["reason"] and (
-                        "recovering it on" in message.payload["reason"]
+                    reported = reported or (
+                        f"{service}: " in message.payload["reason"]
+                        and ("recovering it on" in message.payload["reason"])
                     )
                 else:
                     counts[message.payload["seq"]] = message.payload["data"]["count"]
