@@ -325,7 +325,7 @@ async def test_a_forged_instance_id_that_would_leave_the_instances_dir_is_refuse
         **start_args("victim", instance, "unix", manifests),
     }
     props = Properties(PacketTypes.PUBLISH)
-    reply_topic = topics.replies(f"forger-{uuid.uuid4().hex[:6]}")
+    reply_topic = topics.replies("anonymous", f"forger-{uuid.uuid4().hex[:6]}")
     props.ResponseTopic = reply_topic
     props.CorrelationData = b"forged"
     async with aiomqtt.Client(
