@@ -45,6 +45,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "heartbeat_interval": 5.0,
         "cache_dir": "",
         "microvm_memory_mb": 64,
+        "checkpoint_key_file": "",
+        "allow_unsealed_checkpoints": False,
     },
     "scheduler": {
         "max_parallel_per_node": 4,
@@ -96,6 +98,8 @@ class ExecutorConfig:
     heartbeat_interval: float
     cache_dir: str
     microvm_memory_mb: int
+    checkpoint_key_file: str  # checkpoint_blob.Keyring file; "" = checkpoints are not sealed
+    allow_unsealed_checkpoints: bool  # with a key file: still restore blobs written without one
 
 
 @dataclass(frozen=True)
