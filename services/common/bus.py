@@ -104,7 +104,7 @@ class Bus:
         """
         self.broker = broker
         self.client_id = client_id
-        self.reply_topic = topics.replies(client_id)
+        self.reply_topic = topics.replies(broker.username or "anonymous", client_id)
         self._will = will
         self._session_expiry = session_expiry
         self._manual_ack = manual_ack

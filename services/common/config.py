@@ -49,6 +49,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint_inputs": 20000,
         "max_input_bytes": 1048576,
         "pause_timeout": 60.0,
+        "checkpoint_key_file": "",
+        "allow_unsealed_checkpoints": False,
     },
     "scheduler": {
         "max_parallel_per_node": 4,
@@ -117,6 +119,8 @@ class ExecutorConfig:
     max_input_bytes: int
     #: s a source paused for a migration waits for the hand-over before it serves again.
     pause_timeout: float
+    checkpoint_key_file: str  # checkpoint_blob.Keyring file; "" = checkpoints are not sealed
+    allow_unsealed_checkpoints: bool  # with a key file: still restore blobs written without one
 
 
 @dataclass(frozen=True)

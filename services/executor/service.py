@@ -236,7 +236,7 @@ class Executor:
         started = time.perf_counter()
         image = await self.images.path_for(BlobRef.from_dict(command["image"]))
         fetched = time.perf_counter()
-        workdir = self.instances_dir / instance_id
+        workdir = instance_dir(self.instances_dir, instance_id)
         workdir.mkdir(parents=True, exist_ok=True)
         spec = LaunchSpec(
             service=service,
@@ -549,6 +549,18 @@ class Executor:
 # -- leftovers of an earlier executor process ---------------------------------------------------
 
 INSTANCE_RECORD = "instance.json"
+
+
+def instance_dir(instances_dir: Path, instance_id: str) -> Path:
+    """The working directory of an instance, refusing any id that would leave ``instances_dir``.
+
+    The schema already refuses such ids; this is the second lock, since the directory is removed
+    on stop.
+    """
+    workdir = instances_dir / instance_id
+    if workdir.resolve().parent != instances_dir.resolve() or workdir.name != instance_id:
+        raise RemoteError("invalid_name", f"instance id {instance_id!r} is not a plain file name")
+    return workdir
 
 
 def record_instance(workdir: Path, instance: Instance) -> None:
