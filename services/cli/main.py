@@ -177,10 +177,21 @@ async def cmd_checkpoint_show(config: FerryConfig, args: argparse.Namespace) -> 
         except RemoteError as exc:
             if exc.code != "no_checkpoint":
                 raise
-            err.print(f"error: {args.service} has no checkpoint yet (migrate or suspend it first)")
+            err.print(
+                f"error: {args.service} has no checkpoint yet (a serving service takes its "
+                "first one within executor.checkpoint_interval of its first input)"
+            )
             return 1
     ref = BlobRef.from_dict(latest["checkpoint"])
-    document = orjson.loads(checkpoint_blob.unpack(await BlobStore(config.s3).get_bytes(ref)))
+    document = orjson.loads(
+        checkpoint_blob.unpack(
+            await BlobStore(config.s3).get_bytes(ref),
+            keyring=checkpoint_blob.Keyring.configured(config.executor.checkpoint_key_file),
+            service=args.service,
+            object_key=ref.key,
+            allow_unsealed=True,
+        )
+    )
     console.print(f"s3://{ref.bucket}/{ref.key}  {ref.size} bytes  sha256 {ref.sha256[:16]}…")
     console.print_json(orjson.dumps(document).decode())
     return 0

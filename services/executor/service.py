@@ -52,6 +52,7 @@ class Executor:
         self.instances_dir = self.root / "instances"
         cache_dir = Path(config.executor.cache_dir) if config.executor.cache_dir else None
         self.store = BlobStore(config.s3)
+        self.keyring = checkpoint_blob.Keyring.configured(config.executor.checkpoint_key_file)
         self.images = ImageCache(cache_dir or self.root / "images", self.store)
         self.runtimes: dict[str, Runtime] = {}
         self.unavailable: dict[str, str] = {}
@@ -341,8 +342,11 @@ class Executor:
 
     async def upload(self, instance: Instance, document: bytes, migration: str | None) -> BlobRef:
         """Pack a checkpoint document and store it in S3."""
-        key = self._checkpoint_key(instance, migration)
-        return await self.store.put_bytes(f"{key}.json", checkpoint_blob.pack(document))
+        key = f"{self._checkpoint_key(instance, migration)}.json"
+        blob = checkpoint_blob.pack(
+            document, keyring=self.keyring, service=instance.service, object_key=key
+        )
+        return await self.store.put_bytes(key, blob)
 
     async def record(
         self,
@@ -505,7 +509,13 @@ class Executor:
             fetched_at = time.time() * 1000
             resumed_at = await instance.restore_image(image_file)
         else:
-            document = checkpoint_blob.unpack(await self.store.get_bytes(ref))
+            document = checkpoint_blob.unpack(
+                await self.store.get_bytes(ref),
+                keyring=self.keyring,
+                service=instance.service,
+                object_key=ref.key,
+                allow_unsealed=self.config.executor.allow_unsealed_checkpoints,
+            )
             fetched = time.perf_counter()
             fetched_at = time.time() * 1000
             resumed_at = await instance.restore(document)

@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from services.cli.simulate import Simulator
-from services.common import contract, images, topics
+from services.common import checkpoint_blob, contract, images, topics
 from services.common.blobstore import BlobRef, BlobStore
 from services.common.bus import Bus, RemoteError, now_ms
 from services.common.config import FerryConfig
@@ -212,8 +212,14 @@ async def test_a_document_for_another_app_is_refused_by_the_guest(cluster: Any) 
     await edge_b("start", mode="wait", **start_args(service, f"{service}.2", "unix", manifests))
     example = orjson.loads((contract.SCHEMA_DIR / "checkpoint.schema.json").read_bytes())
     foreign = {**example["examples"][0], "app": {"name": "aggregator", "version": "1.0.0"}}
-    document = orjson.dumps(foreign)
-    ref = await BlobStore(config.s3).put_bytes(f"checkpoints/{service}/foreign.json", document)
+    key = f"checkpoints/{service}/foreign.json"
+    keyring = checkpoint_blob.Keyring.configured(config.executor.checkpoint_key_file)
+    assert keyring is not None  # the stack seals checkpoints by default
+    # Sealed for this service, so it is the guest (not the seal) that refuses it.
+    blob = checkpoint_blob.pack(
+        orjson.dumps(foreign), keyring=keyring, service=service, object_key=key
+    )
+    ref = await BlobStore(config.s3).put_bytes(key, blob)
     with pytest.raises(RemoteError) as refused:
         await edge_b("restore", service=service, instance=f"{service}.2", checkpoint=ref.to_dict())
     assert refused.value.code == "guest_refused"
