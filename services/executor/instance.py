@@ -26,6 +26,7 @@ import orjson
 from services.common import topics
 from services.common.bus import Bus, Inbound, now_ms
 from services.common.config import BrokerConfig
+from services.executor import guest_log
 from services.executor.channel import Frame, FrameType
 from services.executor.runtime import Guest, LaunchSpec, Runtime
 
@@ -110,6 +111,7 @@ class Instance:
             "runtime": self.runtime.name,
             "state": self.state,
             "applied": self.applied,
+            **({"reason": self.exit_reason} if self.state == "failed" and self.exit_reason else {}),
         }
 
     # -- life cycle -------------------------------------------------------------------------
@@ -144,7 +146,7 @@ class Instance:
         if self._stopping or self.guest is not guest or self.state == "paused":
             return  # ours to end, replaced by a restored copy, or captured on purpose
         log.warning("%s: %s", self.instance_id, reason)
-        self.exit_reason = reason
+        self.exit_reason = guest_log.explain_guest(reason, self.spec.workdir, self.runtime)
         self.state = "failed"
         self._drained.set()
         if self._on_failure is not None:

@@ -401,7 +401,8 @@ class Scheduler:
         if record.get("instance") != instance["instance"] or record["status"] != "serving":
             return
         await self.store.put_service({**_service_fields(record), "status": "failed"})
-        await self._report(node, f"{service}: its guest {instance['instance']} on {node} died")
+        why = f": {instance['reason']}" if instance.get("reason") else ""
+        await self._report(node, f"{service}: its guest {instance['instance']} on {node} died{why}")
 
     async def _report(self, node: str, reason: str) -> None:
         if self.bus is None:
