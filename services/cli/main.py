@@ -233,6 +233,15 @@ async def cmd_services(config: FerryConfig, args: argparse.Namespace) -> int:
             s.get("device") or "-",
         )
     console.print(table)
+    failed = {s["instance"]: s["service"] for s in services if s["status"] == "failed"}
+    if failed:  # why each died, as its node reports it (the guest's last console lines)
+        async with Operator(config) as ops:
+            nodes = (await ops.query("list_nodes"))["nodes"]
+        for doc in nodes:
+            for instance in doc.get("instances", []):
+                if instance.get("instance") in failed and instance.get("reason"):
+                    line = f"{failed[instance['instance']]}: {instance['reason']}"
+                    console.print(line, markup=False)
     return 0
 
 
@@ -537,26 +546,28 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         return asyncio.run(args.handler(config, args))
     except ConfigError as exc:
-        err.print(f"error: configuration: {exc}")
+        err.print(f"error: configuration: {exc}", markup=False)
     except (BusError, ConnectionError) as exc:
-        err.print(f"error: {exc}\n  is the stack up? (`ferry up`, or `make demo`)")
+        err.print(f"error: {exc}\n  is the stack up? (`ferry up`, or `make demo`)", markup=False)
     except RemoteError as exc:
-        err.print(f"error: {exc.code}: {exc.message}")
+        err.print(f"error: {exc.code}: {exc.message}", markup=False)
         return 1
     except (BlobError, images.ImageNotFound) as exc:
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", markup=False)
         return 1
     except params.ParamError as exc:
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", markup=False)
     except ContractError as exc:
-        err.print(f"error: the request breaks the bus contract: {exc}")
+        err.print(f"error: the request breaks the bus contract: {exc}", markup=False)
     except TimeoutError:
-        err.print("error: timed out waiting for the stack; see `ferry watch` and the logs")
+        err.print(
+            "error: timed out waiting for the stack; see `ferry watch` and the logs", markup=False
+        )
         return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the promise is no traceback, whatever went wrong
-        err.print(f"error: unexpected {type(exc).__name__}: {exc}")
+        err.print(f"error: unexpected {type(exc).__name__}: {exc}", markup=False)
         return 1
     return 2
 

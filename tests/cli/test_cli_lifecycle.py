@@ -197,7 +197,7 @@ async def test_a_dead_guests_report_carries_its_last_console_lines(
     # What the microvm trap handler prints before the guest ends, here on the unix guest's console
     # (its stderr, which the guest holds open), so the report must come from the file's tail.
     with (workdir / "guest.log").open("a") as console:
-        console.write("ferry: fault: #UD rip=0x1001af\n")
+        console.write("ferry: fault: #UD rip=0x1001af [/not markup]\n")
     async with Bus(system.broker, f"test-errors-{uuid.uuid4().hex[:6]}") as watcher:
         await watcher.subscribe(topics.ERRORS)
         os.kill(guest_pid(system, record["instance"]), signal.SIGKILL)
@@ -208,6 +208,8 @@ async def test_a_dead_guests_report_carries_its_last_console_lines(
                     break
     assert "#UD rip=0x1001af" in reason and "guest.log" in reason
     assert (await ops.query("get_service", service=service))["status"] == "failed"
+    listed = ferry(system, "services").stdout
+    assert f"{service}: guest" in listed and "#UD rip=0x1001af" in listed
     removed = ferry(system, "rm", service)
     assert removed.returncode == 0, removed.stderr
     async with asyncio.timeout(10):  # its failed instance is gone from the node too
