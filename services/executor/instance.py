@@ -34,6 +34,7 @@ import orjson
 from services.common import contract, topics
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import BrokerConfig
+from services.executor import guest_log
 from services.executor.channel import ChannelError, Frame, FrameType, GuestError
 from services.executor.outputs import OutputLine
 from services.executor.runtime import Guest, LaunchSpec, Runtime
@@ -254,7 +255,9 @@ class Instance:
         if self._stopping or self.guest is not guest or self.state == "paused":
             return  # ours to end, replaced by a restored copy, or captured on purpose
         log.warning("%s: %s", self.instance_id, reason)
-        self.exit_reason = self.exit_reason or reason
+        self.exit_reason = guest_log.explain_guest(
+            self.exit_reason or reason, self.spec.workdir, self.runtime
+        )
         self.state = "failed"
         self._drained.set()
         await self._let_go()

@@ -127,6 +127,7 @@ class Executor:
                         "time": now_ms(),
                         "instances": len(self.instances),
                         "load": os.getloadavg()[0],
+                        "applied": {i.instance_id: i.applied for i in self.instances.values()},
                     },
                     qos=0,
                 )

@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from services.common import images, names, topics
+from services.common import params as app_params
 from services.common.blobstore import BlobError, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
@@ -177,10 +178,15 @@ class Scheduler:
             raise RemoteError("runtime_unavailable", f"{node} cannot run {runtime}: {reason}")
         try:
             image = await images.resolve(self.blobs, command["app"], runtime)
+            declared = images.declared_params(await images.describe(self.blobs, command["app"]))
         except images.ImageNotFound as exc:
             raise RemoteError("unknown_image", str(exc)) from None
         except BlobError as exc:
             raise RemoteError("blob_unavailable", str(exc)) from None
+        try:
+            app_params.check(command["app"], declared, command.get("params") or {})
+        except app_params.ParamError as exc:
+            raise RemoteError("bad_params", str(exc)) from None
         record = {
             "service": name,
             "app": command["app"],
@@ -224,6 +230,26 @@ class Scheduler:
         finally:
             self.busy.pop(record["service"], None)
         return {"service": record["service"], "status": "stopped"}
+
+    async def _cmd_rm(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Forget a stopped or failed service; a live one must be stopped first (its state)."""
+        assert self.store is not None and self.executors is not None
+        record = await self._service(command["service"])
+        name, status = record["service"], record.get("status")
+        if status not in ("stopped", "failed"):
+            raise RemoteError(
+                "service_active", f"{name} is {status}: stop it first (`ferry stop {name}`)"
+            )
+        self._claim(name, "rm")
+        try:
+            if record.get("node") and record.get("instance"):
+                # A failed guest's instance may still be listed on its node: end it there too.
+                with contextlib.suppress(RemoteError, BusError):
+                    await self.executors.stop(record["node"], name, record["instance"])
+            await self.store.call("delete_service", service=name)
+        finally:
+            self.busy.pop(name, None)
+        return {"service": name, "removed": True}
 
     async def _cmd_bind(self, command: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None
