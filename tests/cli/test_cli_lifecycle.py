@@ -148,18 +148,26 @@ async def test_simulate_judges_an_alerting_app_by_what_was_applied(
     await ops.command("stop", service=service)
 
 
-async def test_simulate_reports_real_loss_when_the_guest_is_dead(
+async def test_simulate_after_a_guest_crash_sees_the_service_recovered_with_nothing_lost(
     system: FerryConfig, ops: Operator
 ) -> None:
+    """The guest is killed before any input: the scheduler recovers the service (fresh, since
+    it has no checkpoint yet, and nothing was acknowledged), and simulate, judging by the
+    executor's count of applied inputs, finds every input applied."""
     service = name("dead")
     await ops.command("deploy", service=service, app="threshold", node=NODE, runtime="unix")
     record = await ops.wait_serving(service)
     os.kill(guest_pid(system, record["instance"]), signal.SIGKILL)
+    async with asyncio.timeout(20):
+        while (await ops.query("get_service", service=service)).get("epoch") != 2:  # noqa: ASYNC110 (polling the registry)
+            await asyncio.sleep(0.2)
+    await ops.wait_serving(service)
     run = ferry(system, "simulate", service, "--rate", "40", "--duration", "1")
-    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
     report = orjson.loads(run.stdout[run.stdout.index("{") : run.stdout.rindex("}") + 1])
-    assert report["judged_by"] == "applied" and report["applied"] == 0
-    assert report["lost"] == report["sent"] > 0
+    assert report["judged_by"] == "applied" and report["applied"] == report["sent"] > 0
+    assert report["lost"] == 0
+    await ops.command("stop", service=service)
     assert ferry(system, "rm", service).returncode == 0
 
 
@@ -203,22 +211,21 @@ async def test_a_dead_guests_report_carries_its_last_console_lines(
         os.kill(guest_pid(system, record["instance"]), signal.SIGKILL)
         async with asyncio.timeout(15):
             async for message in watcher.messages():
-                if f"{service}: its guest" in message.payload["reason"]:
+                if f"{service}: " in message.payload["reason"] and "recovering" in (
+                    message.payload["reason"]
+                ):
                     reason = message.payload["reason"]
                     break
     assert "#UD rip=0x1001af" in reason and "guest.log" in reason
-    assert (await ops.query("get_service", service=service))["status"] == "failed"
-    listed = ferry(system, "services").stdout
-    assert f"{service}: guest" in listed and "#UD rip=0x1001af" in listed
-    removed = ferry(system, "rm", service)
-    assert removed.returncode == 0, removed.stderr
-    async with asyncio.timeout(10):  # its failed instance is gone from the node too
+    async with asyncio.timeout(20):  # and the service serves again, recovered
         while True:
-            nodes = (await ops.query("list_nodes"))["nodes"]
-            listed = [i for n in nodes for i in n.get("instances", [])]
-            if all(i["service"] != service for i in listed):
+            record = await ops.query("get_service", service=service)
+            if record["epoch"] == 2 and record["status"] == "serving":
                 break
             await asyncio.sleep(0.2)
+    await ops.command("stop", service=service)
+    removed = ferry(system, "rm", service)
+    assert removed.returncode == 0, removed.stderr
 
 
 async def test_the_mosquitto_pub_line_of_ferry_env_reaches_a_service(
