@@ -365,7 +365,7 @@ class MigrationRunner:
 
     async def target_serving(self, plan: Plan) -> bool:
         """Does the target already run this plan's instance with input flowing?"""
-        if not plan.target or not plan.target_instance:
+        if not plan.target or not plan.target_instance or self._gone(plan.target):
             return False
         try:
             status = await self.executors.call(plan.target, "status")
@@ -383,7 +383,11 @@ class MigrationRunner:
             return await self._commit(plan, {"rolled_forward": reason})
         await self.emit(plan, "rolling_back", detail={"error": reason})
         notes: dict[str, Any] = {"error": reason}
-        if plan.target and plan.target_instance:
+        if plan.target and plan.target_instance and self._gone(plan.target):
+            # Nobody to tell; a restarted executor ends what it ran (reported lost), and a copy
+            # that comes back finds the record naming another instance (fenced).
+            notes["target_stop_error"] = f"node {plan.target} is offline"
+        elif plan.target and plan.target_instance:
             try:
                 await self.executors.stop(plan.target, plan.service, plan.target_instance)
             except (RemoteError, BusError) as exc:
@@ -391,7 +395,15 @@ class MigrationRunner:
         status = {"resume": "suspended", "recover": "failed"}.get(plan.kind, "serving")
         if plan.kind == "resume":
             status = str(plan.record.get("status") or "suspended")
-        if plan.source and plan.source_instance and plan.kind != "recover":
+        if (
+            plan.source
+            and plan.source_instance
+            and plan.kind != "recover"
+            and self._gone(plan.source)
+        ):
+            notes["source_resume_error"] = f"node {plan.source} is offline"
+            status = "failed"  # and the scheduler recovers it from its latest checkpoint
+        elif plan.source and plan.source_instance and plan.kind != "recover":
             try:
                 await self.executors.resume(plan.source, plan.service, plan.source_instance)
             except (RemoteError, BusError) as exc:
@@ -422,6 +434,10 @@ class MigrationRunner:
             await self.emit(plan, "committed", detail={"recovered": reason})
             return {"recovered": reason}
         return await self.roll_back(plan, reason)
+
+    def _gone(self, node: str) -> bool:
+        """Known to be offline (its last will): asking it anything would only wait out a timeout."""
+        return node in self.liveness.nodes and not self.liveness.online(node)
 
     @staticmethod
     def _total_ms(plan: Plan) -> float:
