@@ -49,6 +49,8 @@ RECEIVE_MAXIMUM = 65535
 DEAD_LETTER_COPY = 4096
 #: A dropped input this far below its producer's watermark looks like a restarted producer.
 RESET_GAP = 1000
+#: Joins producer and incarnation into the guest's name of a sequence (see ``_sequence_of``).
+INCARNATION_MARK = "#"
 
 
 def session_client_id(service: str) -> str:
@@ -446,7 +448,7 @@ class Instance:
             self._forwarded.append((self._sent, message, session))
             self._drained.clear()
             try:
-                channel.send_input(payload["producer"], payload["seq"], payload["data"])
+                channel.send_input(_sequence_of(payload), payload["seq"], payload["data"])
             except ChannelError as exc:  # e.g. larger than a frame: never reached the guest
                 self._forwarded.pop()
                 self._sent -= 1
@@ -515,17 +517,19 @@ class Instance:
         frame_type = frame.type
         if frame_type == FrameType.OUTPUT:
             body = frame.json()
-            self.outputs.submit(
-                topics.app_output(self.service),
-                {
-                    "service": self.service,
-                    "node": self.node,
-                    "producer": body.get("source"),
-                    "seq": body.get("seq"),
-                    "data": body.get("payload") or {},
-                    "time": now_ms(),
-                },
-            )
+            output: dict[str, Any] = {
+                "service": self.service,
+                "node": self.node,
+                "producer": body.get("source"),
+                "seq": body.get("seq"),
+                "data": body.get("payload") or {},
+                "time": now_ms(),
+            }
+            source = output["producer"]
+            if isinstance(source, str) and INCARNATION_MARK in source:
+                producer, _, incarnation = source.rpartition(INCARNATION_MARK)
+                output["producer"], output["incarnation"] = producer, int(incarnation)
+            self.outputs.submit(topics.app_output(self.service), output)
         elif frame_type == FrameType.DONE:
             self._on_done(frame.json())
         elif frame_type == FrameType.LOG:
@@ -565,7 +569,8 @@ class Instance:
             "reason": (
                 f"{self.service}: dropping input of {producer} seq {seq}, far below its "
                 f"watermark {watermark}: did the producer restart its sequence? Inputs are "
-                "applied once per (producer, seq); a restarted device needs a new producer id"
+                "applied once per (producer, incarnation, seq); a device that counts from 1 "
+                "again after a reboot must send a higher incarnation"
             ),
             "service": self.service,
             "producer": producer,
@@ -637,6 +642,17 @@ class Instance:
         self._durability.taken += 1
         self._durability.last_ref = ref.to_dict() if hasattr(ref, "to_dict") else None
         return self._durability.last_ref
+
+
+def _sequence_of(payload: dict[str, Any]) -> str:
+    """The guest's name of an input's sequence: the producer, or ``producer#incarnation``.
+
+    The guest keeps one watermark per name, so a producer's new incarnation (a reboot that
+    counts from 1 again) starts a sequence of its own. ``#`` cannot occur in a producer name.
+    """
+    incarnation = payload.get("incarnation")
+    producer = str(payload["producer"])
+    return producer if incarnation is None else f"{producer}{INCARNATION_MARK}{incarnation}"
 
 
 def _watermark_of(document: bytes) -> dict[str, int]:

@@ -457,4 +457,73 @@ async def test_a_producer_that_restarts_its_sequence_is_reported_not_dropped_in_
     assert instance is not None and instance["producers"]["dev-1"]["dropped"] == 3
     sim.stop_sending()
     await asyncio.to_thread(sim.finish, 0.5)
+    # the wire's answer: the rebooted device sends a new incarnation, a sequence of its own
+    outputs = Outputs(system, service)
+    client = connect_paho(system.broker, f"test-reboot-{uuid.uuid4().hex[:6]}")
+    for seq in (1, 2, 3):
+        body = {"producer": "dev-1", "incarnation": 2, "seq": seq, "data": {"device": "dev-1"}}
+        client.publish(topics.app_input(service), orjson.dumps(body), qos=1).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    await outputs.wait_for({"dev-1": 3})
+    assert [seq for seq, _, _ in outputs.by_producer["dev-1"]] == [1, 2, 3]
+    assert [count for _, count, _ in outputs.by_producer["dev-1"]] == [1201, 1202, 1203]
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+KILLS = ("source", "target", "scheduler", "statestore")
+PHASES = ("target_ready", "source_paused", "checkpoint_stored", "target_serving")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("victim", KILLS)
+async def test_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, victim: str, phase: str
+) -> None:
+    """kill -9 of one component when a phase is announced, under steady input: the migration
+    ends committed or rolled back, exactly one instance serves, every input is applied exactly
+    once, and the service migrates again afterwards."""
+    process = {
+        "source": ("executor@edge-a", "--node", "edge-a"),
+        "target": ("executor@edge-b", "--node", "edge-b"),
+        "scheduler": ("scheduler",),
+        "statestore": ("statestore",),
+    }[victim]
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=1, rate=200)
+    sim.start()
+    await asyncio.sleep(1.0)
+    started = await ops.command("migrate", service=service, node="edge-b")
+    killed = asyncio.Event()
+
+    def kill_at_phase(event: dict[str, Any]) -> None:
+        if event["phase"] == phase and not killed.is_set():
+            procs.kill(process[0])
+            killed.set()
+
+    try:
+        await ops.follow(started["migration"], kill_at_phase, timeout=25)
+    except TimeoutError:
+        assert victim in ("scheduler", "statestore"), "the migration stayed open"
+    if not killed.is_set():
+        pytest.skip(f"the migration never announced {phase}")
+    await restart(system, procs, *process)
+    async with asyncio.timeout(40):  # whatever happened, it ends (a restarted scheduler ends it)
+        while True:
+            migration = await ops.query("get_migration", migration=started["migration"])
+            if migration.get("outcome") in ("committed", "rolled_back"):
+                break
+            await asyncio.sleep(0.2)
+    record = await ops.wait_serving(service, timeout=40)
+    await asyncio.sleep(1.0)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    copies = [await instance_on(system, node, service) for node in NODES]
+    serving_now = [c["instance"] for c in copies if c is not None and c["state"] == "serving"]
+    assert serving_now == [record["instance"]], copies
+    target = "edge-a" if record["node"] == "edge-b" else "edge-b"
+    assert (await ops.move("migrate", service, target))["phase"] == "committed"
+    outputs.close()
     await ops.command("stop", service=service)
