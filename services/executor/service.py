@@ -400,8 +400,10 @@ class Executor:
                 if instance.state != "detached":
                     return
                 if record.get("instance") == instance.instance_id and record.get("status") in (
+                    "deploying",
                     "serving",
                     "migrating",
+                    "recovering",
                 ):
                     try:
                         await instance.attach_input()
