@@ -16,7 +16,7 @@ from typing import Any
 from bench.records import RATE_P99_MS, RATE_TARGETS, RunRecord, method_order, records_of
 from bench.stats import median
 
-__all__ = ["held", "rate_summary", "recovery_summary"]
+__all__ = ["durability_lines", "held", "rate_summary", "recovery_summary"]
 
 
 def held(record: RunRecord) -> bool:
@@ -86,3 +86,19 @@ def rate_summary(results: Mapping[str, Any] | Iterable[Any]) -> dict[str, Any]:
             ],
         }
     return out
+
+
+def durability_lines(results: Mapping[str, Any] | Iterable[Any]) -> list[str]:
+    """Console lines: recovery per method, highest sustained rate per runtime."""
+    lines = []
+    for method, s in recovery_summary(results).items():
+        if s["runs"]:
+            lines.append(
+                f"recovery {method}: serving again after {s['recovery_ms_median']:g} ms (median "
+                f"of {s['runs']}), lost {s['lost']}, applied twice {s['applied_twice']}"
+            )
+    for method, s in rate_summary(results).items():
+        held_at = "none" if s["sustained"] is None else f"{s['sustained']:g}/s"
+        verdict = {True: "met", False: "NOT met", None: "-"}[s["met"]]
+        lines.append(f"rate {method}: highest held {held_at} (target {s['target']}/s: {verdict})")
+    return lines

@@ -402,6 +402,7 @@ def remove_containers(lab_prefix: str) -> list[str]:
 
 def write_results(records: list[RunRecord], meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """``results.json`` plus ``report.md`` and the PNGs; returns the results dict."""
+    from bench.durability import rate_summary, recovery_summary
     from bench.report import headline_fields, write_report
 
     results: dict[str, Any] = {
@@ -409,6 +410,8 @@ def write_results(records: list[RunRecord], meta: dict[str, Any], out_dir: Path)
         "meta": meta,
         "records": [r.to_dict() for r in records],
         **headline_fields(records),
+        "recovery": recovery_summary(records),
+        "sustained_rate": rate_summary(records),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -508,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"headline (Ferry microvm ÷ podman, this run; {args.ballast_kb} KB ballast):")
     for line in headline_lines(results):
+        print(f"  {line}")
+    from bench.durability import durability_lines
+
+    for line in durability_lines(results):
         print(f"  {line}")
     return 130 if interrupted else (0 if bench.records and "error" not in meta else 1)
 
