@@ -57,6 +57,7 @@ class Executor:
         self.runtimes: dict[str, Runtime] = {}
         self.unavailable: dict[str, str] = {}
         self.accel: dict[str, str] = {}
+        #: By instance id: an upgrade on this node runs a service's old and new instance at once.
         self.instances: dict[str, Instance] = {}
         self.cleaned_up: list[str] = []
         #: Instances an earlier executor process ran, reported as lost until they moved on.
@@ -144,7 +145,7 @@ class Executor:
             "capacity": self.config.executor.capacity,
             "instances": [
                 *(i.summary() for i in self.instances.values()),
-                *(lost for service, lost in self.lost.items() if service not in self.instances),
+                *(lost for service, lost in self.lost.items() if service not in self._services()),
             ],
             "cleaned_up": self.cleaned_up,
         }
@@ -207,9 +208,12 @@ class Executor:
         await self.publish_status_quietly()
         return result
 
+    def _services(self) -> set[str]:
+        return {instance.service for instance in self.instances.values()}
+
     def _instance(self, command: dict[str, Any]) -> Instance:
-        instance = self.instances.get(command["service"])
-        if instance is None or instance.instance_id != command["instance"]:
+        instance = self.instances.get(command["instance"])
+        if instance is None or instance.service != command["service"]:
             raise RemoteError(
                 "unknown_instance",
                 f"node {self.node} runs no instance {command['instance']!r} "
@@ -219,16 +223,19 @@ class Executor:
 
     async def _cmd_start(self, command: dict[str, Any]) -> dict[str, Any]:
         service, instance_id = command["service"], command["instance"]
-        existing = self.instances.get(service)
-        if existing is not None:
-            if existing.instance_id == instance_id and existing.state not in ("failed", "stopped"):
-                return {"state": existing.state, "instance": instance_id}
-            if existing.state not in ("failed", "stopped"):
+        same = self.instances.get(instance_id)
+        if same is not None and same.service == service and same.state not in ("failed", "stopped"):
+            return {"state": same.state, "instance": instance_id}
+        for existing in [i for i in self.instances.values() if i.service == service]:
+            if existing.state in ("failed", "stopped") or existing.instance_id == instance_id:
+                await self._stop(existing)  # a dead guest's leftovers go before its successor
+            elif command["mode"] != "wait":
+                # Only a move's target (it waits for the state) may run beside a live instance
+                # of its service: an upgrade on this node.
                 raise RemoteError(
                     "service_busy",
                     f"node {self.node} already runs {existing.instance_id} of {service}",
                 )
-            await self._stop(existing)  # a dead guest's leftovers go before its successor
         runtime = self.runtimes.get(command["runtime"])
         if runtime is None:
             reason = self.unavailable.get(command["runtime"], "not configured")
@@ -265,7 +272,7 @@ class Executor:
             on_failure=self._instance_failed,
             on_session_lost=self._session_lost,
         )
-        self.instances[service] = instance
+        self.instances[instance_id] = instance
         self.lost.pop(service, None)
         try:
             await instance.boot(fresh=command["mode"] == "fresh")
@@ -274,7 +281,7 @@ class Executor:
                 await instance.start_fresh(command.get("params") or {})
         except BaseException:
             await instance.stop()
-            self.instances.pop(service, None)
+            self.instances.pop(instance_id, None)
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         booted = time.perf_counter()
@@ -539,15 +546,15 @@ class Executor:
         return {"state": instance.state, "resumed_at": time.time() * 1000}
 
     async def _cmd_stop(self, command: dict[str, Any]) -> dict[str, Any]:
-        instance = self.instances.get(command["service"])
-        if instance is None or instance.instance_id != command["instance"]:
+        instance = self.instances.get(command["instance"])
+        if instance is None or instance.service != command["service"]:
             return {"state": "stopped", "already": True}
         await self._stop(instance)
         return {"state": "stopped", "applied": instance.applied}
 
     async def _stop(self, instance: Instance) -> None:
         await instance.stop()
-        self.instances.pop(instance.service, None)
+        self.instances.pop(instance.instance_id, None)
         shutil.rmtree(instance.spec.workdir, ignore_errors=True)
 
     def _instance_failed(self, instance: Instance) -> None:
