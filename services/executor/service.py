@@ -307,13 +307,22 @@ class Executor:
         migration = command.get("migration")
         checkpoint = await instance.checkpoint()
         upload_started = time.perf_counter()
+        # The service is down while this runs: a frozen S3 must not hold it for s3.timeout.
+        bound = min(self.config.s3.timeout, self.config.executor.pause_timeout / 2)
         try:
             if checkpoint.image_file is not None:
                 key = self._checkpoint_key(instance, migration)
-                ref = await self.store.put_file(f"{key}.img", checkpoint.image_file)
+                upload = self.store.put_file(f"{key}.img", checkpoint.image_file)
             else:
                 assert checkpoint.document is not None
-                ref = await self.upload(instance, checkpoint.document, migration)
+                upload = self.upload(instance, checkpoint.document, migration)
+            ref = await asyncio.wait_for(upload, bound)
+        except TimeoutError:
+            await instance.resume()
+            raise BlobError(
+                f"checkpoint upload of {instance.service} took over {bound:g} s "
+                "(executor.pause_timeout / 2); the source serves again"
+            ) from None
         except BlobError:
             await instance.resume()
             raise
