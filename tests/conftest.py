@@ -4,6 +4,7 @@ Ferry service processes on top of it. Nothing here is a mock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,9 +71,17 @@ class ServiceProcesses:
         )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the process group; one that outlives a SIGTERM by 10 s is killed, so no test
+        leaves a component behind to answer the next module's requests."""
         proc = self.procs.pop(name)
-        os.killpg(proc.pid, sig)
-        proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
     def stop_all(self) -> None:
         for name in list(self.procs):
