@@ -197,6 +197,24 @@ async def instance_on(system: FerryConfig, node: str, service: str) -> dict[str,
     return found[0] if found else None
 
 
+_RUNNING: list[Simulator] = []
+
+
+def simulate(system: FerryConfig, service: str, devices: int, rate: float) -> Simulator:
+    """A started simulator that the test's teardown stops, even when the test fails."""
+    sim = Simulator(system.broker, service, devices=devices, rate=rate)
+    sim.start()
+    _RUNNING.append(sim)
+    return sim
+
+
+@pytest.fixture(autouse=True)
+def stop_simulators() -> Iterator[None]:
+    yield
+    while _RUNNING:
+        _RUNNING.pop().stop_sending()
+
+
 def name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:5]}"
 
@@ -221,8 +239,7 @@ async def test_a_node_that_never_returns_serves_again_elsewhere_from_its_checkpo
 ) -> None:
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
-    sim = Simulator(system.broker, service, devices=2, rate=200)
-    sim.start()
+    sim = simulate(system, service, 2, 200)
     await asyncio.sleep(2.0)  # durable checkpoints, and input since the last one
     procs.kill("executor@edge-a")  # the node is gone: its executor and (with it) its guest
     reason = await reason_containing(errors, service, "recovering it on edge-b")
@@ -252,8 +269,7 @@ async def test_source_executor_killed_mid_migration_ends_with_one_instance_and_n
 ) -> None:
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
-    sim = Simulator(system.broker, service, devices=1, rate=200)
-    sim.start()
+    sim = simulate(system, service, 1, 200)
     await asyncio.sleep(1.2)
     started = await ops.command("migrate", service=service, node="edge-b")
 
@@ -280,8 +296,7 @@ async def test_a_dead_target_rolls_back_at_once_not_at_the_phase_timeout(
 ) -> None:
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
-    sim = Simulator(system.broker, service, devices=1, rate=200)
-    sim.start()
+    sim = simulate(system, service, 1, 200)
     await asyncio.sleep(0.8)
     started = await ops.command("migrate", service=service, node="edge-b")
     killed_at: list[float] = []
@@ -318,8 +333,7 @@ async def test_a_stopped_node_that_comes_back_is_fenced(
 
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
-    sim = Simulator(system.broker, service, devices=1, rate=200)
-    sim.start()
+    sim = simulate(system, service, 1, 200)
     await asyncio.sleep(1.2)
     pid = procs.procs["executor@edge-a"].pid
     os.killpg(pid, signal.SIGSTOP)
@@ -347,8 +361,7 @@ async def test_a_source_left_paused_by_a_dead_scheduler_serves_again_on_its_own(
 ) -> None:
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
-    sim = Simulator(system.broker, service, devices=1, rate=200)
-    sim.start()
+    sim = simulate(system, service, 1, 200)
     await asyncio.sleep(1.0)
     started = await ops.command("migrate", service=service, node="edge-b")
 
@@ -382,8 +395,7 @@ async def test_outputs_stay_in_input_order_across_migrations_at_2000_per_second(
 ) -> None:
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
-    sim = Simulator(system.broker, service, devices=2, rate=2000)
-    sim.start()
+    sim = simulate(system, service, 2, 2000)
     for target in ("edge-b", "edge-a", "edge-b"):
         await asyncio.sleep(1.0)
         assert (await ops.move("migrate", service, target))["phase"] == "committed"
@@ -446,8 +458,7 @@ async def test_a_producer_that_restarts_its_sequence_is_reported_not_dropped_in_
     system: FerryConfig, ops: Operator, errors: Bus
 ) -> None:
     service = await deployed(ops, "edge-a")
-    sim = Simulator(system.broker, service, devices=1, rate=0)
-    sim.start()
+    sim = simulate(system, service, 1, 0)
     await asyncio.to_thread(sim.send, 1200)
     sim._sent["dev-1"] = 0  # the device reboots and counts from 1 again
     await asyncio.to_thread(sim.send, 3)
@@ -492,8 +503,7 @@ async def test_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
     }[victim]
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
-    sim = Simulator(system.broker, service, devices=1, rate=200)
-    sim.start()
+    sim = simulate(system, service, 1, 200)
     await asyncio.sleep(1.0)
     started = await ops.command("migrate", service=service, node="edge-b")
     killed = asyncio.Event()
@@ -544,8 +554,7 @@ async def test_a_frozen_s3_during_the_upload_holds_the_source_down_only_briefly(
     [proxy] = [c["pid"] for c in state["components"] if c["name"] == "swift-proxy"]
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
-    sim = Simulator(system.broker, service, devices=1, rate=100)
-    sim.start()
+    sim = simulate(system, service, 1, 100)
     await asyncio.sleep(1.0)
     started = await ops.command("migrate", service=service, node="edge-b")
     stopped_at: list[int] = []
