@@ -45,6 +45,9 @@ SESSION_EXPIRY = 7 * 24 * 3600
 DRAIN_TIMEOUT = 10.0
 #: Inputs the broker may deliver before the first is acknowledged (MQTT 5 Receive Maximum).
 RECEIVE_MAXIMUM = 65535
+#: Inputs sent to the guest ahead of its DONEs. Bounds the drain before a move's checkpoint
+#: (the rest waits in the broker, unacknowledged) without starving a fast guest.
+FORWARD_WINDOW = 512
 #: A dead letter carries the refused input itself up to this size.
 DEAD_LETTER_COPY = 4096
 #: A dropped input this far below its producer's watermark looks like a restarted producer.
@@ -200,6 +203,8 @@ class Instance:
         self._applied: deque[_Applied] = deque()
         self._drained = asyncio.Event()
         self._drained.set()
+        self._window_open = asyncio.Event()
+        self._window_open.set()
         self._durability = _Durability()
         self.outputs = OutputLine(node_bus, self._outputs_confirmed)
 
@@ -453,6 +458,9 @@ class Instance:
             if refusal is not None:
                 await self._dead_letter(session, message, refusal)
                 continue
+            if len(self._forwarded) >= FORWARD_WINDOW:
+                self._window_open.clear()
+                await self._window_open.wait()
             payload = message.payload
             self._sent += 1
             self._forwarded.append((self._sent, message, session))
@@ -554,6 +562,8 @@ class Instance:
             self._applied.append(_Applied(index, self.outputs.submitted, message, session))
         if not self._forwarded:
             self._drained.set()
+        if len(self._forwarded) < FORWARD_WINDOW // 2:
+            self._window_open.set()
         producer = str(body.get("source"))
         seq = int(body.get("seq") or 0)
         counts = self._producer(producer)

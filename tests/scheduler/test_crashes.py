@@ -117,8 +117,9 @@ async def system(
         FERRY_SCHEDULER__RECOVERY_GRACE=str(GRACE),
         FERRY_EXECUTOR__PAUSE_TIMEOUT=str(PAUSE_TIMEOUT),
         FERRY_EXECUTOR__CHECKPOINT_INTERVAL="0.5",
-        # a stopped (SIGSTOP) executor is declared gone by the broker within ~1.5 keepalives
-        FERRY_BROKER__KEEPALIVE="2",
+        # a stopped (SIGSTOP) executor is declared gone by the broker within 1.5 keepalives (a
+        # shorter one loses busy executors under load: their pings come late)
+        FERRY_BROKER__KEEPALIVE="5",
     )
     store = BlobStore(config.s3)
     await images.push(store, "counter", unikernel_builds)
