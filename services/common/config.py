@@ -46,7 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cache_dir": "",
         "microvm_memory_mb": 64,
         "checkpoint_interval": 1.0,
-        "checkpoint_inputs": 20000,
+        "checkpoint_inputs": 4000,
         "max_input_bytes": 1048576,
         "pause_timeout": 60.0,
         "checkpoint_key_file": "",

@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 24 * 3600
 DRAIN_TIMEOUT = 10.0
-#: Inputs the broker may deliver before the first is acknowledged (MQTT 5 Receive Maximum).
-RECEIVE_MAXIMUM = 65535
+#: Inputs the broker may deliver before the first is acknowledged (MQTT 5 Receive Maximum):
+#: room for a checkpoint interval of input (checkpoint_inputs triggers at half of it), and small
+#: enough that what a next owner gets redelivered at once does not swamp it.
+RECEIVE_MAXIMUM = 8192
 #: Inputs sent to the guest ahead of its DONEs. Bounds the drain before a move's checkpoint
 #: (the rest waits in the broker, unacknowledged) without starving a fast guest.
 FORWARD_WINDOW = 512
@@ -66,7 +68,7 @@ class CheckpointPolicy:
     """When a serving instance takes a durable checkpoint (0 turns a trigger off)."""
 
     interval: float = 1.0
-    inputs: int = 20000
+    inputs: int = 4000
 
     @property
     def durable(self) -> bool:
