@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.config import ConfigError, FerryConfig, load_config
+from services.common.metrics import MetricsError
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -52,6 +53,9 @@ def run_service(
 
     try:
         asyncio.run(main())
+    except MetricsError as exc:
+        print(f"error: {exc} (metrics.*_port or --metrics-port)", file=sys.stderr)
+        return 2
     except Exception as exc:
         logging.getLogger(__name__).exception("service failed")
         print(f"error: {exc}", file=sys.stderr)
