@@ -22,7 +22,7 @@ from services.cli.simulate import connect_paho
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus
-from services.common.config import FerryConfig
+from services.common.config import FerryConfig, load_config
 from services.stack.ports import free_ports
 from tests.conftest import ServiceProcesses, stack_config, wait_online
 
@@ -274,3 +274,40 @@ async def test_a_taken_metrics_port_stops_the_component_with_a_clear_error(
     assert result.returncode == 2
     assert f"cannot serve metrics on 127.0.0.1:{ports['edge-a']}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_ferry_up_gives_every_component_its_own_metrics_port(tmp_path: Path) -> None:
+    """The whole local stack as `ferry up` starts it: each Ferry service serves /metrics on a
+    port of its own, listed as Prometheus file_sd targets."""
+    from services.stack import Stack
+    from services.stack.stack import METRICS_TARGETS
+
+    path = tmp_path / "test.toml"
+    path.write_text(
+        f'[stack]\ndir = "{tmp_path / "ferry"}"\nnodes = ["edge-a", "edge-b"]\n'
+        '[executor]\nruntimes = ["unix"]\naccel = "tcg"\n'
+    )
+    stack = Stack(load_config(path, env={}))
+    info = await stack.up()
+    try:
+        targets = orjson.loads((info.dir / METRICS_TARGETS).read_bytes())
+        by_name = {
+            (t["labels"]["component"], t["labels"].get("node")): t["targets"][0] for t in targets
+        }
+        assert set(by_name) == {
+            ("statestore", None),
+            ("scheduler", None),
+            ("executor", "edge-a"),
+            ("executor", "edge-b"),
+        }
+        assert len(set(by_name.values())) == 4  # no two share a port
+        port = {key: int(address.rpartition(":")[2]) for key, address in by_name.items()}
+        for node in ("edge-a", "edge-b"):
+            samples = await scrape(port[("executor", node)])
+            assert value(samples, "ferry_node_capacity", node=node) == 32
+            assert value(samples, "ferry_instances", node=node, state="serving") == 0
+        await until(port[("scheduler", None)], "ferry_nodes", 2, status="online")
+        store = await scrape(port[("statestore", None)])
+        assert value(store, "ferry_statestore_rows", table="nodes") == 2
+    finally:
+        await stack.down()
