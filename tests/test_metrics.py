@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -311,3 +312,18 @@ async def test_ferry_up_gives_every_component_its_own_metrics_port(tmp_path: Pat
         assert value(store, "ferry_statestore_rows", table="nodes") == 2
     finally:
         await stack.down()
+
+
+async def test_the_grafana_dashboard_reads_only_metrics_that_exist() -> None:
+    """A renamed metric must not leave deploy/'s dashboard showing "no data"."""
+    repo = Path(__file__).resolve().parents[1]
+    dashboard = orjson.loads((repo / "deploy" / "grafana" / "ferry-dashboard.json").read_bytes())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(ferry_[a-z_]+)", e)}
+    sources = "".join(p.read_text() for p in (repo / "services").rglob("metrics.py"))
+    declared = set(re.findall(r'"(ferry_[a-z_]+)"', sources))
+    suffixes = ("_bucket", "_count", "_sum", "_total")
+    for metric in sorted(used):
+        base = next((metric[: -len(s)] for s in suffixes if metric.endswith(s)), metric)
+        assert metric in declared or base in declared, f"{metric} is not a Ferry metric"
+    assert len(used) >= 15
