@@ -76,11 +76,16 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._collector: LoopCollector | None = None
         self.port = 0
 
     def add(self, read: Callable[[], Coroutine[Any, Any, list[Metric]]]) -> None:
-        """Read ``read()``'s metrics on the running loop at every scrape."""
-        self.registry.register(LoopCollector(asyncio.get_running_loop(), read))
+        """Read ``read()``'s metrics on the running loop at every scrape (this run's loop: a
+        component run again replaces its previous collector)."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+        self._collector = LoopCollector(asyncio.get_running_loop(), read)
+        self.registry.register(self._collector)
 
     def start(self, host: str, port: int) -> None:
         """Serve ``http://host:port/metrics`` (no-op for port 0); MetricsError if it cannot."""

@@ -114,8 +114,8 @@ class Executor:
                 for instance in list(self.instances.values()):
                     with contextlib.suppress(Exception):
                         await instance.stop()
-                await bus.publish(topics.node_status(self.node), offline, retain=True)
                 self.metrics.stop()
+                await bus.publish(topics.node_status(self.node), offline, retain=True)
 
     async def _serve(self, bus: Bus) -> None:
         async for message in bus.messages():
