@@ -453,6 +453,7 @@ async def cmd_simulate(config: FerryConfig, args: argparse.Namespace) -> int:
 
 async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
     from services.stack import Stack
+    from services.stack.stack import METRICS_TARGETS
 
     stack = Stack(config)
     if args.command == "up":
@@ -478,6 +479,9 @@ async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
         console.print(
             f"broker mqtt://{broker.host}:{broker.port}  (`ferry env` for a mosquitto_pub line)"
         )
+        targets = stack.dir / METRICS_TARGETS
+        if targets.is_file():
+            console.print(f"metrics: Prometheus file_sd targets in {targets}")
         return 0 if healthy else 1
     return 0
 

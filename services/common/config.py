@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "stopped_grace": 3600.0,
         "migration_retention": 7 * 86400.0,
         "collect_interval": 60.0,
+    },
+    "metrics": {
+        "host": "127.0.0.1",
+        "statestore_port": 0,
+        "scheduler_port": 0,
+        "executor_port": 0,
     },
 }
 
@@ -150,6 +156,17 @@ class StatestoreConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where each component serves Prometheus ``/metrics`` (port 0: not served). Several
+    executors on one host take ``--metrics-port`` each (``ferry up`` picks free ones)."""
+
+    host: str = "127.0.0.1"
+    statestore_port: int = 0
+    scheduler_port: int = 0
+    executor_port: int = 0
+
+
+@dataclass(frozen=True)
 class FerryConfig:
     """The whole stack's configuration; ``source`` is the file it came from, if any."""
 
@@ -160,6 +177,7 @@ class FerryConfig:
     scheduler: SchedulerConfig
     statestore: StatestoreConfig
     source: Path | None = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_toml(self) -> str:
         """Render as TOML so ``ferry up`` can hand its resolved config to every child process."""
@@ -170,6 +188,7 @@ class FerryConfig:
             "executor": self.executor.__dict__,
             "scheduler": self.scheduler.__dict__,
             "statestore": self.statestore.__dict__,
+            "metrics": self.metrics.__dict__,
         }
         lines: list[str] = []
         for name, values in sections.items():
@@ -247,6 +266,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         scheduler=SchedulerConfig(**merged["scheduler"]),
         statestore=StatestoreConfig(**merged["statestore"]),
         source=source,
+        metrics=MetricsConfig(**merged["metrics"]),
     )
 
 

@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from services.common.config import ConfigError, FerryConfig, load_config
+from services.common.metrics import MetricsError
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, help="ferry.toml (default: $FERRY_CONFIG, .ferry/)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port (0: off; default: the config's [metrics])",
+    )
     return parser
 
 
@@ -46,6 +53,9 @@ def run_service(
 
     try:
         asyncio.run(main())
+    except MetricsError as exc:
+        print(f"error: {exc} (metrics.*_port or --metrics-port)", file=sys.stderr)
+        return 2
     except Exception as exc:
         logging.getLogger(__name__).exception("service failed")
         print(f"error: {exc}", file=sys.stderr)

@@ -232,6 +232,11 @@ class Instance:
             summary["reason"] = self.exit_reason
         return summary
 
+    @property
+    def durable_failures(self) -> int:
+        """Periodic checkpoints that failed (metrics; the status reports only those taken)."""
+        return self._durability.failed
+
     # -- life cycle -------------------------------------------------------------------------
 
     async def boot(self, fresh: bool) -> None:

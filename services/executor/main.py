@@ -15,6 +15,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     async def serve(config: FerryConfig, stop: asyncio.Event) -> None:
-        await Executor(config, args.node).run(stop)
+        await Executor(config, args.node, args.metrics_port).run(stop)
 
     return run_service(args, serve)

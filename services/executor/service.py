@@ -30,9 +30,11 @@ from services.common.blobstore import (
 )
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
+from services.common.metrics import metrics_port
 from services.executor.channel import ChannelError, GuestError
 from services.executor.images import ImageCache
 from services.executor.instance import CheckpointPolicy, Instance, InstanceError
+from services.executor.metrics import ExecutorMetrics
 from services.executor.runtime import GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
 
@@ -45,7 +47,7 @@ REMEMBERED_REQUESTS = 2048
 class Executor:
     """See the module docstring."""
 
-    def __init__(self, config: FerryConfig, node: str) -> None:
+    def __init__(self, config: FerryConfig, node: str, metrics_port: int | None = None) -> None:
         self.config = config
         self.node = node
         self.root = config.stack.dir.resolve() / "nodes" / node
@@ -66,6 +68,8 @@ class Executor:
         self._service_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.bus: Bus | None = None
+        self.metrics = ExecutorMetrics(self)
+        self._metrics_port = metrics_port
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -87,6 +91,8 @@ class Executor:
             if record.get("service")
         }
         self.runtimes, self.unavailable, self.accel = await available_runtimes(self.config)
+        port = metrics_port(self.config, "executor", self._metrics_port)
+        self.metrics.start(self.config.metrics.host, port)
         offline = {"node": self.node, "status": "offline", "time": now_ms()}
         will = (topics.node_status(self.node), offline)
         async with Bus(self.config.broker, f"ferry-executor-{self.node}", will=will) as bus:
@@ -108,6 +114,7 @@ class Executor:
                 for instance in list(self.instances.values()):
                     with contextlib.suppress(Exception):
                         await instance.stop()
+                self.metrics.stop()
                 await bus.publish(topics.node_status(self.node), offline, retain=True)
 
     async def _serve(self, bus: Bus) -> None:
@@ -327,6 +334,7 @@ class Executor:
             await instance.resume()
             raise
         upload_ms = (time.perf_counter() - upload_started) * 1000
+        self.metrics.observe_upload("move", upload_ms / 1000)
         await instance.outputs.wait_confirmed()
         stored_at = time.time() * 1000
         record = self.record(instance, ref, checkpoint.watermark, checkpoint.paused_at, migration)
@@ -363,7 +371,11 @@ class Executor:
         blob = checkpoint_blob.pack(
             document, keyring=self.keyring, service=instance.service, object_key=key
         )
-        return await self.store.put_bytes(key, blob)
+        started = time.perf_counter()
+        ref = await self.store.put_bytes(key, blob)
+        if instance.state == "serving":  # a move's upload is observed by _cmd_checkpoint
+            self.metrics.observe_upload("durable", time.perf_counter() - started)
+        return ref
 
     async def record(
         self,
@@ -568,6 +580,7 @@ class Executor:
 
     def _instance_failed(self, instance: Instance) -> None:
         """A guest died on its own: tell the scheduler and operators through the node status."""
+        self.metrics.guest_failures.labels(self.node).inc()
         self._in_background(self.publish_status_quietly())
 
     def _bus(self) -> Bus:

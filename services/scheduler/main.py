@@ -13,6 +13,6 @@ def main(argv: list[str] | None = None) -> int:
     args = base_parser("Plan and drive Ferry migrations.").parse_args(argv)
 
     async def serve(config: FerryConfig, stop: asyncio.Event) -> None:
-        await Scheduler(config).run(stop)
+        await Scheduler(config, args.metrics_port).run(stop)
 
     return run_service(args, serve)

@@ -39,6 +39,7 @@ from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, now_ms
 from services.scheduler.clients import ExecutorClient, StatestoreClient
 from services.scheduler.liveness import Liveness
+from services.scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,13 @@ class MigrationRunner:
         executors: ExecutorClient,
         store: StatestoreClient,
         liveness: Liveness | None = None,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self.bus = bus
         self.executors = executors
         self.store = store
         self.liveness = liveness or Liveness()
+        self.metrics = metrics
 
     async def emit(
         self,
@@ -136,6 +139,8 @@ class MigrationRunner:
         }
         if detail:
             event["detail"] = detail
+        if self.metrics is not None:
+            self.metrics.on_event(event)
         await self.bus.publish(topics.migration_events(plan.id), event)
 
     async def plan(self, plan: Plan) -> None:
@@ -169,6 +174,8 @@ class MigrationRunner:
             return await flow[plan.kind](plan)
         except MigrationFailed as failure:
             log.warning("%s %s of %s failed: %s", plan.kind, plan.id, plan.service, failure)
+            if self.metrics is not None:
+                self.metrics.on_phase_failed(plan.kind, failure.phase)
             forward = not isinstance(failure.cause, CommitRefused)
             return await self.roll_back(
                 plan, f"{failure.phase} failed: {failure.cause}", forward=forward

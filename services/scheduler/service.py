@@ -26,8 +26,10 @@ from services.common import params as app_params
 from services.common.blobstore import BlobError, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
+from services.common.metrics import metrics_port
 from services.scheduler.clients import ExecutorClient, StatestoreClient
 from services.scheduler.liveness import Liveness
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migration import MigrationRunner, Plan, new_migration_id
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,10 @@ class NodeSlots:
 class Scheduler:
     """See the module docstring."""
 
-    def __init__(self, config: FerryConfig) -> None:
+    def __init__(self, config: FerryConfig, metrics_port: int | None = None) -> None:
         self.config = config
+        self.metrics = SchedulerMetrics()
+        self._metrics_port = metrics_port
         self.blobs = BlobStore(config.s3)
         self.slots = NodeSlots(config.scheduler.max_parallel_per_node)
         self.liveness = Liveness()
@@ -88,7 +92,11 @@ class Scheduler:
             timeout = self.config.scheduler.phase_timeout
             self.store = StatestoreClient(bus, timeout)
             self.executors = ExecutorClient(bus, timeout)
-            self.runner = MigrationRunner(bus, self.executors, self.store, self.liveness)
+            self.runner = MigrationRunner(
+                bus, self.executors, self.store, self.liveness, self.metrics
+            )
+            port = metrics_port(self.config, "scheduler", self._metrics_port)
+            self.metrics.start(self, self.config.metrics.host, port)
             for topic_filter in (
                 topics.SCHEDULER_COMMANDS,
                 topics.mobility("+"),
@@ -105,6 +113,7 @@ class Scheduler:
                 await (stop.wait() if stop is not None else serve)
             finally:
                 serve.cancel()
+                self.metrics.stop()
                 offline["time"] = now_ms()
                 with contextlib.suppress(BusError):
                     await bus.publish(topics.component_status("scheduler"), offline, retain=True)

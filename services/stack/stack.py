@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -41,6 +42,8 @@ INFRA_PARTS = ("memcached", *SWIFT_PARTS, "mosquitto")
 PORT_NAMES = ("memcached", "swift-account", "swift-container", "swift-object", "s3", "broker")
 
 POLL_INTERVAL = 0.1
+#: Prometheus file_sd targets (``file_sd_configs``) of the Ferry services, written by ``up``.
+METRICS_TARGETS = "prometheus-targets.json"
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,7 @@ class Stack:
             specs, skipped = default_services(self.config_path, cfg.stack.nodes)
             for note in skipped:
                 say(note)
+            specs = self._with_metrics(cfg, specs, record, say)
         else:
             specs = self._services
         if not specs:
@@ -325,6 +329,35 @@ class Stack:
             return await _all_or_first_error(waits)
         finally:
             await watcher.close()
+
+    def _with_metrics(
+        self, cfg: FerryConfig, specs: list[ServiceSpec], record: StackState, say: Progress
+    ) -> list[ServiceSpec]:
+        """Give every Ferry service a ``/metrics`` port of its own (``--metrics-port``): the
+        configured one for the statestore and scheduler if set, else a free one (several
+        executors share this host). Writes them as Prometheus file_sd targets."""
+        host = cfg.metrics.host
+        fresh = iter(free_ports(host, len(specs)))
+        targets: list[dict[str, Any]] = []
+        with_ports: list[ServiceSpec] = []
+        for spec in specs:
+            component = spec.name.split("-", 1)[0]
+            configured = (
+                getattr(cfg.metrics, f"{component}_port", 0) if spec.name == component else 0
+            )
+            port = configured or next(fresh)
+            record.ports[f"metrics-{spec.name}"] = port
+            with_ports.append(
+                dataclasses.replace(spec, argv=(*spec.argv, "--metrics-port", str(port)))
+            )
+            labels = {"component": component}
+            if spec.name != component:
+                labels["node"] = spec.name.split("-", 1)[1]
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            targets.append({"targets": [address], "labels": labels})
+            say(f"{spec.name}: metrics on http://{address}/metrics")
+        (self._dir / METRICS_TARGETS).write_text(json.dumps(targets, indent=2) + "\n")
+        return with_ports
 
     def _start_part(
         self, part: _Part, record: StackState, say: Progress

@@ -14,6 +14,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     async def serve(config: FerryConfig, stop: asyncio.Event) -> None:
-        await StatestoreService(config).run(stop)
+        await StatestoreService(config, metrics_port=args.metrics_port).run(stop)
 
     return run_service(args, serve)

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,9 @@ from services.common import contract, topics
 from services.common.blobstore import BlobError, BlobNotFound, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
+from services.common.metrics import metrics_port
 from services.statestore.db import DEFAULT_LIMIT, Conflict, Database, NotFound
+from services.statestore.metrics import StatestoreMetrics
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,12 @@ class StatestoreService:
         *,
         client_id: str = CLIENT_ID,
         database: Path | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         """``client_id`` and ``database`` override the defaults (tests run several side by side)."""
         self.config = config
+        self.metrics = StatestoreMetrics()
+        self._metrics_port = metrics_port
         self.client_id = client_id
         self.path = database or database_path(config)
         self.bus: Bus | None = None
@@ -100,6 +106,8 @@ class StatestoreService:
         try:
             self._db = await self._call(Database, self.path)
             log.info("statestore database %s", self.path)
+            port = metrics_port(self.config, COMPONENT, self._metrics_port)
+            self.metrics.start(self, self.config.metrics.host, port)
             offline = self._component_status("offline")
             will = (topics.component_status(COMPONENT), offline)
             async with Bus(
@@ -146,6 +154,7 @@ class StatestoreService:
                         )
         finally:
             self.bus = None
+            self.metrics.stop()
             if self._db is not None:
                 await self._call(self._db.close)
                 self._db = None
@@ -343,6 +352,8 @@ class StatestoreService:
         *,
         error: RemoteError | None = None,
     ) -> None:
+        op = str(message.payload.get("op"))
+        self.metrics.answered(op, error.code if error else "ok", time.time() - message.received)
         try:
             await bus.reply(message, result, error=error)
         except Exception as exc:
