@@ -3,7 +3,9 @@
 Why a wrapper over aiomqtt: every payload is checked against ``schemas/`` on send and on receive,
 a malformed message is reported on ``ferry/v1/errors`` instead of killing the service, requests and
 replies use MQTT 5 response topic + correlation data, and a lost broker connection is re-established
-with backoff (resubscribing) without the service noticing more than a delay.
+with backoff (resubscribing) without the service noticing more than a delay. What a component
+``announce``s (its retained status) is published again after every reconnect: a broker that
+restarted may have fired the component's last will or lost the retained message.
 
 ``manual_ack=True`` keeps QoS 1 messages unacknowledged until the service calls ``ack``; with a
 persistent session (``session_expiry`` > 0) anything not acked is redelivered to whichever client
@@ -19,7 +21,7 @@ import math
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -104,6 +106,7 @@ class Bus:
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self._subscriptions: dict[str, int] = {}
+        self._announcements: dict[str, Callable[[], dict[str, Any]]] = {}
         self._pending: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
@@ -227,6 +230,12 @@ class Bus:
                 with contextlib.suppress(Exception):
                     await client.__aexit__(None, None, None)
                 await self._connect()
+                if self._announcements:
+                    self._in_background(self._announce_again())
+
+    async def _announce_again(self) -> None:
+        for topic, make_payload in list(self._announcements.items()):
+            await self._publish_quietly(topic, make_payload(), retain=True)
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
@@ -296,10 +305,14 @@ class Bus:
         task.add_done_callback(self._background.discard)
 
     async def _publish_quietly(
-        self, topic: str, payload: dict[str, Any], correlation: bytes | None = None
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        correlation: bytes | None = None,
+        retain: bool = False,
     ) -> None:
         try:
-            await self.publish(topic, payload, correlation=correlation)
+            await self.publish(topic, payload, correlation=correlation, retain=retain)
         except Exception as exc:
             log.warning("%s: could not publish to %s: %s", self.client_id, topic, exc)
 
@@ -339,6 +352,28 @@ class Bus:
             await self._client.publish(topic, body, qos=qos, retain=retain, properties=props)
         except aiomqtt.MqttError as exc:
             raise BusError(f"publish to {topic} failed: {exc}") from exc
+
+    async def announce(self, topic: str, make_payload: Callable[[], dict[str, Any]]) -> None:
+        """Publish ``make_payload()`` retained now, and again after every reconnect.
+
+        For a component's status: ``make_payload`` is called each time, so what is re-announced
+        is the current status, not the first one. An invalid payload raises ContractError; a
+        publish that fails (the connection dropped while it was in flight) is only logged, since
+        the reconnect announces again: it must not take the component down.
+        """
+        payload = make_payload()
+        contract.validate(topic, payload)
+        self._announcements[topic] = make_payload
+        try:
+            await self.publish(topic, payload, retain=True)
+        except BusError as exc:
+            log.warning(
+                "%s: announcing %s failed (%s); again on reconnect", self.client_id, topic, exc
+            )
+
+    def withdraw(self, topic: str) -> None:
+        """Stop re-announcing ``topic`` (e.g. before publishing a final ``offline``)."""
+        self._announcements.pop(topic, None)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and again after every reconnect."""

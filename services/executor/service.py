@@ -75,7 +75,8 @@ class Executor:
         async with Bus(self.config.broker, f"ferry-executor-{self.node}", will=will) as bus:
             self.bus = bus
             await bus.subscribe(topics.node_commands(self.node))
-            await self.publish_status()
+            # Re-announced after every reconnect, or a broker restart leaves the node "offline".
+            await bus.announce(topics.node_status(self.node), self.status)
             heartbeat = asyncio.create_task(self._heartbeat())
             serve = asyncio.create_task(self._serve(bus))
             try:
@@ -89,6 +90,7 @@ class Executor:
                 for instance in list(self.instances.values()):
                     with contextlib.suppress(Exception):
                         await instance.stop()
+                bus.withdraw(topics.node_status(self.node))
                 await bus.publish(topics.node_status(self.node), offline, retain=True)
 
     async def _serve(self, bus: Bus) -> None:
