@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 # CONNACK reason codes that no retry can fix: bad client id, bad login, not authorized, banned,
 # bad authentication method (MQTT 5, 3.2.2.2).
 LOGIN_REFUSED = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
+# How many QoS 1 messages the broker may deliver to us unacknowledged (MQTT 5 Receive Maximum;
+# Mosquitto 2.0 uses it as the client's outgoing window, whatever its max_inflight_messages). A
+# service that acknowledges input only with its checkpoint holds rate x interval of it: 5000/s
+# for about a second needs more than 5000, so ask for the protocol's maximum.
+RECEIVE_MAXIMUM = 65535
 
 
 class BusError(Exception):
@@ -129,6 +134,7 @@ class Bus:
     async def close(self) -> None:
         """Disconnect cleanly (no last will is sent); pending requests fail."""
         self._closing = True
+        await self._flush_acks()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -141,6 +147,20 @@ class Bus:
             if not future.done():
                 future.set_exception(BusError("bus closed"))
 
+    async def _flush_acks(self) -> None:
+        """Make sure the broker has read every ack we sent before we let the session go.
+
+        Why: the next owner of a persistent session (a migration's target) can take it over
+        while acks of ours still wait unread on the broker's side of the old connection; they
+        are then discarded and their inputs redelivered. The broker reads a connection's packets
+        in order, so the PUBACK of one QoS 1 message to our own reply topic proves it read all
+        of them. Best effort: a broker that is gone redelivers anyway.
+        """
+        if not self._manual_ack or self._client is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.publish(self.reply_topic, b"", qos=1), 5.0)
+
     # -- connection -------------------------------------------------------------------------
 
     def _new_client(self) -> aiomqtt.Client:
@@ -151,7 +171,7 @@ class Bus:
             will = aiomqtt.Will(will_topic, orjson.dumps(will_payload), qos=1, retain=True)
         connect_props = Properties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = self._session_expiry
-        connect_props.ReceiveMaximum = 1000
+        connect_props.ReceiveMaximum = RECEIVE_MAXIMUM
         client = aiomqtt.Client(
             self.broker.host,
             self.broker.port,

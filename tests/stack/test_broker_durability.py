@@ -11,6 +11,7 @@ pass). Both halves are tested here; README "Broker durability" has the figures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import uuid
@@ -20,7 +21,7 @@ import pytest
 
 from bench.broker_persistence import Producer, Session
 from services.common import topics
-from services.common.bus import now_ms
+from services.common.bus import Bus, now_ms
 from services.common.config import FerryConfig
 from services.stack import Stack
 from tests.conftest import ServiceProcesses, stack_config, wait_online
@@ -99,3 +100,34 @@ async def test_every_component_is_online_again_after_a_broker_restart(
     started = time.monotonic()
     await wait_online(config, status_topics, timeout=10, since=restarted)
     print(f"online again {time.monotonic() - started:.2f} s after the broker came back")
+
+
+async def test_a_service_holding_a_second_of_input_unacknowledged_does_not_stall(
+    infra: FerryConfig,
+) -> None:
+    """The executor acknowledges input with its checkpoint (about 1 s at up to 5000 inputs/s):
+    the broker must keep delivering while that many are unacknowledged."""
+    held = 6000
+    topic = f"durability/window/{uuid.uuid4().hex[:8]}"
+    bus = Bus(
+        infra.broker,
+        f"test-window-{uuid.uuid4().hex[:6]}",
+        session_expiry=60,
+        manual_ack=True,
+        validate_inbound=False,
+    )
+    async with bus:
+        await bus.subscribe(topic)
+        producer = Producer(infra.broker.host, infra.broker.port)
+        try:
+            await asyncio.to_thread(producer.publish, topic, held)
+        finally:
+            producer.close()
+        received = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(20):
+                async for _message in bus.messages():  # never acknowledged
+                    received += 1
+                    if received == held:
+                        break
+    assert received == held, f"delivery stalled at {received} unacknowledged inputs"
