@@ -120,6 +120,8 @@ def stack_config(infra: FerryConfig, directory: Path, **overrides: str) -> tuple
         "FERRY_EXECUTOR__ACCEL": "tcg",
         "FERRY_EXECUTOR__HEARTBEAT_INTERVAL": "1.0",
         "FERRY_STATESTORE__DATABASE": str(directory / "statestore.db"),
+        # Checkpoints sealed as on the local stack (its key, made under the infra's dir).
+        "FERRY_EXECUTOR__CHECKPOINT_KEY_FILE": infra.executor.checkpoint_key_file,
         **overrides,
     }
     config = load_config(env=env)

@@ -98,7 +98,7 @@ async def test_malformed_message_is_reported_and_answered_and_service_survives(
             )
             assert reply["node"] == "edge-x"
             # and a requester that sent it with a response topic gets an error reply
-            reply_topic = topics.replies(cid("raw"))
+            reply_topic = topics.replies("anonymous", cid("raw"))
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = reply_topic
             props.CorrelationData = b"c1"

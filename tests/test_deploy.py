@@ -19,7 +19,7 @@ import tomllib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import pytest
@@ -38,11 +38,12 @@ on_session_loop = pytest.mark.asyncio(loop_scope="session")
 
 DEPLOY = REPO / "deploy"
 ACL = DEPLOY / "mosquitto" / "acl"
-ROLES = ("scheduler", "statestore", "operator", "devices")
+DEVICE_ACL = DEPLOY / "mosquitto" / "acl-devices"
+ROLES = ("scheduler", "statestore", "operator")
 
 
-def acl_users() -> list[str]:
-    return [line.split()[1] for line in ACL.read_text().splitlines() if line.startswith("user ")]
+def acl_users(acl: Path = ACL) -> list[str]:
+    return [line.split()[1] for line in acl.read_text().splitlines() if line.startswith("user ")]
 
 
 def edge_nodes() -> list[str]:
@@ -54,9 +55,9 @@ def read_env_file(path: Path) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
-def password_entries(secrets: Path) -> dict[str, str]:
-    """User → hash, from the Mosquitto password file."""
-    lines = (secrets / "passwords").read_text().splitlines()
+def password_entries(secrets: Path, name: str = "passwords") -> dict[str, str]:
+    """User → hash, from a Mosquitto password file."""
+    lines = (secrets / name).read_text().splitlines()
     return dict(line.split(":", 1) for line in lines)
 
 
@@ -81,20 +82,36 @@ def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_credentials_give_every_acl_user_a_hashed_password_and_an_env_file(secrets: Path) -> None:
-    users = acl_users()
-    assert {"scheduler", "statestore", "operator", "devices", "edge-a", "edge-b"} <= set(users)
+    users, devices = acl_users(), acl_users(DEVICE_ACL)
+    assert {"scheduler", "statestore", "operator", "edge-a", "edge-b"} <= set(users)
+    assert "devices" in devices and not set(users) & set(devices)
     hashed = password_entries(secrets)
-    assert sorted(hashed) == sorted(users)
-    for user in users:
+    device_hashed = password_entries(secrets, "passwords-devices")
+    assert sorted(hashed) == sorted(users) and sorted(device_hashed) == sorted(devices)
+    s3_keys = {}
+    for user in users + devices:
         env = read_env_file(secrets / f"{user}.env")
         assert env["FERRY_BROKER__USERNAME"] == user
-        assert env["FERRY_BROKER__PASSWORD"] and env["FERRY_BROKER__PASSWORD"] not in hashed[user]
+        password = env["FERRY_BROKER__PASSWORD"]
+        assert password and password not in {**hashed, **device_hashed}[user]
         load_config(env=env)  # every key it sets is a real config key
+        if "FERRY_S3__SECRET_KEY" in env:
+            s3_keys[user] = (env["FERRY_S3__ACCESS_KEY"], env["FERRY_S3__SECRET_KEY"])
+    # No login holds the S3 root key; only executors, the scheduler and the operator hold a key
+    # (each its own, given a MinIO policy by minio-users.sh); devices and the statestore none.
     minio = read_env_file(secrets / "minio.env")
-    assert (
-        read_env_file(secrets / "edge-a.env")["FERRY_S3__SECRET_KEY"]
-        == minio["MINIO_ROOT_PASSWORD"]
+    assert sorted(s3_keys) == sorted(set(users) - {"statestore"})
+    assert all(
+        secret != minio["MINIO_ROOT_PASSWORD"] and access != minio["MINIO_ROOT_USER"]
+        for access, secret in s3_keys.values()
     )
+    assert len({secret for _, secret in s3_keys.values()}) == len(s3_keys)
+    script = (secrets / "minio-users.sh").read_text()
+    for access, secret in s3_keys.values():
+        assert f'mc admin user add "$a" {access} {secret}' in script
+    for policy in (DEPLOY / "minio").glob("*.json"):
+        orjson.loads(policy.read_bytes())
+        assert (secrets / "minio-policies" / policy.name).is_file()
     again = subprocess.run(
         [DEPLOY / "mosquitto" / "credentials.sh", secrets], capture_output=True, text=True
     )
@@ -183,24 +200,36 @@ def test_systemd_units_run_ferry_scripts_with_credentials_that_credentials_sh_wr
 # -- the example broker config, for real ----------------------------------------------------
 
 
+class BrokerPorts(NamedTuple):
+    components: int
+    devices: int
+
+
 @pytest.fixture(scope="module")
-def acl_broker(secrets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def acl_broker(secrets: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerPorts]:
     """Mosquitto running ``deploy/mosquitto/mosquitto.conf`` as shipped, but for its paths and
-    port (those of the official image); returns the port."""
+    ports (those of the official image); returns the ports of its two listeners."""
     directory = tmp_path_factory.mktemp("acl-broker")
-    (port,) = free_ports("127.0.0.1", 1)
-    replacements = {
-        "listener": f"listener {port} 127.0.0.1",
-        "password_file": f"password_file {secrets / 'passwords'}",
-        "acl_file": f"acl_file {ACL}",
-        "persistence_location": f"persistence_location {directory}/",
-        "log_dest": f"log_dest file {directory / 'mosquitto.log'}",
+    ports = BrokerPorts(*free_ports("127.0.0.1", 2))
+    replacements = {  # key -> replacement of its 1st, 2nd, ... occurrence
+        "listener": [
+            f"listener {ports.components} 127.0.0.1",
+            f"listener {ports.devices} 127.0.0.1",
+        ],
+        "password_file": [
+            f"password_file {secrets / 'passwords'}",
+            f"password_file {secrets / 'passwords-devices'}",
+        ],
+        "acl_file": [f"acl_file {ACL}", f"acl_file {DEVICE_ACL}"],
+        "persistence_location": [f"persistence_location {directory}/"],
+        "log_dest": [f"log_dest file {directory / 'mosquitto.log'}"],
     }
     lines = []
     for line in (DEPLOY / "mosquitto" / "mosquitto.conf").read_text().splitlines():
         key = line.split(" ", 1)[0]
-        lines.append(replacements.pop(key, line))
-    assert not replacements, f"the example config lacks {sorted(replacements)}"
+        lines.append(replacements[key].pop(0) if replacements.get(key) else line)
+    missing = sorted(key for key, left in replacements.items() if left)
+    assert not missing, f"the example config lacks {missing}"
     lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
     conf = directory / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
@@ -208,26 +237,36 @@ def acl_broker(secrets: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     broker = subprocess.Popen([mosquitto, "-c", str(conf)], stderr=subprocess.PIPE)
     try:
         for _ in range(100):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", ports.devices), 1),
+            ):
                 break
             assert broker.poll() is None, broker.stderr.read() if broker.stderr else ""
             time.sleep(0.1)
-        yield port
+        yield ports
     finally:
         broker.terminate()
         broker.wait(10)
 
 
-def as_user(config: FerryConfig, secrets: Path, user: str) -> FerryConfig:
+def as_user(
+    config: FerryConfig, secrets: Path, user: str, ports: BrokerPorts | None = None
+) -> FerryConfig:
+    """The config of one login; a device login (its env file names the device listener's port)
+    goes to the test broker's device port."""
     env = read_env_file(secrets / f"{user}.env")
     login = {k: v for k, v in env.items() if k.startswith("FERRY_BROKER__")}
+    if "FERRY_BROKER__PORT" in login:
+        assert ports is not None, f"{user} logs in on the device listener: pass the ports"
+        login["FERRY_BROKER__PORT"] = str(ports.devices)
     return load_config(config.source, env=login)
 
 
 @pytest.fixture(scope="module")
 async def acl_system(
     infra: FerryConfig,
-    acl_broker: int,
+    acl_broker: BrokerPorts,
     secrets: Path,
     tmp_path_factory: pytest.TempPathFactory,
     unikernel_builds: Path,
@@ -235,7 +274,7 @@ async def acl_system(
     """Statestore, scheduler and both executors on the ACL broker, each with its own login;
     the config returned is anonymous (S3 as in the session infra)."""
     directory = tmp_path_factory.mktemp("acl-system")
-    config, _ = stack_config(infra, directory, FERRY_BROKER__PORT=str(acl_broker))
+    config, _ = stack_config(infra, directory, FERRY_BROKER__PORT=str(acl_broker.components))
     for app in ("counter",):
         await images.push(BlobStore(config.s3), app, unikernel_builds)
     procs = ServiceProcesses(directory / "ferry.toml", directory)
@@ -260,10 +299,12 @@ async def acl_system(
 
 @on_session_loop
 async def test_a_migration_runs_with_one_login_per_component(
-    acl_system: FerryConfig, secrets: Path
+    acl_system: FerryConfig, acl_broker: BrokerPorts, secrets: Path
 ) -> None:
     service = f"acl-{uuid.uuid4().hex[:5]}"
-    devices = Simulator(as_user(acl_system, secrets, "devices").broker, service, rate=50)
+    devices = Simulator(
+        as_user(acl_system, secrets, "devices", acl_broker).broker, service, rate=50
+    )
     async with Operator(as_user(acl_system, secrets, "operator")) as ops:
         await ops.command("deploy", service=service, app="counter", node="edge-a", runtime="unix")
         await ops.wait_serving(service)
@@ -280,7 +321,7 @@ async def test_a_migration_runs_with_one_login_per_component(
 
 @on_session_loop
 async def test_acl_refuses_what_a_component_must_not_do(
-    acl_system: FerryConfig, secrets: Path
+    acl_system: FerryConfig, acl_broker: BrokerPorts, secrets: Path
 ) -> None:
     edge_a, operator = (as_user(acl_system, secrets, user) for user in ("edge-a", "operator"))
     intruder, legit = f"acl-x-{uuid.uuid4().hex[:5]}", f"acl-ok-{uuid.uuid4().hex[:5]}"
@@ -294,7 +335,9 @@ async def test_acl_refuses_what_a_component_must_not_do(
         await observer.subscribe(topics.node_commands("edge-b"))
 
         # A device cannot command the scheduler: its deploy never happens, the operator's does.
-        device = connect_paho(as_user(acl_system, secrets, "devices").broker, "test-device")
+        device = connect_paho(
+            as_user(acl_system, secrets, "devices", acl_broker).broker, "test-device"
+        )
         try:
             command = {
                 "command": "deploy",
@@ -334,3 +377,95 @@ async def test_a_wrong_password_is_a_clear_error_not_an_endless_retry(
     async with asyncio.timeout(20):
         with pytest.raises(BusError, match=r"refused .* as 'edge-a'"):
             await bus.__aenter__()
+
+
+@on_session_loop
+async def test_a_device_login_cannot_hijack_a_session_read_replies_or_report_errors(
+    acl_system: FerryConfig, acl_broker: BrokerPorts, secrets: Path
+) -> None:
+    """The holes of issue 12, tried with the `devices` login against the deploy config."""
+    edge_a, operator = (as_user(acl_system, secrets, user) for user in ("edge-a", "operator"))
+    device_broker = as_user(acl_system, secrets, "devices", acl_broker).broker
+    service = f"victim-{uuid.uuid4().hex[:5]}"
+    seen: list[tuple[str, bytes]] = []
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        seen.append((message.topic, message.payload))
+
+    async with (
+        Bus(edge_a.broker, f"ferry-svc-{service}", session_expiry=300) as owner,
+        Bus(operator.broker, f"test-observer-{uuid.uuid4().hex[:5]}") as observer,
+        Operator(operator) as ops,
+    ):
+        await owner.subscribe(topics.app_input(service))
+        await observer.subscribe(topics.ERRORS)
+        await observer.subscribe(topics.mobility("+"))
+        await observer.subscribe(f"{topics.PREFIX}/replies/#")
+
+        # (a) the component listener does not know the device login at all ...
+        component_side = load_config(
+            acl_system.source,
+            env={
+                "FERRY_BROKER__USERNAME": device_broker.username,
+                "FERRY_BROKER__PASSWORD": device_broker.password,
+            },
+        ).broker
+        with pytest.raises(ConnectionError, match="refused 'ferry-svc-"):
+            await asyncio.to_thread(connect_paho, component_side, f"ferry-svc-{service}")
+        # ... and the device listener replaces the client id the device asks for by its login.
+        device = connect_paho(device_broker, f"ferry-svc-{service}", on_message=on_message)
+        try:
+            device.subscribe(f"{topics.PREFIX}/replies/#", qos=1)
+            device.subscribe(f"{topics.replies('scheduler', 'ferry-scheduler')}", qos=1)
+            for seq in (1, 2, 3):
+                reading = {"producer": "dev-1", "seq": seq, "data": {"device": "dev-1"}}
+                device.publish(topics.app_input(service), orjson.dumps(reading), qos=1)
+            # (c) no error report and no other device's mobility event from a device
+            report = {"source": "forged", "topic": "x", "reason": "forged", "time": 1}
+            device.publish(topics.ERRORS, orjson.dumps(report), qos=1).wait_for_publish(10)
+            moved = {"device": "someone-else", "node": "edge-b", "time": 1}
+            device.publish(topics.mobility("someone-else"), orjson.dumps(moved), qos=1)
+            own = {"device": "devices", "node": "edge-b", "time": 1}
+            device.publish(topics.mobility("devices"), orjson.dumps(own), qos=1).wait_for_publish(
+                10
+            )
+
+            # The rightful session kept its connection and got every input.
+            got = []
+            async with asyncio.timeout(10):
+                async for message in owner.messages():
+                    got.append(message.payload["seq"])
+                    if len(got) == 3:
+                        break
+            assert got == [1, 2, 3] and owner._generation == 1
+
+            # (b) replies flow (scheduler -> operator, statestore -> scheduler), none to a device.
+            await ops.command(
+                "deploy", service=service, app="counter", node="edge-b", runtime="unix"
+            )
+            await ops.wait_serving(service)
+            await ops.command("stop", service=service)
+            await asyncio.sleep(0.5)
+        finally:
+            device.disconnect()
+            device.loop_stop()
+
+        observed: list[str] = []
+        while observer.pending():
+            message = await anext(observer.messages())
+            observed.append(message.topic)
+        for requester in ("operator", "scheduler"):
+            assert any(t.startswith(topics.replies(requester, "")) for t in observed), observed
+        assert [topic for topic, _ in seen] == []
+        assert topics.ERRORS not in observed
+        assert topics.mobility("someone-else") not in observed
+        assert topics.mobility("devices") in observed  # its own mobility topic is open to it
+
+        # The rightful component may still report errors.
+        async with Bus(edge_a.broker, f"test-edge-a-{uuid.uuid4().hex[:5]}") as node:
+            await node.publish(topics.ERRORS, {**report, "source": "edge-a"})
+        async with asyncio.timeout(10):
+            message = await anext(observer.messages())
+            while message.topic != topics.ERRORS:
+                message = await anext(observer.messages())
+        assert message.payload["source"] == "edge-a"

@@ -8,36 +8,101 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from rich.table import Table
 
 from services.cli.operator import Operator
 from services.cli.output import console, err, format_detail
-from services.common import checkpoint_blob, images
+from services.common import checkpoint_blob, images, params, topics
 from services.common.blobstore import BlobError, BlobRef, BlobStore
 from services.common.bus import BusError, RemoteError
 from services.common.config import ConfigError, FerryConfig, load_config
+from services.common.contract import ContractError
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Names and runtimes as the bus contract defines them, so a bad one is refused before anything
+# is contacted instead of failing deep in a publish.
+_COMMON = json.loads((REPO / "schemas" / "common.schema.json").read_text())["$defs"]
+NAME = re.compile(_COMMON["name"]["pattern"])
+RUNTIMES: list[str] = _COMMON["runtime"]["enum"]
 
-def _params(pairs: list[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --param expects KEY=VALUE, got {pair!r}")
-        try:
-            params[key] = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            params[key] = raw
-    return params
+
+def name_arg(value: str) -> str:
+    """A service, node, app or device name (common.schema.json#/$defs/name)."""
+    if not NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a valid name: 1-63 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if math.isnan(number) or math.isinf(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = _number(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = _number(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def node_list_arg(value: str) -> list[str]:
+    return [name_arg(node) for node in value.split(",")]
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def limit_arg(value: str) -> int:
+    number = positive_int(value)
+    if number > 10000:
+        raise argparse.ArgumentTypeError(f"must be at most 10000, got {number}")
+    return number
+
+
+def topic_filter_arg(value: str) -> str:
+    """An MQTT filter below ferry/v1/: '+' a whole level, '#' only as the last level."""
+    levels = value.split("/")
+    for i, level in enumerate(levels):
+        wild = ("+" in level and level != "+") or ("#" in level and level != "#")
+        if wild or (level == "#" and i != len(levels) - 1) or not value:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not an MQTT topic filter ('+' stands for one whole level, "
+                "'#' only for the last), e.g. migrations/# or apps/+/out"
+            )
+    return value
 
 
 def print_event(event: dict[str, Any]) -> None:
@@ -71,7 +136,11 @@ def print_outcome(final: dict[str, Any]) -> int:
 
 
 async def cmd_deploy(config: FerryConfig, args: argparse.Namespace) -> int:
-    params = _params(args.param)  # bad usage is reported before anything is contacted
+    raw = params.split(args.param)  # bad usage is reported before anything is contacted
+    typed: dict[str, Any] = {}
+    if raw:
+        manifest = await images.describe(BlobStore(config.s3), args.app)
+        typed = params.parse(args.app, images.declared_params(manifest), raw)
     async with Operator(config) as ops:
         result = await ops.command(
             "deploy",
@@ -79,7 +148,7 @@ async def cmd_deploy(config: FerryConfig, args: argparse.Namespace) -> int:
             app=args.app,
             node=args.node,
             runtime=args.runtime,
-            params=params,
+            params=typed,
             device=args.device,
         )
     console.print(
@@ -107,6 +176,41 @@ async def cmd_stop(config: FerryConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_rm(config: FerryConfig, args: argparse.Namespace) -> int:
+    async with Operator(config) as ops:
+        await ops.command("rm", service=args.service)
+    console.print(f"removed {args.service}")
+    return 0
+
+
+async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
+    """Shell lines (``eval "$(ferry env)"``) and a ready ``mosquitto_pub`` line."""
+    broker = config.broker
+    login = f' -u {broker.username} -P "$FERRY_BROKER_PASSWORD"' if broker.username else ""
+    lines = [
+        f"FERRY_CONFIG={config.source or ''}",
+        f"FERRY_BROKER=mqtt://{broker.host}:{broker.port}",
+        f"FERRY_BROKER_HOST={broker.host}",
+        f"FERRY_BROKER_PORT={broker.port}",
+        f"FERRY_S3={config.s3.endpoint}",
+    ]
+    if broker.username:
+        lines.append(f"FERRY_BROKER_USER={broker.username}")
+        lines.append(f"# the password is broker.password in {config.source}")
+    reading = '{"producer": "dev-1", "seq": 1, "data": {"value": 21.5}}'
+    lines += [
+        "# send one reading to SERVICE (seq must grow per producer; see unikernel/GUIDE.md):",
+        f"#   mosquitto_pub -h {broker.host} -p {broker.port}{login} -q 1 "
+        f"-t {topics.app_input('SERVICE')} -m '{reading}'",
+        "# and read its answers:",
+        f"#   mosquitto_sub -h {broker.host} -p {broker.port}{login} -q 1 "
+        f"-t {topics.app_output('SERVICE')}",
+    ]
+    for line in lines:
+        print(line)
+    return 0
+
+
 async def cmd_bind(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
         await ops.command("bind", service=args.service, device=args.device)
@@ -129,6 +233,15 @@ async def cmd_services(config: FerryConfig, args: argparse.Namespace) -> int:
             s.get("device") or "-",
         )
     console.print(table)
+    failed = {s["instance"]: s["service"] for s in services if s["status"] == "failed"}
+    if failed:  # why each died, as its node reports it (the guest's last console lines)
+        async with Operator(config) as ops:
+            nodes = (await ops.query("list_nodes"))["nodes"]
+        for doc in nodes:
+            for instance in doc.get("instances", []):
+                if instance.get("instance") in failed and instance.get("reason"):
+                    line = f"{failed[instance['instance']]}: {instance['reason']}"
+                    console.print(line, markup=False)
     return 0
 
 
@@ -177,10 +290,21 @@ async def cmd_checkpoint_show(config: FerryConfig, args: argparse.Namespace) -> 
         except RemoteError as exc:
             if exc.code != "no_checkpoint":
                 raise
-            err.print(f"error: {args.service} has no checkpoint yet (migrate or suspend it first)")
+            err.print(
+                f"error: {args.service} has no checkpoint yet (a serving service takes its "
+                "first one within executor.checkpoint_interval of its first input)"
+            )
             return 1
     ref = BlobRef.from_dict(latest["checkpoint"])
-    document = orjson.loads(checkpoint_blob.unpack(await BlobStore(config.s3).get_bytes(ref)))
+    document = orjson.loads(
+        checkpoint_blob.unpack(
+            await BlobStore(config.s3).get_bytes(ref),
+            keyring=checkpoint_blob.Keyring.configured(config.executor.checkpoint_key_file),
+            service=args.service,
+            object_key=ref.key,
+            allow_unsealed=True,
+        )
+    )
     console.print(f"s3://{ref.bucket}/{ref.key}  {ref.size} bytes  sha256 {ref.sha256[:16]}…")
     console.print_json(orjson.dumps(document).decode())
     return 0
@@ -192,6 +316,32 @@ async def cmd_image_push(config: FerryConfig, args: argparse.Namespace) -> int:
         manifest = await images.push(store, app, args.build_dir)
         for target, ref in manifest.items():
             console.print(f"pushed {app} ({target}): {ref.size} bytes, sha256 {ref.sha256[:12]}…")
+        declared = images.declared_params(await images.describe(store, app))
+        if declared is not None:
+            names = ", ".join(d["name"] for d in declared) or "none"
+            console.print(f"  parameters: {names} (`ferry image show {app}`)")
+    return 0
+
+
+async def cmd_image_show(config: FerryConfig, args: argparse.Namespace) -> int:
+    manifest = await images.describe(BlobStore(config.s3), args.app)
+    info = manifest.get("app") or {}
+    console.print(f"{args.app} {info.get('version', '?')} ({info.get('mode', '?')} mode)")
+    for target in ("unix", "microvm"):
+        if target in manifest:
+            ref = BlobRef.from_dict(manifest[target])
+            console.print(f"  {target:<8} {ref.size} bytes  sha256 {ref.sha256[:12]}…")
+    declared = images.declared_params(manifest)
+    if declared is None:
+        console.print("parameters: not declared (built with an older SDK): any --param is passed")
+        return 0
+    if not declared:
+        console.print("parameters: none")
+        return 0
+    table = Table("parameter", "type", "default", "doc")
+    for row in params.describe(declared):
+        table.add_row(*row)
+    console.print(table)
     return 0
 
 
@@ -205,14 +355,28 @@ async def cmd_watch(config: FerryConfig, args: argparse.Namespace) -> int:
 async def cmd_simulate(config: FerryConfig, args: argparse.Namespace) -> int:
     from services.cli.simulate import Simulator, publish_mobility
 
-    simulator = Simulator(config.broker, args.service, devices=args.devices, rate=args.rate)
-    simulator.start()
+    simulator = Simulator(
+        config.broker,
+        args.service,
+        devices=args.devices,
+        rate=args.rate,
+        expect_outputs=args.expect_outputs,
+        start_sending=False,
+    )
+    await asyncio.to_thread(simulator.start)
+    if not args.expect_outputs:
+        # The executors' count of applied inputs, heard before the first input, is the baseline
+        # that judges loss for an app that does not answer every input.
+        wait = config.executor.heartbeat_interval * 1.5 + 1
+        console.print(f"  waiting up to {wait:g} s for the executor's count of applied inputs")
+        await asyncio.to_thread(simulator.wait_for_count, wait)
+    simulator.start_sending()
     console.print(
         f"simulating {args.devices} device(s) at {args.rate:g} msg/s for {args.duration:g} s "
         f"→ {args.service}"
     )
     started = time.monotonic()
-    nodes = args.move_between.split(",") if args.move_between else []
+    nodes = args.move_between or []
     moves = 0
     while time.monotonic() - started < args.duration:
         await asyncio.sleep(min(1.0, args.duration))
@@ -226,9 +390,11 @@ async def cmd_simulate(config: FerryConfig, args: argparse.Namespace) -> int:
             for producer in simulator.producers:
                 publish_mobility(config.broker, producer, node)
             console.print(f"  devices moved to {node}'s cell")
-    report = simulator.finish()
+    settle = max(10.0, config.executor.heartbeat_interval * 2 + 1)
+    report = await asyncio.to_thread(simulator.finish, settle)
     console.print_json(orjson.dumps(report.to_dict()).decode())
-    return 0 if not report.lost and not report.duplicated else 1
+    console.print(report.verdict())
+    return 0 if report.ok else 1
 
 
 async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
@@ -254,6 +420,10 @@ async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
                 part.name, str(part.pid or "-"), str(part.alive), str(part.ready), part.detail
             )
         console.print(table)
+        broker = config.broker
+        console.print(
+            f"broker mqtt://{broker.host}:{broker.port}  (`ferry env` for a mosquitto_pub line)"
+        )
         return 0 if healthy else 1
     return 0
 
@@ -261,8 +431,15 @@ async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (and where to look) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
+    parser = Parser(prog="ferry", description=__doc__)
     parser.add_argument("--config", type=Path, help="ferry.toml (default: $FERRY_CONFIG, .ferry/)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -273,69 +450,104 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    def service(p: argparse.ArgumentParser) -> None:
+        p.add_argument("service", type=name_arg)
+
     add("up", cmd_stack, "start the local stack (broker, S3, services, executors)")
     add("down", cmd_stack, "stop the local stack")
-    add("status", cmd_stack, "health of each part of the local stack")
+    add("status", cmd_stack, "health of each part of the local stack, and the broker's address")
+    add("env", cmd_env, "broker address, config path and a ready mosquitto_pub line")
 
     p = add("deploy", cmd_deploy, "deploy a service on a node")
-    p.add_argument("service")
-    p.add_argument("--app", required=True, help="app name (counter, procedural, aggregator, …)")
-    p.add_argument("--node", required=True)
-    p.add_argument("--runtime", default="microvm", help="unix, microvm, microvm-snapshot, podman")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", help="bind the service to this device's mobility")
+    service(p)
+    p.add_argument(
+        "--app", required=True, type=name_arg, help="app name (counter, procedural, aggregator, …)"
+    )
+    p.add_argument("--node", required=True, type=name_arg)
+    p.add_argument("--runtime", default="microvm", choices=RUNTIMES)
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an app parameter (see `ferry image show APP`), typed as the app declares it",
+    )
+    p.add_argument("--device", type=name_arg, help="bind the service to this device's mobility")
 
     p = add("migrate", cmd_move, "move a service to another node")
-    p.add_argument("service")
-    p.add_argument("--to", required=True, metavar="NODE")
+    service(p)
+    p.add_argument("--to", required=True, metavar="NODE", type=name_arg)
     p.add_argument("--wait", action="store_true", help="show each phase until the end")
 
     p = add("suspend", cmd_move, "checkpoint a service to S3 and stop it (input keeps queueing)")
-    p.add_argument("service")
+    service(p)
     p.add_argument("--wait", action="store_true")
 
     p = add("resume", cmd_move, "restore a suspended service on a node")
-    p.add_argument("service")
-    p.add_argument("--on", required=True, metavar="NODE")
+    service(p)
+    p.add_argument("--on", required=True, metavar="NODE", type=name_arg)
     p.add_argument("--wait", action="store_true")
 
     p = add("stop", cmd_stop, "stop a service for good")
-    p.add_argument("service")
+    service(p)
+
+    p = add("rm", cmd_rm, "remove a stopped or failed service from the list")
+    service(p)
 
     p = add("bind", cmd_bind, "make a service follow a device's mobility events")
-    p.add_argument("service")
-    p.add_argument("device")
+    service(p)
+    p.add_argument("device", type=name_arg)
 
     add("services", cmd_services, "list services")
     add("nodes", cmd_nodes, "list edge nodes")
     p = add("migrations", cmd_migrations, "list migrations, newest first")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=limit_arg, default=20, help="1 to 10000")
 
     p = add("watch", cmd_watch, "live, readable stream of ferry/v1/# (optionally filtered)")
     p.add_argument(
-        "filter", nargs="?", default="#", help="topic below ferry/v1/, e.g. migrations/#"
+        "filter",
+        nargs="?",
+        default="#",
+        type=topic_filter_arg,
+        help="topic below ferry/v1/, e.g. migrations/#",
     )
 
     checkpoint = sub.add_parser("checkpoint", help="inspect checkpoints")
-    checkpoint_sub = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
+    checkpoint_sub = checkpoint.add_subparsers(
+        dest="checkpoint_command", required=True, metavar="COMMAND"
+    )
     p = checkpoint_sub.add_parser("show", help="decoded latest checkpoint of a service")
     p.set_defaults(handler=cmd_checkpoint_show)
-    p.add_argument("service")
+    service(p)
 
     image = sub.add_parser("image", help="app images in the S3 store")
-    image_sub = image.add_subparsers(dest="image_command", required=True)
+    image_sub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")
     p = image_sub.add_parser("push", help="upload unikernel builds of apps")
     p.set_defaults(handler=cmd_image_push)
-    p.add_argument("apps", nargs="+")
+    p.add_argument("apps", nargs="+", type=name_arg)
     p.add_argument("--build-dir", type=Path, default=REPO / "unikernel" / "build")
+    p = image_sub.add_parser("show", help="an app's pushed builds, version and parameters")
+    p.set_defaults(handler=cmd_image_show)
+    p.add_argument("app", type=name_arg)
 
     p = add("simulate", cmd_simulate, "IoT devices sending readings (and moving between cells)")
-    p.add_argument("service")
-    p.add_argument("--devices", type=int, default=2)
-    p.add_argument("--rate", type=float, default=50.0, help="messages per second in total")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds")
-    p.add_argument("--move-between", help="comma-separated nodes the devices' cells belong to")
-    p.add_argument("--move-every", type=float, default=0.0, help="seconds between moves")
+    service(p)
+    p.add_argument("--devices", type=positive_int, default=2)
+    p.add_argument("--rate", type=positive_float, default=50.0, help="messages per second in total")
+    p.add_argument("--duration", type=positive_float, default=10.0, help="seconds")
+    p.add_argument(
+        "--move-between",
+        type=node_list_arg,
+        help="comma-separated nodes the devices' cells belong to",
+    )
+    p.add_argument(
+        "--move-every", type=non_negative_float, default=0.0, help="seconds between moves"
+    )
+    p.add_argument(
+        "--expect-outputs",
+        action="store_true",
+        help="the app answers every input: an input without an answer counts as lost",
+    )
     return parser
 
 
@@ -345,20 +557,29 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         return asyncio.run(args.handler(config, args))
     except ConfigError as exc:
-        err.print(f"error: configuration: {exc}")
-    except BusError as exc:
-        err.print(f"error: {exc}\n  is the stack up? (`ferry up`, or `make demo`)")
+        err.print(f"error: configuration: {exc}", markup=False)
+    except (BusError, ConnectionError) as exc:
+        err.print(f"error: {exc}\n  is the stack up? (`ferry up`, or `make demo`)", markup=False)
     except RemoteError as exc:
-        err.print(f"error: {exc.code}: {exc.message}")
+        err.print(f"error: {exc.code}: {exc.message}", markup=False)
         return 1
     except (BlobError, images.ImageNotFound) as exc:
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", markup=False)
         return 1
+    except params.ParamError as exc:
+        err.print(f"error: {exc}", markup=False)
+    except ContractError as exc:
+        err.print(f"error: the request breaks the bus contract: {exc}", markup=False)
     except TimeoutError:
-        err.print("error: timed out waiting for the stack; see `ferry watch` and the logs")
+        err.print(
+            "error: timed out waiting for the stack; see `ferry watch` and the logs", markup=False
+        )
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the promise is no traceback, whatever went wrong
+        err.print(f"error: unexpected {type(exc).__name__}: {exc}", markup=False)
+        return 1
     return 2
 
 

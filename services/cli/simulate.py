@@ -3,7 +3,11 @@
 Each simulated device is a producer that publishes ``{"producer", "seq", "data"}`` to a service's
 input topic at a steady rate (QoS 1, paho-mqtt in its own network thread so timing does not depend
 on anyone's event loop). The simulator also reads the service's outputs and counts, per sequence
-number, how often each input was answered: the proof that nothing was lost or applied twice.
+number, how often each input was answered: the proof that nothing was lost or applied twice, for
+an app that answers every input (``expect_outputs``). For an app that answers only some inputs
+(alerts), an input without an answer proves nothing: the simulator then judges loss by the
+executors' own count of applied inputs (``applied`` per instance in ``nodes/+/heartbeat`` and
+``nodes/+/status``), and says so when it has no such count.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ from services.common.config import BrokerConfig
 
 @dataclass
 class Report:
-    """What the simulator sent and what came back."""
+    """What the simulator sent and what came back.
+
+    ``lost`` and ``duplicated`` are per input, judged by the outputs (``judged_by == "outputs"``);
+    with ``judged_by == "applied"`` loss is ``sent - applied`` by the executors' count; ``None``:
+    not judged (no count was heard).
+    """
 
     sent: int
     answered: int
@@ -34,13 +43,45 @@ class Report:
     duplicated: list[tuple[str, int]] = field(default_factory=list)
     max_gap_ms: float = 0.0
     nodes: dict[str, int] = field(default_factory=dict)
+    outputs: int = 0
+    applied: int | None = None
+    judged_by: str | None = "outputs"
+
+    @property
+    def lost_count(self) -> int | None:
+        if self.judged_by == "outputs":
+            return len(self.lost)
+        if self.judged_by == "applied" and self.applied is not None:
+            return max(0, self.sent - self.applied)
+        return None
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost or applied twice, as far as it could be judged."""
+        return not self.lost_count and not self.duplicated
+
+    def verdict(self) -> str:
+        lost = self.lost_count
+        if lost is None:
+            return (
+                f"loss not judged: {self.answered} of {self.sent} inputs were answered and no "
+                "executor count of applied inputs was heard; use --expect-outputs for an app "
+                "that answers every input"
+            )
+        how = "inputs without an answer" if self.judged_by == "outputs" else "sent - applied"
+        if lost or self.duplicated:
+            return f"lost {lost} ({how}), answered twice {len(self.duplicated)}"
+        return f"nothing lost ({how} = 0)"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "sent": self.sent,
+            "applied": self.applied,
+            "outputs": self.outputs,
             "answered": self.answered,
-            "lost": len(self.lost),
+            "lost": self.lost_count,
             "duplicated": len(self.duplicated),
+            "judged_by": self.judged_by,
             "max_gap_ms": round(self.max_gap_ms, 2),
             "answered_by_node": self.nodes,
         }
@@ -57,8 +98,16 @@ class Simulator:
         devices: int = 1,
         rate: float = 50.0,
         prefix: str = "dev",
+        expect_outputs: bool = True,
+        start_sending: bool = True,
     ) -> None:
         self.service = service
+        self.expect_outputs = expect_outputs
+        self._outputs = 0
+        # instance id -> (first applied count heard before any input was sent, latest count)
+        self._applied: dict[str, list[int]] = {}
+        self._counted = threading.Event()
+        self._start_sending = start_sending
         self.rate = rate
         self.producers = [f"{prefix}-{i + 1}" for i in range(devices)]
         self._sent: dict[str, int] = dict.fromkeys(self.producers, 0)
@@ -78,9 +127,20 @@ class Simulator:
             self._broker, f"ferry-sim-{uuid.uuid4().hex[:8]}", on_message=self._on_output
         )
         self._client.on_subscribe = lambda *args: self._subscribed.set()
-        self._client.subscribe(topics.app_output(self.service), qos=1)
+        self._client.subscribe(
+            [
+                (topics.app_output(self.service), 1),
+                (topics.node_heartbeat("+"), 0),
+                (topics.node_status("+"), 1),
+            ]
+        )
         if not self._subscribed.wait(10):
             raise TimeoutError("simulator: broker did not confirm the output subscription")
+        if self._start_sending:
+            self.start_sending()
+
+    def start_sending(self) -> None:
+        """Start publishing at ``rate`` in a background thread (``start()`` does, by default)."""
         self._thread = threading.Thread(target=self._publish_loop, daemon=True)
         self._thread.start()
 
@@ -114,11 +174,52 @@ class Simulator:
             if delay > 0:
                 self._stop.wait(delay)
 
+    def wait_for_count(self, timeout: float) -> bool:
+        """Wait for an executor's count of this service's applied inputs (a heartbeat)."""
+        return self._counted.wait(timeout)
+
+    def _on_count(self, counts: dict[str, Any], fresh: bool) -> None:
+        """Applied counts by instance from a heartbeat (fresh) or a node status (maybe stale)."""
+        with self._lock:
+            started = any(self._sent.values())
+            for instance, count in counts.items():
+                if instance.rpartition(".")[0] != self.service or not isinstance(count, int):
+                    continue
+                seen = self._applied.get(instance)
+                if seen is None:
+                    if not fresh and not started:
+                        continue  # a retained status may be old: no baseline from it
+                    # An instance first heard of after sending began is new (a migration
+                    # target, counting from 0); one heard of before gives the baseline.
+                    self._applied[instance] = [count if not started else 0, count]
+                else:
+                    seen[1] = max(seen[1], count)
+                if fresh:
+                    self._counted.set()
+
+    def applied(self) -> int | None:
+        """Inputs applied by this service's instances since sending began, or None if unknown."""
+        with self._lock:
+            if not self._applied:
+                return None
+            return sum(latest - first for first, latest in self._applied.values())
+
     def _on_output(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             output = orjson.loads(message.payload)
         except orjson.JSONDecodeError:
             return
+        if not isinstance(output, dict):
+            return
+        if message.topic.endswith("/heartbeat"):
+            self._on_count(output.get("applied") or {}, fresh=True)
+            return
+        if message.topic.endswith("/status"):
+            counts = {i.get("instance"): i.get("applied") for i in output.get("instances") or []}
+            self._on_count({k: v for k, v in counts.items() if isinstance(k, str)}, fresh=False)
+            return
+        with self._lock:
+            self._outputs += 1
         if output.get("producer") is None:
             return
         with self._lock:
@@ -135,13 +236,23 @@ class Simulator:
         """Stop sending, wait up to ``settle`` s for every answer, disconnect, and report."""
         self.stop_sending()
         deadline = time.monotonic() + settle
-        while time.monotonic() < deadline and len(self.missing()) > 0:
+        while time.monotonic() < deadline and not self._settled():
             time.sleep(0.05)
         report = self.report()
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
         return report
+
+    def _settled(self) -> bool:
+        if self.expect_outputs:
+            return not self.missing()
+        applied = self.applied()
+        with self._lock:
+            sent = sum(self._sent.values())
+        if applied is None:
+            return not self._counted.is_set()
+        return applied >= sent
 
     def missing(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -158,13 +269,23 @@ class Simulator:
             duplicated = [key for key, count in self._answers.items() if count > 1]
             sent = sum(self._sent.values())
             nodes = dict(self._nodes)
+            outputs = self._outputs
+        missing = self.missing()
+        applied = self.applied()
+        if self.expect_outputs:
+            judged_by: str | None = "outputs"
+        else:
+            judged_by = "applied" if applied is not None else None
         return Report(
             sent=sent,
-            answered=sent - len(self.missing()),
-            lost=self.missing(),
-            duplicated=duplicated,
+            answered=sent - len(missing),
+            lost=missing if self.expect_outputs else [],
+            duplicated=duplicated if self.expect_outputs else [],
             max_gap_ms=max(gaps, default=0.0) * 1000,
             nodes=nodes,
+            outputs=outputs,
+            applied=applied,
+            judged_by=judged_by,
         )
 
 

@@ -6,6 +6,8 @@ import time
 import uuid
 from typing import Any
 
+from rich.markup import escape
+
 from services.cli.operator import CONNECT_TIMEOUT
 from services.cli.output import console, format_detail
 from services.common import topics
@@ -46,5 +48,5 @@ async def watch(config: FerryConfig, topic_filter: str = "#") -> None:
             kind = message.topic.split("/")[2] if message.topic.count("/") >= 2 else ""
             short = message.topic.removeprefix(topics.PREFIX + "/")
             stamp = time.strftime("%H:%M:%S")
-            line = summarize(message.topic, message.payload)
-            console.print(f"{stamp} [{STYLE.get(kind, 'white')}]{short:<40}[/] {line}")
+            line = escape(summarize(message.topic, message.payload))  # guest text is not markup
+            console.print(f"{stamp} [{STYLE.get(kind, 'white')}]{escape(short):<40}[/] {line}")

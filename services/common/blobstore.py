@@ -222,8 +222,9 @@ class BlobStore:
         digest = metadata.get(f"x-amz-meta-{SHA256_META}", "")
         return BlobRef(self.bucket, key, digest, int(info.size or 0))
 
-    async def delete(self, key: str) -> None:
-        await self._call(self._client.remove_object, self.bucket, key)
+    async def delete(self, key: str, bucket: str | None = None) -> None:
+        """Delete one object (of ``bucket``, default this store's); a missing one is no error."""
+        await self._call(self._client.remove_object, bucket or self.bucket, key)
 
     async def list_keys(self, prefix: str) -> list[str]:
         def collect() -> list[str]:

@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 # CONNACK reason codes that no retry can fix: bad client id, bad login, not authorized, banned,
 # bad authentication method (MQTT 5, 3.2.2.2).
 LOGIN_REFUSED = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
-# How many QoS 1 messages the broker may deliver to us unacknowledged (MQTT 5 Receive Maximum;
-# Mosquitto 2.0 uses it as the client's outgoing window, whatever its max_inflight_messages). A
-# service that acknowledges input only with its checkpoint holds rate x interval of it: 5000/s
-# for about a second needs more than 5000, so ask for the protocol's maximum.
-RECEIVE_MAXIMUM = 65535
 
 
 class BusError(Exception):
@@ -79,6 +74,8 @@ class Inbound:
     qos: int = 0
     generation: int = 0
     received: float = field(default_factory=time.time)
+    #: Bytes of the payload as it came off the wire.
+    size: int = 0
 
 
 def now_ms() -> int:
@@ -99,15 +96,24 @@ class Bus:
         manual_ack: bool = False,
         validate_inbound: bool = True,
         connect_timeout: float = 30.0,
+        receive_maximum: int = 1000,
+        on_lost: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """``on_lost``: instead of reconnecting after a lost connection, call it and stop.
+
+        A service's input session must not come back on its own: the session may have moved to
+        another node meanwhile, and taking it back would take it from the rightful owner.
+        """
         self.broker = broker
         self.client_id = client_id
-        self.reply_topic = topics.replies(client_id)
+        self.reply_topic = topics.replies(broker.username or "anonymous", client_id)
         self._will = will
         self._session_expiry = session_expiry
         self._manual_ack = manual_ack
         self._validate_inbound = validate_inbound
         self._connect_timeout = connect_timeout
+        self._receive_maximum = receive_maximum
+        self._on_lost = on_lost
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self._subscriptions: dict[str, int] = {}
@@ -153,13 +159,14 @@ class Bus:
         Why: the next owner of a persistent session (a migration's target) can take it over
         while acks of ours still wait unread on the broker's side of the old connection; they
         are then discarded and their inputs redelivered. The broker reads a connection's packets
-        in order, so the PUBACK of one QoS 1 message to our own reply topic proves it read all
-        of them. Best effort: a broker that is gone redelivers anyway.
+        in order, so the SUBACK of a subscription we already hold (our reply topic: allowed by
+        any ACL, no retained message, nothing delivered) proves it read all of them. Best
+        effort: a broker that is gone redelivers anyway.
         """
         if not self._manual_ack or self._client is None:
             return
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._client.publish(self.reply_topic, b"", qos=1), 5.0)
+            await asyncio.wait_for(self._client.subscribe(self.reply_topic, qos=1), 5.0)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -171,7 +178,7 @@ class Bus:
             will = aiomqtt.Will(will_topic, orjson.dumps(will_payload), qos=1, retain=True)
         connect_props = Properties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = self._session_expiry
-        connect_props.ReceiveMaximum = RECEIVE_MAXIMUM
+        connect_props.ReceiveMaximum = self._receive_maximum
         client = aiomqtt.Client(
             self.broker.host,
             self.broker.port,
@@ -190,6 +197,9 @@ class Bus:
         )
         # Many requests in flight at once is normal here (16 parallel migrations): not a warning.
         client.pending_calls_threshold = 1000
+        # paho holds back QoS 1 publishes beyond 20 in flight; outputs are pipelined by the
+        # thousand, and the broker's Receive Maximum still bounds what it accepts at once.
+        client._client.max_inflight_messages_set(0)
         if self._manual_ack:
             # aiomqtt does not expose manual acks; paho (its engine) does, publicly.
             client._client.manual_ack_set(True)
@@ -246,9 +256,14 @@ class Bus:
             except aiomqtt.MqttError as exc:
                 if self._closing:
                     return
-                log.warning("%s: lost broker connection (%s); reconnecting", self.client_id, exc)
                 with contextlib.suppress(Exception):
                     await client.__aexit__(None, None, None)
+                if self._on_lost is not None:
+                    log.warning("%s: lost broker connection (%s)", self.client_id, exc)
+                    self._client = None
+                    self._on_lost(exc)
+                    return
+                log.warning("%s: lost broker connection (%s); reconnecting", self.client_id, exc)
                 await self._connect()
                 if self._announcements:
                     self._in_background(self._announce_again())
@@ -288,6 +303,7 @@ class Bus:
             mid=message.mid,
             qos=message.qos,
             generation=self._generation,
+            size=len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0,
         )
         if topic == self.reply_topic:
             future = self._pending.pop(inbound.correlation or b"", None)

@@ -48,13 +48,27 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "heartbeat_interval": 5.0,
         "cache_dir": "",
         "microvm_memory_mb": 64,
+        "checkpoint_interval": 1.0,
+        "checkpoint_inputs": 20000,
+        "max_input_bytes": 1048576,
+        "pause_timeout": 60.0,
+        "checkpoint_key_file": "",
+        "allow_unsealed_checkpoints": False,
     },
     "scheduler": {
         "max_parallel_per_node": 4,
         "phase_timeout": 30.0,
         "mobility_hysteresis": 2.0,
+        "recovery_grace": 3.0,
     },
-    "statestore": {"database": ""},
+    "statestore": {
+        "database": "",
+        "keep_checkpoints": 3,
+        "checkpoint_grace": 60.0,
+        "stopped_grace": 3600.0,
+        "migration_retention": 7 * 86400.0,
+        "collect_interval": 60.0,
+    },
 }
 
 
@@ -99,6 +113,17 @@ class ExecutorConfig:
     heartbeat_interval: float
     cache_dir: str
     microvm_memory_mb: int
+    #: s between durable checkpoints of a serving app-level instance (0: none; inputs are then
+    #: acknowledged as soon as their outputs are out, and a crash loses the state).
+    checkpoint_interval: float
+    #: Also checkpoint once this many inputs wait for one (bounds the unacknowledged window).
+    checkpoint_inputs: int
+    #: Largest input (bytes on the wire) forwarded to a guest; larger ones are dead-lettered.
+    max_input_bytes: int
+    #: s a source paused for a migration waits for the hand-over before it serves again.
+    pause_timeout: float
+    checkpoint_key_file: str  # checkpoint_blob.Keyring file; "" = checkpoints are not sealed
+    allow_unsealed_checkpoints: bool  # with a key file: still restore blobs written without one
 
 
 @dataclass(frozen=True)
@@ -106,11 +131,25 @@ class SchedulerConfig:
     max_parallel_per_node: int
     phase_timeout: float
     mobility_hysteresis: float
+    #: s a node may stay offline (or an instance lost) before its services are recovered.
+    recovery_grace: float
 
 
 @dataclass(frozen=True)
 class StatestoreConfig:
     database: str
+    #: Checkpoints kept per service (at least 1: the latest is never collected), plus any that an
+    #: open migration names.
+    keep_checkpoints: int = 3
+    #: s a collected checkpoint's blob stays in S3, so a reader that just looked it up can fetch it.
+    checkpoint_grace: float = 60.0
+    #: s after a service is stopped or deleted before its checkpoints go (and a stopped one's
+    #: record and retained state).
+    stopped_grace: float = 3600.0
+    #: s finished migrations (and their events) are kept.
+    migration_retention: float = 7 * 86400.0
+    #: s between retention sweeps (blob deletions also run right after a checkpoint is recorded).
+    collect_interval: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ def component_status(component: str) -> str:
     return f"{PREFIX}/components/{component}/status"
 
 
-def replies(client_id: str) -> str:
-    return f"{PREFIX}/replies/{client_id}"
+def replies(login: str, client_id: str) -> str:
+    """Keyed by broker login first: the ACL (``%u``) lets only that login read them."""
+    return f"{PREFIX}/replies/{login}/{client_id}"
 
 
 def app_input(service: str) -> str:
@@ -35,6 +36,10 @@ def app_input(service: str) -> str:
 
 def app_output(service: str) -> str:
     return f"{PREFIX}/apps/{service}/out"
+
+
+def app_dead_letters(service: str) -> str:
+    return f"{PREFIX}/apps/{service}/dead"
 
 
 def mobility(device: str) -> str:
@@ -58,9 +63,10 @@ TEMPLATES = (
     node_heartbeat("{node}"),
     node_commands("{node}"),
     component_status("{component}"),
-    replies("{client}"),
+    replies("{login}", "{client}"),
     app_input("{service}"),
     app_output("{service}"),
+    app_dead_letters("{service}"),
     mobility("{device}"),
     migration_events("{migration}"),
     service_state("{service}"),

@@ -1,12 +1,20 @@
 """One service instance on this node: its guest plus the data plane between the guest and MQTT.
 
-Lossless hand-over rests on two rules enforced here:
+Exactly-once through crashes rests on these rules, enforced here (DESIGN.md, "safe to forget"):
 - input is read through the service's own persistent MQTT session (client ``ferry-svc-{service}``)
-  and each message is acknowledged only after the guest reported it ``DONE``; whatever is not
-  acknowledged when this node lets go of the session is redelivered to the next owner;
-- a checkpoint is requested only after input forwarding stopped, and the guest answers it in stream
-  order, so the document covers exactly the inputs acknowledged here. The watermark inside the
-  document makes the next owner drop any redelivered input that was already applied.
+  and a message is acknowledged only when it is safe to forget: every output it produced has been
+  accepted by the broker (``OutputLine``) and a durable checkpoint covering it is stored in S3 and
+  recorded by the statestore. Whatever is unacknowledged when this node lets go of the session (or
+  dies) is redelivered to the next owner, which restores the latest recorded checkpoint; the
+  watermark inside it drops what was already applied;
+- a checkpoint is answered by the guest in stream order, so it covers exactly the inputs sent
+  before its request (``covers``), and every output of those inputs precedes it;
+- the input session never reconnects on its own: the service may have moved meanwhile, and
+  taking the session back would take it from the rightful owner. The executor decides
+  (``on_session_lost``).
+
+Without periodic checkpoints (``checkpoint_interval = 0``, or a whole-image runtime) an input is
+acknowledged once its outputs are out: a migration is still lossless, a crash loses the state.
 """
 
 from __future__ import annotations
@@ -16,23 +24,33 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from services.common import topics
-from services.common.bus import Bus, Inbound, now_ms
+from services.common import contract, topics
+from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import BrokerConfig
-from services.executor.channel import Frame, FrameType
+from services.executor import guest_log
+from services.executor.channel import ChannelError, Frame, FrameType, GuestError
+from services.executor.outputs import OutputLine
 from services.executor.runtime import Guest, LaunchSpec, Runtime
 
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 24 * 3600
 DRAIN_TIMEOUT = 10.0
+#: Inputs the broker may deliver before the first is acknowledged (MQTT 5 Receive Maximum).
+RECEIVE_MAXIMUM = 65535
+#: A dead letter carries the refused input itself up to this size.
+DEAD_LETTER_COPY = 4096
+#: A dropped input this far below its producer's watermark looks like a restarted producer.
+RESET_GAP = 1000
+#: Joins producer and incarnation into the guest's name of a sequence (see ``_sequence_of``).
+INCARNATION_MARK = "#"
 
 
 def session_client_id(service: str) -> str:
@@ -40,9 +58,40 @@ def session_client_id(service: str) -> str:
     return f"ferry-svc-{service}"
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When a serving instance takes a durable checkpoint (0 turns a trigger off)."""
+
+    interval: float = 1.0
+    inputs: int = 20000
+
+    @property
+    def durable(self) -> bool:
+        return self.interval > 0 or self.inputs > 0
+
+
+class Keeper(Protocol):
+    """Where checkpoints go: the executor uploads to S3 and records with the statestore."""
+
+    async def upload(self, instance: Instance, document: bytes, migration: str | None) -> Any:
+        """Store the document; returns its blob reference."""
+        ...
+
+    async def record(
+        self,
+        instance: Instance,
+        ref: Any,
+        watermark: dict[str, int],
+        taken_at: float,
+        migration: str | None,
+    ) -> None:
+        """Make ``ref`` the service's recovery point; RemoteError ``not_owner`` if fenced."""
+        ...
+
+
 @dataclass
 class Checkpoint:
-    """What a checkpoint produced, before upload: an app-level document or a whole image file."""
+    """What a migration checkpoint produced, before upload: a document or a whole image file."""
 
     document: bytes | None
     image_file: Path | None
@@ -50,6 +99,8 @@ class Checkpoint:
     paused_at: float
     drain_ms: float
     checkpoint_ms: float
+    #: Inputs sent to the guest before the checkpoint: the ones it covers.
+    covers: int = 0
 
 
 class InstanceError(Exception):
@@ -58,6 +109,42 @@ class InstanceError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass
+class _Applied:
+    """An input the guest finished, waiting to be acknowledged."""
+
+    index: int
+    output_mark: int
+    message: Inbound
+    session: Bus
+
+
+@dataclass
+class ProducerCounts:
+    """What happened to one producer's inputs here (reported in the node status)."""
+
+    applied: int = 0
+    dropped: int = 0
+    last_seq: int = 0
+    reset_reported: bool = False
+
+    def summary(self) -> dict[str, int]:
+        return {"applied": self.applied, "dropped": self.dropped, "last_seq": self.last_seq}
+
+
+@dataclass
+class _Durability:
+    """Bookkeeping of the periodic checkpoints."""
+
+    requested: int = 0
+    acknowledged: int = 0
+    taken: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    last_ref: dict[str, Any] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Instance:
@@ -74,12 +161,13 @@ class Instance:
         spec: LaunchSpec,
         broker: BrokerConfig,
         node_bus: Bus,
+        keeper: Keeper,
+        policy: CheckpointPolicy,
+        max_input_bytes: int,
         on_failure: Callable[[Instance], None] | None = None,
+        on_session_lost: Callable[[Instance], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.node = node
-        self._on_failure = on_failure
-        self._stopping = False
-        self._watchdog: asyncio.Task[None] | None = None
         self.service = service
         self.instance_id = instance_id
         self.app = app
@@ -88,29 +176,54 @@ class Instance:
         self.state = "booting"
         self.applied = 0
         self.dropped = 0
+        self.refused = 0
+        self.producers: dict[str, ProducerCounts] = {}
         self.guest: Guest | None = None
-        self._broker = broker
-        self._node_bus = node_bus
-        self._session: Bus | None = None
-        self._pump: asyncio.Task[None] | None = None
-        self._in_flight: deque[Inbound] = deque()
-        self._drained = asyncio.Event()
-        self._drained.set()
-        self._outputs: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._publisher: asyncio.Task[None] | None = None
         self.exit_reason: str | None = None
         self.restored_at = 0.0
+        self.paused_since: float | None = None
+        self._broker = broker
+        self._node_bus = node_bus
+        self._keeper = keeper
+        self._policy = policy if not runtime.whole_image else CheckpointPolicy(0, 0)
+        self._max_input_bytes = max_input_bytes
+        self._on_failure = on_failure
+        self._on_session_lost = on_session_lost
+        self._stopping = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self._session: Bus | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._durable_task: asyncio.Task[None] | None = None
+        self._capture = asyncio.Lock()
+        self._sent = 0
+        self._forwarded: deque[tuple[int, Inbound, Bus]] = deque()
+        self._applied: deque[_Applied] = deque()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._durability = _Durability()
+        self.outputs = OutputLine(node_bus, self._outputs_confirmed)
 
     def summary(self) -> dict[str, Any]:
         """This instance as the node status reports it."""
-        return {
+        summary: dict[str, Any] = {
             "service": self.service,
             "instance": self.instance_id,
             "app": self.app,
             "runtime": self.runtime.name,
             "state": self.state,
             "applied": self.applied,
+            "dropped": self.dropped,
+            "refused": self.refused,
+            "unacknowledged": self._sent - self._durability.acknowledged
+            if self._policy.durable
+            else len(self._applied) + len(self._forwarded),
+            "checkpoints": self._durability.taken,
         }
+        if self.producers:
+            summary["producers"] = {p: c.summary() for p, c in self.producers.items()}
+        if self.exit_reason:
+            summary["reason"] = self.exit_reason
+        return summary
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -120,7 +233,7 @@ class Instance:
         A whole-image runtime has nothing to boot for a migration target (its state *is* the
         guest): ``prepare`` only readies what makes ``launch_from`` quick.
         """
-        self._publisher = asyncio.create_task(self._publish_outputs())
+        self.outputs.start()
         if self.runtime.whole_image and not fresh:
             await self.runtime.prepare(self.spec)
         else:
@@ -144,9 +257,12 @@ class Instance:
         if self._stopping or self.guest is not guest or self.state == "paused":
             return  # ours to end, replaced by a restored copy, or captured on purpose
         log.warning("%s: %s", self.instance_id, reason)
-        self.exit_reason = reason
+        self.exit_reason = guest_log.explain_guest(
+            self.exit_reason or reason, self.spec.workdir, self.runtime
+        )
         self.state = "failed"
         self._drained.set()
+        await self._let_go()
         if self._on_failure is not None:
             self._on_failure(self)
 
@@ -162,6 +278,8 @@ class Instance:
         """
         guest = self._require("waiting")
         await guest.channel.restore(document)
+        for producer, seq in _watermark_of(document).items():
+            self._producer(producer).last_seq = seq
         self.restored_at = time.time() * 1000
         await self.attach_input()
         return time.time() * 1000
@@ -176,24 +294,47 @@ class Instance:
         return time.time() * 1000
 
     async def checkpoint(self) -> Checkpoint:
-        """Stop taking input, let in-flight input finish, and capture the state between steps."""
+        """For a move: stop taking input, let in-flight input finish, capture between steps.
+
+        The session stays open (not forwarding) until ``release``: acknowledgements still need it.
+        """
         guest = self._require("serving")
         paused_at = time.time() * 1000
         started = time.perf_counter()
-        await self.detach_input()
-        self.state = "paused"
-        drained = time.perf_counter()
-        document: bytes | None = None
-        image_file: Path | None = None
-        if self.runtime.whole_image:
-            image_file = await self.runtime.capture(guest, self.spec)
-            watermark: dict[str, int] = {}
-        else:
-            document = await guest.channel.checkpoint(now_ms(), pause=True)
-            watermark = _watermark_of(document)
+        await self._stop_forwarding()
+        async with self._capture:
+            self.state = "paused"
+            self.paused_since = time.monotonic()
+            drained = time.perf_counter()
+            covers = self._sent
+            document: bytes | None = None
+            image_file: Path | None = None
+            if self.runtime.whole_image:
+                image_file = await self.runtime.capture(guest, self.spec)
+                watermark: dict[str, int] = {}
+            else:
+                document = await guest.channel.checkpoint(now_ms(), pause=True)
+                watermark = _watermark_of(document)
         checkpoint_ms = (time.perf_counter() - drained) * 1000
         drain_ms = (drained - started) * 1000
-        return Checkpoint(document, image_file, watermark, paused_at, drain_ms, checkpoint_ms)
+        return Checkpoint(
+            document, image_file, watermark, paused_at, drain_ms, checkpoint_ms, covers
+        )
+
+    async def release(self, covers: int, record: Awaitable[None] | None) -> None:
+        """After a move's checkpoint is stored: make it the recovery point, acknowledge what it
+        covers, and let go of the session (a no-op for acks the broker no longer expects)."""
+        try:
+            if record is not None:
+                await record
+            self.acknowledge(covers)
+        except (RemoteError, BusError) as exc:
+            # Unacknowledged input is redelivered to the next owner, which drops what its
+            # checkpoint's watermark covers: nothing is lost, only sent again.
+            log.warning("%s: move checkpoint not recorded (%s)", self.instance_id, exc)
+        finally:
+            if self.state == "paused":
+                await self._close_session()
 
     async def resume(self) -> None:
         """Roll back a checkpoint: the paused guest takes its input session back."""
@@ -204,6 +345,7 @@ class Instance:
             self._adopt(await self.runtime.resume_captured(guest, self.spec))
         else:
             await guest.channel.resume()
+        self.paused_since = None
         await self.attach_input()
 
     async def stop(self) -> None:
@@ -211,7 +353,7 @@ class Instance:
         if self.state == "stopped":
             return
         self._stopping = True
-        await self.detach_input()
+        await self._let_go()
         if self.guest is not None:
             if self.guest.channel.alive:
                 with contextlib.suppress(Exception):
@@ -219,9 +361,9 @@ class Instance:
             await self.runtime.terminate(self.guest)
         else:
             await self.runtime.unprepare(self.spec)
-        if self._publisher is not None:
-            await self._outputs.join()
-            self._publisher.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.outputs.wait_confirmed(), 5.0)
+        await self.outputs.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.state = "stopped"
@@ -238,19 +380,35 @@ class Instance:
 
     async def attach_input(self) -> None:
         """Take over the service's persistent input session and start forwarding input."""
-        self._session = Bus(
+        await self._close_session()
+        session = Bus(
             self._broker,
             session_client_id(self.service),
             session_expiry=SESSION_EXPIRY,
             manual_ack=True,
+            validate_inbound=False,  # checked here, so a refusal names service, producer, seq
+            receive_maximum=RECEIVE_MAXIMUM,
+            on_lost=self._session_lost,
         )
-        await self._session.__aenter__()
-        await self._session.subscribe(topics.app_input(self.service), qos=1)
-        self._pump = asyncio.create_task(self._forward_input(self._session))
+        await session.__aenter__()
+        self._session = session
+        await session.subscribe(topics.app_input(self.service), qos=1)
+        self._pump = asyncio.create_task(self._forward_input(session))
+        if self._policy.durable and self._durable_task is None:
+            self._durable_task = asyncio.create_task(self._keep_durable())
         self.state = "serving"
 
-    async def detach_input(self) -> None:
-        """Stop forwarding, wait for every forwarded input to be DONE (and acked), let go."""
+    def _session_lost(self, exc: BaseException) -> None:
+        if self.state != "serving" or self._stopping:
+            return  # paused for a move: the target took the session over, as planned
+        self.state = "detached"
+        if self._pump is not None:
+            self._pump.cancel()
+        if self._on_session_lost is not None:
+            asyncio.get_running_loop().create_task(self._on_session_lost(self))
+
+    async def _stop_forwarding(self) -> None:
+        """Stop forwarding and wait until every forwarded input is DONE."""
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -260,58 +418,241 @@ class Instance:
             await asyncio.wait_for(self._drained.wait(), DRAIN_TIMEOUT)
         except TimeoutError:
             log.error("%s: guest did not finish in-flight input", self.instance_id)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def _let_go(self) -> None:
+        """Stop forwarding and checkpointing and leave the session (unacked input stays)."""
+        if self._durable_task is not None:
+            self._durable_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._durable_task
+            self._durable_task = None
+        await self._stop_forwarding()
+        await self._close_session()
 
     async def _forward_input(self, session: Bus) -> None:
         assert self.guest is not None
         channel = self.guest.channel
+        topic = topics.app_input(self.service)
         async for message in session.messages():
+            refusal = self._refusal(topic, message)
+            if refusal is not None:
+                await self._dead_letter(session, message, refusal)
+                continue
             payload = message.payload
-            self._in_flight.append(message)
+            self._sent += 1
+            self._forwarded.append((self._sent, message, session))
             self._drained.clear()
-            channel.send_input(payload["producer"], payload["seq"], payload["data"])
+            try:
+                channel.send_input(_sequence_of(payload), payload["seq"], payload["data"])
+            except ChannelError as exc:  # e.g. larger than a frame: never reached the guest
+                self._forwarded.pop()
+                self._sent -= 1
+                if not self._forwarded:
+                    self._drained.set()
+                await self._dead_letter(session, message, str(exc))
+                continue
+            if (
+                self._policy.inputs
+                and self._sent - self._durability.requested >= self._policy.inputs
+            ):
+                self._durability.wake.set()
+
+    def _refusal(self, topic: str, message: Inbound) -> str | None:
+        """Why this input must not reach the guest, or None."""
+        if message.size > self._max_input_bytes:
+            return f"input of {message.size} bytes exceeds the limit of {self._max_input_bytes}"
+        try:
+            contract.validate(topic, message.payload)
+        except contract.ContractError as exc:
+            return str(exc)
+        return None
+
+    async def _dead_letter(self, session: Bus, message: Inbound, reason: str) -> None:
+        """Set a refused input aside where operators look, then acknowledge it."""
+        self.refused += 1
+        payload = message.payload
+        producer = payload.get("producer") if isinstance(payload.get("producer"), str) else None
+        seq = payload.get("seq") if isinstance(payload.get("seq"), int) else None
+        letter: dict[str, Any] = {
+            "service": self.service,
+            "node": self.node,
+            "producer": producer,
+            "seq": seq,
+            "reason": reason,
+            "size": message.size,
+            "time": now_ms(),
+        }
+        if message.size <= DEAD_LETTER_COPY:
+            letter["input"] = payload
+        report = {
+            "source": f"ferry-executor-{self.node}",
+            "topic": topics.app_input(self.service),
+            "reason": f"{self.service}: input refused: {reason}",
+            "service": self.service,
+            "producer": producer,
+            "seq": seq,
+            "time": now_ms(),
+        }
+        log.warning("%s: refused input %s/%s: %s", self.instance_id, producer, seq, reason)
+        try:
+            await self._node_bus.publish(topics.app_dead_letters(self.service), letter)
+            await self._node_bus.publish(topics.ERRORS, report)
+        except BusError as exc:
+            log.warning("%s: dead letter not published (%s); input stays queued", self.service, exc)
+            return
+        session.ack(message)
+
+    def _producer(self, producer: str) -> ProducerCounts:
+        counts = self.producers.get(producer)
+        if counts is None:
+            counts = self.producers[producer] = ProducerCounts()
+        return counts
 
     def _on_guest_frame(self, frame: Frame) -> None:
-        frame_type, body = frame.type, frame.json()
+        frame_type = frame.type
         if frame_type == FrameType.OUTPUT:
-            self._outputs.put_nowait(body)
+            body = frame.json()
+            output: dict[str, Any] = {
+                "service": self.service,
+                "node": self.node,
+                "producer": body.get("source"),
+                "seq": body.get("seq"),
+                "data": body.get("payload") or {},
+                "time": now_ms(),
+            }
+            source = output["producer"]
+            if isinstance(source, str) and INCARNATION_MARK in source:
+                producer, _, incarnation = source.rpartition(INCARNATION_MARK)
+                output["producer"], output["incarnation"] = producer, int(incarnation)
+            self.outputs.submit(topics.app_output(self.service), output)
         elif frame_type == FrameType.DONE:
-            message = self._in_flight.popleft() if self._in_flight else None
-            if message is not None and self._session is not None:
-                self._session.ack(message)
-            if not self._in_flight:
-                self._drained.set()
-            if body.get("applied"):
-                self.applied += 1
-            else:
-                self.dropped += 1
+            self._on_done(frame.json())
         elif frame_type == FrameType.LOG:
-            log.info("%s: guest: %s", self.instance_id, body.get("msg"))
+            log.info("%s: guest: %s", self.instance_id, frame.json().get("msg"))
         elif frame_type == FrameType.ERROR:
+            body = frame.json()
             self.exit_reason = str(body.get("message") or body)
 
-    async def _publish_outputs(self) -> None:
-        """Publish guest outputs in the order the guest produced them."""
+    def _on_done(self, body: dict[str, Any]) -> None:
+        if self._forwarded:
+            index, message, session = self._forwarded.popleft()
+            self._applied.append(_Applied(index, self.outputs.submitted, message, session))
+        if not self._forwarded:
+            self._drained.set()
+        producer = str(body.get("source"))
+        seq = int(body.get("seq") or 0)
+        counts = self._producer(producer)
+        if body.get("applied"):
+            self.applied += 1
+            counts.applied += 1
+            counts.last_seq = max(counts.last_seq, seq)
+            counts.reset_reported = False
+        else:
+            self.dropped += 1
+            counts.dropped += 1
+            if counts.last_seq - seq >= RESET_GAP and not counts.reset_reported:
+                counts.reset_reported = True
+                self._report_reset(producer, seq, counts.last_seq)
+        if not self._policy.durable:
+            self._outputs_confirmed(self.outputs.confirmed)
+
+    def _report_reset(self, producer: str, seq: int, watermark: int) -> None:
+        """A producer far below its watermark has probably restarted its sequence: say so."""
+        report = {
+            "source": f"ferry-executor-{self.node}",
+            "topic": topics.app_input(self.service),
+            "reason": (
+                f"{self.service}: dropping input of {producer} seq {seq}, far below its "
+                f"watermark {watermark}: did the producer restart its sequence? Inputs are "
+                "applied once per (producer, incarnation, seq); a device that counts from 1 "
+                "again after a reboot must send a higher incarnation"
+            ),
+            "service": self.service,
+            "producer": producer,
+            "seq": seq,
+            "time": now_ms(),
+        }
+        task = asyncio.get_running_loop().create_task(self._node_bus.publish(topics.ERRORS, report))
+        task.add_done_callback(lambda t: t.exception())
+
+    def _outputs_confirmed(self, confirmed: int) -> None:
+        """Without durable checkpoints: acknowledge inputs whose outputs are all out."""
+        if self._policy.durable:
+            return
+        while self._applied and self._applied[0].output_mark <= confirmed:
+            entry = self._applied.popleft()
+            entry.session.ack(entry.message)
+            self._durability.acknowledged = entry.index
+
+    def acknowledge(self, covers: int) -> None:
+        """Acknowledge every input up to number ``covers`` (a stored checkpoint covers them)."""
+        while self._applied and self._applied[0].index <= covers:
+            entry = self._applied.popleft()
+            entry.session.ack(entry.message)
+        self._durability.acknowledged = max(self._durability.acknowledged, covers)
+
+    # -- durable checkpoints ----------------------------------------------------------------
+
+    async def _keep_durable(self) -> None:
+        """Checkpoint a serving guest on the policy's schedule, in the background."""
+        durability = self._durability
+        interval = self._policy.interval or None
         while True:
-            body = await self._outputs.get()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(durability.wake.wait(), interval)
+            durability.wake.clear()
+            if self.state != "serving" or self._sent == durability.requested:
+                continue
             try:
-                await self._node_bus.publish(
-                    topics.app_output(self.service),
-                    {
-                        "service": self.service,
-                        "node": self.node,
-                        "producer": body.get("source"),
-                        "seq": body.get("seq"),
-                        "data": body.get("payload") or {},
-                        "time": now_ms(),
-                    },
-                )
+                await self.checkpoint_now()
+            except asyncio.CancelledError:
+                raise
+            except (RemoteError, BusError, ChannelError, GuestError, OSError) as exc:
+                durability.failed += 1
+                durability.last_error = str(exc)
+                log.warning("%s: periodic checkpoint failed: %s", self.instance_id, exc)
             except Exception as exc:
-                log.warning("%s: output not published: %s", self.instance_id, exc)
-            finally:
-                self._outputs.task_done()
+                durability.failed += 1
+                durability.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("%s: periodic checkpoint failed", self.instance_id)
+
+    async def checkpoint_now(self) -> dict[str, Any] | None:
+        """Take, store and record one checkpoint while serving, then acknowledge what it covers.
+
+        The guest keeps applying input throughout; only the capture itself (one step boundary)
+        holds it up. Returns the stored blob reference (None if the instance stopped serving).
+        """
+        async with self._capture:
+            if self.state != "serving" or self.guest is None:
+                return None
+            covers = self._sent
+            self._durability.requested = covers
+            taken_at = time.time() * 1000
+            document = await self.guest.channel.checkpoint(now_ms())
+            output_mark = self.outputs.submitted
+        ref = await self._keeper.upload(self, document, None)
+        await self.outputs.wait_confirmed(output_mark)
+        await self._keeper.record(self, ref, _watermark_of(document), taken_at, None)
+        self.acknowledge(covers)
+        self._durability.taken += 1
+        self._durability.last_ref = ref.to_dict() if hasattr(ref, "to_dict") else None
+        return self._durability.last_ref
+
+
+def _sequence_of(payload: dict[str, Any]) -> str:
+    """The guest's name of an input's sequence: the producer, or ``producer#incarnation``.
+
+    The guest keeps one watermark per name, so a producer's new incarnation (a reboot that
+    counts from 1 again) starts a sequence of its own. ``#`` cannot occur in a producer name.
+    """
+    incarnation = payload.get("incarnation")
+    producer = str(payload["producer"])
+    return producer if incarnation is None else f"{producer}{INCARNATION_MARK}{incarnation}"
 
 
 def _watermark_of(document: bytes) -> dict[str, int]:

@@ -28,11 +28,11 @@ from services.common.blobstore import (
     IntegrityError,
     LocalFileError,
 )
-from services.common.bus import Bus, Inbound, RemoteError, now_ms
+from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
 from services.executor.channel import ChannelError, GuestError
 from services.executor.images import ImageCache
-from services.executor.instance import Instance, InstanceError
+from services.executor.instance import CheckpointPolicy, Instance, InstanceError
 from services.executor.runtime import GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
 
@@ -52,12 +52,15 @@ class Executor:
         self.instances_dir = self.root / "instances"
         cache_dir = Path(config.executor.cache_dir) if config.executor.cache_dir else None
         self.store = BlobStore(config.s3)
+        self.keyring = checkpoint_blob.Keyring.configured(config.executor.checkpoint_key_file)
         self.images = ImageCache(cache_dir or self.root / "images", self.store)
         self.runtimes: dict[str, Runtime] = {}
         self.unavailable: dict[str, str] = {}
         self.accel: dict[str, str] = {}
         self.instances: dict[str, Instance] = {}
         self.cleaned_up: list[str] = []
+        #: Instances an earlier executor process ran, reported as lost until they moved on.
+        self.lost: dict[str, dict[str, Any]] = {}
         self._answers: OrderedDict[str, asyncio.Future[dict[str, Any]]] = OrderedDict()
         self._service_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -68,7 +71,20 @@ class Executor:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or forever); instances are stopped on the way out."""
         self.instances_dir.mkdir(parents=True, exist_ok=True)
-        self.cleaned_up = clean_up_leftovers(self.instances_dir)
+        leftovers = clean_up_leftovers(self.instances_dir)
+        self.cleaned_up = [record["instance"] for record in leftovers]
+        self.lost = {
+            record["service"]: {
+                "service": record["service"],
+                "instance": record["instance"],
+                "app": record.get("app") or "unknown",
+                "runtime": record.get("runtime") or "unix",
+                "state": "lost",
+                "reason": "its executor process ended (restart or crash) and took the guest along",
+            }
+            for record in leftovers
+            if record.get("service")
+        }
         self.runtimes, self.unavailable, self.accel = await available_runtimes(self.config)
         offline = {"node": self.node, "status": "offline", "time": now_ms()}
         will = (topics.node_status(self.node), offline)
@@ -78,6 +94,7 @@ class Executor:
             # Re-announced after every reconnect, or a broker restart leaves the node "offline".
             await bus.announce(topics.node_status(self.node), self.status)
             heartbeat = asyncio.create_task(self._heartbeat())
+            watch_paused = asyncio.create_task(self._watch_paused())
             serve = asyncio.create_task(self._serve(bus))
             try:
                 if stop is None:
@@ -86,6 +103,7 @@ class Executor:
                     await stop.wait()
             finally:
                 heartbeat.cancel()
+                watch_paused.cancel()
                 serve.cancel()
                 for instance in list(self.instances.values()):
                     with contextlib.suppress(Exception):
@@ -111,6 +129,7 @@ class Executor:
                         "time": now_ms(),
                         "instances": len(self.instances),
                         "load": os.getloadavg()[0],
+                        "applied": {i.instance_id: i.applied for i in self.instances.values()},
                     },
                     qos=0,
                 )
@@ -125,7 +144,10 @@ class Executor:
             "unavailable": self.unavailable,
             "accel": self.accel,
             "capacity": self.config.executor.capacity,
-            "instances": [i.summary() for i in self.instances.values()],
+            "instances": [
+                *(i.summary() for i in self.instances.values()),
+                *(lost for service, lost in self.lost.items() if service not in self.instances),
+            ],
             "cleaned_up": self.cleaned_up,
         }
 
@@ -159,8 +181,7 @@ class Executor:
                 await bus.reply(message, error=outcome["error"])
         if message.payload["command"] != "status":
             # After the reply: a migration's downtime must not wait for bookkeeping.
-            with contextlib.suppress(Exception):
-                await self.publish_status()
+            await self.publish_status_quietly()
 
     async def execute(self, command: dict[str, Any]) -> dict[str, Any]:
         """Carry out one validated command; raise RemoteError with a clear code on failure."""
@@ -185,7 +206,7 @@ class Executor:
                 raise RemoteError("node_storage", f"node {self.node}: {exc}") from exc
             except BlobError as exc:
                 raise RemoteError("blob_unavailable", str(exc)) from exc
-        await self.publish_status()
+        await self.publish_status_quietly()
         return result
 
     def _instance(self, command: dict[str, Any]) -> Instance:
@@ -219,7 +240,7 @@ class Executor:
         started = time.perf_counter()
         image = await self.images.path_for(BlobRef.from_dict(command["image"]))
         fetched = time.perf_counter()
-        workdir = self.instances_dir / instance_id
+        workdir = instance_dir(self.instances_dir, instance_id)
         workdir.mkdir(parents=True, exist_ok=True)
         spec = LaunchSpec(
             service=service,
@@ -238,9 +259,16 @@ class Executor:
             spec=spec,
             broker=self.config.broker,
             node_bus=self._bus(),
+            keeper=self,
+            policy=CheckpointPolicy(
+                self.config.executor.checkpoint_interval, self.config.executor.checkpoint_inputs
+            ),
+            max_input_bytes=self.config.executor.max_input_bytes,
             on_failure=self._instance_failed,
+            on_session_lost=self._session_lost,
         )
         self.instances[service] = instance
+        self.lost.pop(service, None)
         try:
             await instance.boot(fresh=command["mode"] == "fresh")
             record_instance(workdir, instance)
@@ -262,28 +290,37 @@ class Executor:
         }
 
     async def _cmd_checkpoint(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Capture for a move; answer once the blob is stored and every output is out.
+
+        A suspend (``stop_after``) records the checkpoint before answering, since the resume
+        reads it back. A migration answers first (downtime runs) and records it right after,
+        then acknowledges what it covers and leaves the input session; if the target takes the
+        session over before that, the unacknowledged rest is redelivered to it and dropped by
+        its watermark.
+        """
         instance = self._instance(command)
+        migration = command.get("migration")
         checkpoint = await instance.checkpoint()
-        key = (
-            f"checkpoints/{instance.service}/{command.get('migration') or instance.instance_id}/"
-            f"{now_ms()}"
-        )
         upload_started = time.perf_counter()
         try:
             if checkpoint.image_file is not None:
+                key = self._checkpoint_key(instance, migration)
                 ref = await self.store.put_file(f"{key}.img", checkpoint.image_file)
             else:
                 assert checkpoint.document is not None
-                ref = await self.store.put_bytes(
-                    f"{key}.json", checkpoint_blob.pack(checkpoint.document)
-                )
+                ref = await self.upload(instance, checkpoint.document, migration)
         except BlobError:
             await instance.resume()
             raise
         upload_ms = (time.perf_counter() - upload_started) * 1000
+        await instance.outputs.wait_confirmed()
         stored_at = time.time() * 1000
+        record = self.record(instance, ref, checkpoint.watermark, checkpoint.paused_at, migration)
         if command.get("stop_after"):
+            await instance.release(checkpoint.covers, record)
             await self._stop(instance)
+        else:
+            self._in_background(self._release_after_reply(instance, checkpoint.covers, record))
         return {
             "checkpoint": ref.to_dict(),
             "watermark": checkpoint.watermark,
@@ -296,6 +333,174 @@ class Executor:
             },
         }
 
+    async def _release_after_reply(self, instance: Instance, covers: int, record: Any) -> None:
+        async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
+            await instance.release(covers, record)
+
+    # -- where checkpoints go (the instances' Keeper) ---------------------------------------
+
+    @staticmethod
+    def _checkpoint_key(instance: Instance, migration: str | None) -> str:
+        return f"checkpoints/{instance.service}/{migration or instance.instance_id}/{now_ms()}"
+
+    async def upload(self, instance: Instance, document: bytes, migration: str | None) -> BlobRef:
+        """Pack a checkpoint document and store it in S3."""
+        key = f"{self._checkpoint_key(instance, migration)}.json"
+        blob = checkpoint_blob.pack(
+            document, keyring=self.keyring, service=instance.service, object_key=key
+        )
+        return await self.store.put_bytes(key, blob)
+
+    async def record(
+        self,
+        instance: Instance,
+        ref: BlobRef,
+        watermark: dict[str, int],
+        taken_at: float,
+        migration: str | None,
+    ) -> None:
+        """Make ``ref`` the service's recovery point; the statestore refuses (``not_owner``)
+        an instance the service record no longer names, so a fenced copy never moves it."""
+        record: dict[str, Any] = {
+            "service": instance.service,
+            "instance": instance.instance_id,
+            **ref.to_dict(),
+            "watermark": watermark,
+            "time": int(taken_at),
+        }
+        if migration:
+            record["migration"] = migration
+        await self._bus().request(
+            topics.STATESTORE_REQUESTS,
+            {"op": "record_checkpoint", "record": record},
+            self.config.broker.request_timeout,
+        )
+
+    # -- an instance that lost its input session, or waits paused too long -----------------
+
+    async def _session_lost(self, instance: Instance) -> None:
+        """Take the session back only while the service record still names this instance.
+
+        The broker connection dropped (or another client took the session): if the service has
+        moved on (recovered elsewhere while this node was away), this copy is fenced: it stops
+        and says so, and its unacknowledged input belongs to the new owner.
+        """
+        delay = 0.2
+        while instance.state == "detached":
+            try:
+                record = await self._bus().request(
+                    topics.STATESTORE_REQUESTS,
+                    {"op": "get_service", "service": instance.service},
+                    self.config.broker.request_timeout,
+                )
+            except (RemoteError, BusError) as exc:
+                log.info("%s: cannot ask who owns %s yet: %s", self.node, instance.service, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
+                if instance.state != "detached":
+                    return
+                if record.get("instance") == instance.instance_id and record.get("status") in (
+                    "serving",
+                    "migrating",
+                ):
+                    try:
+                        await instance.attach_input()
+                        log.warning(
+                            "%s: %s took its input session back", self.node, instance.service
+                        )
+                    except BusError as exc:
+                        log.info(
+                            "%s: session of %s not back yet: %s", self.node, instance.service, exc
+                        )
+                        await asyncio.sleep(delay)
+                        continue
+                else:
+                    reason = (
+                        f"{instance.service}: instance {instance.instance_id} on {self.node} is "
+                        f"fenced: the service moved on to {record.get('instance')} "
+                        f"({record.get('status')}); stopping it"
+                    )
+                    log.warning(reason)
+                    await self._report(instance.service, reason)
+                    await self._stop(instance)
+                    await self.publish_status_quietly()
+                return
+
+    async def _watch_paused(self) -> None:
+        """A source paused for a move serves again on its own if nobody finishes the hand-over.
+
+        It claims the service back in the statestore first (only if the record still names it
+        and says migrating), so it can never serve beside a target that was committed.
+        """
+        limit = self.config.executor.pause_timeout
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            for instance in list(self.instances.values()):
+                since = instance.paused_since
+                if since is None or time.monotonic() - since < limit:
+                    continue
+                self._in_background(self._resume_abandoned(instance))
+                instance.paused_since = time.monotonic()  # one attempt per period
+
+    async def _resume_abandoned(self, instance: Instance) -> None:
+        try:
+            record = await self._bus().request(
+                topics.STATESTORE_REQUESTS,
+                {"op": "get_service", "service": instance.service},
+                self.config.broker.request_timeout,
+            )
+            if (
+                record.get("instance") != instance.instance_id
+                or record.get("status") != "migrating"
+            ):
+                return
+            claimed = {k: v for k, v in record.items() if k != "time"}
+            await self._bus().request(
+                topics.STATESTORE_REQUESTS,
+                {
+                    "op": "put_service",
+                    "record": {**claimed, "status": "serving"},
+                    "expect": {"instance": instance.instance_id, "status": "migrating"},
+                },
+                self.config.broker.request_timeout,
+            )
+        except (RemoteError, BusError) as exc:
+            log.warning("%s: cannot claim %s back yet: %s", self.node, instance.service, exc)
+            return
+        async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
+            if instance.state == "paused":
+                await instance.resume()
+                await self._report(
+                    instance.service,
+                    f"{instance.service}: nobody completed its hand-over within "
+                    f"{self.config.executor.pause_timeout:g} s; it serves again on {self.node}",
+                )
+        await self.publish_status_quietly()
+
+    async def _report(self, service: str, reason: str) -> None:
+        report = {
+            "source": f"ferry-executor-{self.node}",
+            "topic": topics.node_status(self.node),
+            "reason": reason,
+            "service": service,
+            "time": now_ms(),
+        }
+        with contextlib.suppress(BusError):
+            await self._bus().publish(topics.ERRORS, report)
+
+    async def publish_status_quietly(self) -> None:
+        try:
+            await self.publish_status()
+        except BusError as exc:
+            log.warning("%s: status not published: %s", self.node, exc)
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _cmd_restore(self, command: dict[str, Any]) -> dict[str, Any]:
         instance = self._instance(command)
         ref = BlobRef.from_dict(command["checkpoint"])
@@ -307,7 +512,13 @@ class Executor:
             fetched_at = time.time() * 1000
             resumed_at = await instance.restore_image(image_file)
         else:
-            document = checkpoint_blob.unpack(await self.store.get_bytes(ref))
+            document = checkpoint_blob.unpack(
+                await self.store.get_bytes(ref),
+                keyring=self.keyring,
+                service=instance.service,
+                object_key=ref.key,
+                allow_unsealed=self.config.executor.allow_unsealed_checkpoints,
+            )
             fetched = time.perf_counter()
             fetched_at = time.time() * 1000
             resumed_at = await instance.restore(document)
@@ -341,9 +552,7 @@ class Executor:
 
     def _instance_failed(self, instance: Instance) -> None:
         """A guest died on its own: tell the scheduler and operators through the node status."""
-        task = asyncio.create_task(self.publish_status())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._in_background(self.publish_status_quietly())
 
     def _bus(self) -> Bus:
         assert self.bus is not None
@@ -355,20 +564,39 @@ class Executor:
 INSTANCE_RECORD = "instance.json"
 
 
+def instance_dir(instances_dir: Path, instance_id: str) -> Path:
+    """The working directory of an instance, refusing any id that would leave ``instances_dir``.
+
+    The schema already refuses such ids; this is the second lock, since the directory is removed
+    on stop.
+    """
+    workdir = instances_dir / instance_id
+    if workdir.resolve().parent != instances_dir.resolve() or workdir.name != instance_id:
+        raise RemoteError("invalid_name", f"instance id {instance_id!r} is not a plain file name")
+    return workdir
+
+
 def record_instance(workdir: Path, instance: Instance) -> None:
     """Note the guest's pid so a restarted executor can find and end it."""
     pid = instance.guest.pid if instance.guest else None
-    record = {"service": instance.service, "instance": instance.instance_id, "pid": pid}
+    record = {
+        "service": instance.service,
+        "instance": instance.instance_id,
+        "app": instance.app,
+        "runtime": instance.runtime.name,
+        "pid": pid,
+    }
     (workdir / INSTANCE_RECORD).write_bytes(orjson.dumps(record))
 
 
-def clean_up_leftovers(instances_dir: Path) -> list[str]:
-    """End the guests a previous executor process left behind; return their instance ids.
+def clean_up_leftovers(instances_dir: Path) -> list[dict[str, Any]]:
+    """End the guests a previous executor process left behind; return their records.
 
     An executor that restarts has lost its guests' channels, so those guests can never be driven
-    again: their input stays queued in the broker and the scheduler re-places the service.
+    again: their input stays queued in the broker, the node status lists them as ``lost``, and
+    the scheduler recovers their services from their latest durable checkpoints.
     """
-    cleaned = []
+    cleaned: list[dict[str, Any]] = []
     for workdir in sorted(instances_dir.iterdir()) if instances_dir.exists() else []:
         record_file = workdir / INSTANCE_RECORD
         if record_file.exists():
@@ -377,7 +605,8 @@ def clean_up_leftovers(instances_dir: Path) -> list[str]:
             if isinstance(pid, int) and pid > 1:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
-            cleaned.append(str(record.get("instance", workdir.name)))
+            record.setdefault("instance", workdir.name)
+            cleaned.append(record)
             log.warning("cleaned up instance %s left by an earlier executor", workdir.name)
         shutil.rmtree(workdir, ignore_errors=True)
     return cleaned

@@ -57,8 +57,14 @@ class StatestoreClient:
         services: list[dict[str, Any]] = (await self.call("list_services"))["services"]
         return services
 
-    async def put_service(self, record: dict[str, Any]) -> None:
-        await self.call("put_service", record=record)
+    async def put_service(
+        self, record: dict[str, Any], expect: dict[str, Any] | None = None
+    ) -> None:
+        """Store a service record; with ``expect``, only if the stored one still matches."""
+        if expect is None:
+            await self.call("put_service", record=record)
+        else:
+            await self.call("put_service", record=record, expect=expect)
 
     async def record_checkpoint(self, record: dict[str, Any]) -> None:
         await self.call("record_checkpoint", record=record)

@@ -4,7 +4,15 @@ migrate:  planned → target_ready → source_paused → checkpoint_stored → t
           → source_stopped → committed
 suspend:  planned → source_paused → checkpoint_stored → source_stopped → committed
 resume:   planned → target_ready → target_serving → committed
+recover:  planned → target_ready → target_serving → committed (a lost instance is replaced from
+          the service's latest durable checkpoint; without one the target starts fresh and the
+          broker replays every input, none having been acknowledged)
 Any failure: rolling_back → rolled_back (the source serves again, the target is discarded).
+
+A phase fails at once, not at its timeout, when a node it waits for goes offline (its last will)
+or the instance it drives dies (``Liveness``). The commit is a compare-and-set on the service
+record: a paused source that claimed its service back (nobody finished the hand-over) and a
+commit cannot both win.
 
 The source is stopped only after the target confirmed it serves. Before rolling back, the target
 is asked whether it already serves: if it does, it may have applied (and acknowledged) input, so
@@ -26,6 +34,7 @@ from typing import Any
 from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, now_ms
 from services.scheduler.clients import ExecutorClient, StatestoreClient
+from services.scheduler.liveness import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,14 @@ class Plan:
         return cls(**{k: v for k, v in record.items() if k in names})
 
 
+class NodeLost(Exception):
+    """A node a phase waited for went offline, or the instance it drove died."""
+
+
+class CommitRefused(Exception):
+    """The service record changed under the plan (e.g. the paused source claimed it back)."""
+
+
 class MigrationFailed(Exception):
     """A phase failed; ``phase`` is the one that was under way."""
 
@@ -73,10 +90,17 @@ class MigrationFailed(Exception):
 class MigrationRunner:
     """Drives plans through their phases against the executors and records every step."""
 
-    def __init__(self, bus: Bus, executors: ExecutorClient, store: StatestoreClient) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        executors: ExecutorClient,
+        store: StatestoreClient,
+        liveness: Liveness | None = None,
+    ) -> None:
         self.bus = bus
         self.executors = executors
         self.store = store
+        self.liveness = liveness or Liveness()
 
     async def emit(
         self,
@@ -120,18 +144,42 @@ class MigrationRunner:
 
     async def run(self, plan: Plan) -> dict[str, Any]:
         """Carry out a planned migration/suspend/resume; returns the final event's detail."""
-        flow = {"migrate": self._migrate, "suspend": self._suspend, "resume": self._resume}
+        flow = {
+            "migrate": self._migrate,
+            "suspend": self._suspend,
+            "resume": self._resume,
+            "recover": self._recover,
+        }
         try:
             return await flow[plan.kind](plan)
         except MigrationFailed as failure:
             log.warning("%s %s of %s failed: %s", plan.kind, plan.id, plan.service, failure)
-            return await self.roll_back(plan, f"{failure.phase} failed: {failure.cause}")
+            forward = not isinstance(failure.cause, CommitRefused)
+            return await self.roll_back(
+                plan, f"{failure.phase} failed: {failure.cause}", forward=forward
+            )
 
-    async def _step(self, phase: str, coro: Any) -> dict[str, Any]:
+    async def _step(
+        self, phase: str, coro: Any, watch: tuple[str | None, str | None] | None = None
+    ) -> dict[str, Any]:
+        """Await one phase; fail it at once if the node (or instance) it waits for is lost."""
+        task = asyncio.ensure_future(coro)
+        lost: asyncio.Future[str] | None = None
+        if watch is not None and watch[0]:
+            lost = asyncio.ensure_future(self.liveness.gone(watch[0], watch[1]))
         try:
-            result: dict[str, Any] = await coro
+            waited = {task} if lost is None else {task, lost}
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                assert lost is not None
+                task.cancel()
+                raise MigrationFailed(phase, NodeLost(lost.result()))
+            result: dict[str, Any] = task.result()
         except (RemoteError, BusError) as exc:
             raise MigrationFailed(phase, exc) from exc
+        finally:
+            if lost is not None:
+                lost.cancel()
         return result
 
     async def _preboot(self, plan: Plan) -> None:
@@ -150,6 +198,7 @@ class MigrationRunner:
                 mode="wait",
                 migration=plan.id,
             ),
+            (plan.target, None),
         )
         await self.emit(plan, "target_ready", plan.target, detail=ready.get("timings"))
 
@@ -164,10 +213,12 @@ class MigrationRunner:
                 migration=plan.id,
                 stop_after=stop_after,
             ),
+            (plan.source, plan.source_instance),
         )
 
     async def _record_checkpoint(self, plan: Plan, checkpoint: dict[str, Any]) -> None:
-        """Events and the checkpoint record, off the critical path of the restore."""
+        """The phase events, off the critical path of the restore (the source executor records
+        the checkpoint itself, before it acknowledges the input the checkpoint covers)."""
         assert plan.source
         ref = checkpoint["checkpoint"]
         await self.emit(plan, "source_paused", plan.source, at=checkpoint["paused_at"])
@@ -176,15 +227,6 @@ class MigrationRunner:
             "checkpoint_stored",
             plan.source,
             detail={"bytes": ref["size"], "key": ref["key"], **checkpoint.get("timings", {})},
-        )
-        await self.store.record_checkpoint(
-            {
-                "service": plan.service,
-                "migration": plan.id,
-                **ref,
-                "watermark": checkpoint.get("watermark") or {},
-                "time": int(checkpoint["paused_at"]),
-            }
         )
 
     async def _restore(self, plan: Plan, ref: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +241,7 @@ class MigrationRunner:
                 checkpoint=ref,
                 migration=plan.id,
             ),
+            (plan.target, plan.target_instance),
         )
         return restored
 
@@ -241,18 +284,72 @@ class MigrationRunner:
         await self._announce_serving(plan, await self._restore(plan, latest))
         return await self._commit(plan, {"bytes_moved": latest["size"]})
 
+    async def _recover(self, plan: Plan) -> dict[str, Any]:
+        """Replace a lost instance from the latest durable checkpoint (or fresh: see above)."""
+        assert plan.target and plan.target_instance
+        latest = await self._step("recover", self._latest_or_none(plan.service))
+        if latest.get("checkpoint") is None:
+            service = plan.record
+            started = await self._step(
+                "fresh start",
+                self.executors.start(
+                    plan.target,
+                    service=plan.service,
+                    instance=plan.target_instance,
+                    app=service["app"],
+                    runtime=service["runtime"],
+                    image=service["image"],
+                    params=service.get("params") or {},
+                    mode="fresh",
+                    migration=plan.id,
+                ),
+                (plan.target, None),
+            )
+            await self.emit(plan, "target_ready", plan.target, detail=started.get("timings"))
+            await self.emit(plan, "target_serving", plan.target)
+            return await self._commit(plan, {"bytes_moved": 0, "from_checkpoint": None})
+        checkpoint = latest["checkpoint"]
+        await self._preboot(plan)
+        await self._announce_serving(plan, await self._restore(plan, checkpoint))
+        return await self._commit(
+            plan, {"bytes_moved": checkpoint["size"], "from_checkpoint": checkpoint["key"]}
+        )
+
+    async def _latest_or_none(self, service: str) -> dict[str, Any]:
+        return {"checkpoint": await self.store.latest_checkpoint(service)}
+
+    def _commit_expects(self, plan: Plan) -> dict[str, Any]:
+        """What the service record must still say for this plan's commit to win."""
+        if plan.kind == "migrate":
+            return {"instance": plan.source_instance, "status": "migrating"}
+        if plan.kind == "recover":
+            return {"instance": plan.source_instance}
+        return {"status": plan.record.get("status", "suspended")}
+
     async def _commit(self, plan: Plan, detail: dict[str, Any]) -> dict[str, Any]:
         """The target serves: record it, then (only then) stop the source for good."""
-        await self.store.put_service(
-            {
-                **plan.record,
-                "node": plan.target,
-                "instance": plan.target_instance,
-                "epoch": plan.epoch,
-                "status": "serving",
-            }
-        )
-        if plan.source and plan.source_instance:
+        try:
+            await self.store.put_service(
+                {
+                    **plan.record,
+                    "node": plan.target,
+                    "instance": plan.target_instance,
+                    "epoch": plan.epoch,
+                    "status": "serving",
+                },
+                expect=self._commit_expects(plan),
+            )
+        except RemoteError as exc:
+            if exc.code == "conflict":
+                raise MigrationFailed("commit", CommitRefused(exc.message)) from exc
+            raise MigrationFailed("commit", exc) from exc
+        except BusError as exc:
+            raise MigrationFailed("commit", exc) from exc
+        if plan.source and plan.source_instance and not self.liveness.online(plan.source):
+            # A recovery from a node that is gone: nobody to tell. If it comes back, its copy
+            # finds the record naming another instance and stops itself (fenced).
+            detail["source_stop_error"] = f"node {plan.source} is offline"
+        elif plan.source and plan.source_instance:
             try:
                 await self.executors.stop(plan.source, plan.service, plan.source_instance)
                 await self.emit(plan, "source_stopped", plan.source)
@@ -268,7 +365,7 @@ class MigrationRunner:
 
     async def target_serving(self, plan: Plan) -> bool:
         """Does the target already run this plan's instance with input flowing?"""
-        if not plan.target or not plan.target_instance:
+        if not plan.target or not plan.target_instance or self._gone(plan.target):
             return False
         try:
             status = await self.executors.call(plan.target, "status")
@@ -279,27 +376,47 @@ class MigrationRunner:
             for i in status.get("instances", [])
         )
 
-    async def roll_back(self, plan: Plan, reason: str) -> dict[str, Any]:
+    async def roll_back(self, plan: Plan, reason: str, forward: bool = True) -> dict[str, Any]:
         """Undo a failed plan so the source serves again; or finish it if the target serves."""
-        if plan.kind != "suspend" and await self.target_serving(plan):
+        if forward and plan.kind != "suspend" and await self.target_serving(plan):
             log.warning("%s: target already serving; rolling forward", plan.id)
             return await self._commit(plan, {"rolled_forward": reason})
         await self.emit(plan, "rolling_back", detail={"error": reason})
         notes: dict[str, Any] = {"error": reason}
-        if plan.target and plan.target_instance:
+        if plan.target and plan.target_instance and self._gone(plan.target):
+            # Nobody to tell; a restarted executor ends what it ran (reported lost), and a copy
+            # that comes back finds the record naming another instance (fenced).
+            notes["target_stop_error"] = f"node {plan.target} is offline"
+        elif plan.target and plan.target_instance:
             try:
                 await self.executors.stop(plan.target, plan.service, plan.target_instance)
             except (RemoteError, BusError) as exc:
                 notes["target_stop_error"] = str(exc)
-        status = "suspended" if plan.kind == "resume" else "serving"
-        if plan.source and plan.source_instance:
+        status = {"resume": "suspended", "recover": "failed"}.get(plan.kind, "serving")
+        if plan.kind == "resume":
+            status = str(plan.record.get("status") or "suspended")
+        if (
+            plan.source
+            and plan.source_instance
+            and plan.kind != "recover"
+            and self._gone(plan.source)
+        ):
+            notes["source_resume_error"] = f"node {plan.source} is offline"
+            status = "failed"  # and the scheduler recovers it from its latest checkpoint
+        elif plan.source and plan.source_instance and plan.kind != "recover":
             try:
                 await self.executors.resume(plan.source, plan.service, plan.source_instance)
             except (RemoteError, BusError) as exc:
                 notes["source_resume_error"] = str(exc)
                 status = "failed"
         with contextlib.suppress(RemoteError, BusError):
-            await self.store.put_service({**plan.record, "status": status})
+            # Only while the record still names the source: a source that claimed its service
+            # back on its own, or a later plan, has already written what is true.
+            await self.store.put_service(
+                {**plan.record, "status": status},
+                expect={"instance": plan.record.get("instance")},
+            )
+        notes["outcome_status"] = status
         notes["total_ms"] = self._total_ms(plan)
         await self.emit(plan, "rolled_back", detail=notes)
         return notes
@@ -317,6 +434,10 @@ class MigrationRunner:
             await self.emit(plan, "committed", detail={"recovered": reason})
             return {"recovered": reason}
         return await self.roll_back(plan, reason)
+
+    def _gone(self, node: str) -> bool:
+        """Known to be offline (its last will): asking it anything would only wait out a timeout."""
+        return node in self.liveness.nodes and not self.liveness.online(node)
 
     @staticmethod
     def _total_ms(plan: Plan) -> float:

@@ -6,6 +6,9 @@
 - Mobility: a service bound to a device follows it to the node of its new cell once the device has
   stayed there for ``mobility_hysteresis`` seconds (a device bouncing between cells moves nothing).
 - On start it finishes or rolls back whatever a previous scheduler process left in flight.
+- Recovery: a service whose instance is lost (its guest died, its executor restarted, or its node
+  stayed offline longer than ``recovery_grace``) is restored on a healthy node from its latest
+  durable checkpoint (a ``recover`` plan); the record's instance fences the old copy.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import contextlib
 import logging
 from typing import Any
 
-from services.common import images, topics
+from services.common import images, names, topics
+from services.common import params as app_params
 from services.common.blobstore import BlobError, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
 from services.scheduler.clients import ExecutorClient, StatestoreClient
+from services.scheduler.liveness import Liveness
 from services.scheduler.migration import MigrationRunner, Plan, new_migration_id
 
 log = logging.getLogger(__name__)
@@ -61,7 +66,9 @@ class Scheduler:
         self.config = config
         self.blobs = BlobStore(config.s3)
         self.slots = NodeSlots(config.scheduler.max_parallel_per_node)
-        self.nodes: dict[str, dict[str, Any]] = {}
+        self.liveness = Liveness()
+        self.nodes: dict[str, dict[str, Any]] = self.liveness.nodes
+        self._offline_timers: dict[str, asyncio.Task[None]] = {}
         self.busy: dict[str, str] = {}
         self._device_moves: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -78,7 +85,7 @@ class Scheduler:
             timeout = self.config.scheduler.phase_timeout
             self.store = StatestoreClient(bus, timeout)
             self.executors = ExecutorClient(bus, timeout)
-            self.runner = MigrationRunner(bus, self.executors, self.store)
+            self.runner = MigrationRunner(bus, self.executors, self.store, self.liveness)
             for topic_filter in (
                 topics.SCHEDULER_COMMANDS,
                 topics.mobility("+"),
@@ -178,16 +185,21 @@ class Scheduler:
             raise RemoteError("runtime_unavailable", f"{node} cannot run {runtime}: {reason}")
         try:
             image = await images.resolve(self.blobs, command["app"], runtime)
+            declared = images.declared_params(await images.describe(self.blobs, command["app"]))
         except images.ImageNotFound as exc:
             raise RemoteError("unknown_image", str(exc)) from None
         except BlobError as exc:
             raise RemoteError("blob_unavailable", str(exc)) from None
+        try:
+            app_params.check(command["app"], declared, command.get("params") or {})
+        except app_params.ParamError as exc:
+            raise RemoteError("bad_params", str(exc)) from None
         record = {
             "service": name,
             "app": command["app"],
             "runtime": runtime,
             "node": node,
-            "instance": f"{name}.{epoch}",
+            "instance": names.instance_id(name, epoch),
             "epoch": epoch,
             "status": "deploying",
             "device": command.get("device"),
@@ -226,6 +238,26 @@ class Scheduler:
             self.busy.pop(record["service"], None)
         return {"service": record["service"], "status": "stopped"}
 
+    async def _cmd_rm(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Forget a stopped or failed service; a live one must be stopped first (its state)."""
+        assert self.store is not None and self.executors is not None
+        record = await self._service(command["service"])
+        name, status = record["service"], record.get("status")
+        if status not in ("stopped", "failed"):
+            raise RemoteError(
+                "service_active", f"{name} is {status}: stop it first (`ferry stop {name}`)"
+            )
+        self._claim(name, "rm")
+        try:
+            if record.get("node") and record.get("instance"):
+                # A failed guest's instance may still be listed on its node: end it there too.
+                with contextlib.suppress(RemoteError, BusError):
+                    await self.executors.stop(record["node"], name, record["instance"])
+            await self.store.call("delete_service", service=name)
+        finally:
+            self.busy.pop(name, None)
+        return {"service": name, "removed": True}
+
     async def _cmd_bind(self, command: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None
         record = await self._service(command["service"])
@@ -237,6 +269,9 @@ class Scheduler:
     ) -> dict[str, Any]:
         record = await self._service(command["service"])
         target = command["node"]
+        if record.get("status") == "failed":
+            self._require_online(target)
+            return await self._launch(self._recovery_plan(record, target, trigger))
         if record.get("status") != "serving":
             raise RemoteError(
                 "not_serving", f"{record['service']} is {record.get('status')}, not serving"
@@ -253,7 +288,7 @@ class Scheduler:
             source=record["node"],
             target=target,
             source_instance=record["instance"],
-            target_instance=f"{record['service']}.{epoch}",
+            target_instance=names.instance_id(record["service"], epoch),
             epoch=epoch,
             record=_service_fields(record),
         )
@@ -281,6 +316,10 @@ class Scheduler:
 
     async def _cmd_resume(self, command: dict[str, Any]) -> dict[str, Any]:
         record = await self._service(command["service"])
+        if record.get("status") == "failed":
+            # A failed service resumes from its latest durable checkpoint, like a recovery.
+            self._require_online(command["node"])
+            return await self._launch(self._recovery_plan(record, command["node"], "operator"))
         if record.get("status") != "suspended":
             raise RemoteError(
                 "not_suspended", f"{record['service']} is {record.get('status')}, not suspended"
@@ -295,7 +334,7 @@ class Scheduler:
             source=None,
             target=command["node"],
             source_instance=None,
-            target_instance=f"{record['service']}.{epoch}",
+            target_instance=names.instance_id(record["service"], epoch),
             epoch=epoch,
             record=_service_fields(record),
         )
@@ -314,11 +353,21 @@ class Scheduler:
         self._claim(plan.service, plan.id)
         try:
             await self.runner.plan(plan)
-            if plan.kind != "resume":
-                await self.store.put_service({**plan.record, "status": "migrating"})
         except BaseException:
             self.busy.pop(plan.service, None)
             raise
+        if plan.kind in ("migrate", "suspend"):
+            try:
+                await self.store.put_service(
+                    {**plan.record, "status": "migrating"},
+                    expect={"instance": plan.source_instance, "status": "serving"},
+                )
+            except (RemoteError, BusError) as exc:
+                # Recorded as planned: close it now rather than leave it open.
+                self.busy.pop(plan.service, None)
+                with contextlib.suppress(Exception):
+                    await self.runner.emit(plan, "rolled_back", detail={"error": str(exc)})
+                raise RemoteError("not_started", f"{plan.id} not started: {exc}") from exc
         self._spawn(self._drive(plan))
         return {"migration": plan.id, "service": plan.service, "kind": plan.kind}
 
@@ -329,13 +378,21 @@ class Scheduler:
             if self.slots.would_wait(nodes):
                 await self.runner.emit(plan, "queued")
             async with self.slots.hold(nodes):
-                await self.runner.run(plan)
+                outcome = await self.runner.run(plan)
         except Exception as exc:
             log.exception("%s: %s failed unexpectedly", plan.id, plan.kind)
-            with contextlib.suppress(Exception):
-                await self.runner.emit(plan, "failed", detail={"error": str(exc)})
+            # Never leave it open: undo it (or finish it, if the target already serves).
+            try:
+                outcome = await self.runner.roll_back(plan, f"{type(exc).__name__}: {exc}")
+            except Exception as again:
+                log.exception("%s: rolling back failed too", plan.id)
+                outcome = {"outcome_status": "failed"}
+                with contextlib.suppress(Exception):
+                    await self.runner.emit(plan, "failed", detail={"error": str(again)})
         finally:
             self.busy.pop(plan.service, None)
+        if outcome.get("outcome_status") == "failed":
+            self._spawn(self._recover_later(plan.service, "its move failed and left it failed"))
 
     # -- mobility and nodes -----------------------------------------------------------------
 
@@ -361,28 +418,110 @@ class Scheduler:
 
     async def _on_node_status(self, status: dict[str, Any]) -> None:
         node = status["node"]
-        was_online = self.nodes.get(node, {}).get("status") == "online"
-        self.nodes[node] = status
-        if was_online and status["status"] == "offline":
-            await self._report(node, f"node {node} went offline")
+        was_online = self.liveness.online(node)
+        self.liveness.update(status)
+        if status["status"] == "offline":
+            if was_online:
+                await self._report(node, f"node {node} went offline")
+            if node not in self._offline_timers:
+                self._offline_timers[node] = self._spawn(self._recover_node_later(node))
+            return
+        timer = self._offline_timers.pop(node, None)
+        if timer is not None:
+            timer.cancel()
         for instance in status.get("instances", []):
-            if instance["state"] == "failed":
-                self._spawn(self._mark_failed(node, instance))
+            if instance["state"] in ("failed", "lost"):
+                self._spawn(self._instance_lost(node, instance))
 
-    async def _mark_failed(self, node: str, instance: dict[str, Any]) -> None:
-        """A guest died on its own: the service it served is failed until an operator acts."""
-        assert self.store is not None
+    async def _instance_lost(self, node: str, instance: dict[str, Any]) -> None:
+        """A guest died, or its executor restarted without it: recover its service."""
         service = instance["service"]
-        if service in self.busy:
-            return  # a migration in flight decides what happens to it
+        reason = instance.get("reason") or "its guest died"
+        await self._recover(
+            service, instance["instance"], f"{instance['instance']} on {node}: {reason}"
+        )
+
+    async def _recover_node_later(self, node: str) -> None:
+        """A node that stays offline past the grace period: recover everything it served."""
+        assert self.store is not None
+        try:
+            await asyncio.sleep(self.config.scheduler.recovery_grace)
+            if self.liveness.online(node):
+                return
+            for record in await self.store.list_services():
+                if record.get("node") == node and record.get("instance"):
+                    await self._recover(
+                        record["service"], record["instance"], f"node {node} is offline"
+                    )
+        except (RemoteError, BusError) as exc:
+            log.error("cannot recover the services of %s: %s", node, exc)
+        finally:
+            if self._offline_timers.get(node) is asyncio.current_task():
+                del self._offline_timers[node]
+
+    async def _recover_later(self, service: str, reason: str) -> None:
+        await asyncio.sleep(self.config.scheduler.recovery_grace)
+        assert self.store is not None
         try:
             record = await self.store.get_service(service)
         except (RemoteError, BusError):
             return
-        if record.get("instance") != instance["instance"] or record["status"] != "serving":
+        if record.get("status") == "failed" and record.get("instance"):
+            await self._recover(service, record["instance"], reason)
+
+    async def _recover(self, service: str, lost_instance: str, reason: str) -> None:
+        """Restore ``service`` elsewhere if its record still names ``lost_instance``."""
+        assert self.store is not None
+        if service in self.busy:
+            return  # a plan in flight decides what happens to it (it fails fast on the loss)
+        try:
+            record = await self.store.get_service(service)
+        except (RemoteError, BusError):
             return
-        await self.store.put_service({**_service_fields(record), "status": "failed"})
-        await self._report(node, f"{service}: its guest {instance['instance']} on {node} died")
+        if record.get("instance") != lost_instance or record.get("status") not in (
+            "serving",
+            "failed",
+            "recovering",
+        ):
+            return
+        target = self._recovery_target(record)
+        if target is None:
+            await self.store.put_service({**_service_fields(record), "status": "failed"})
+            await self._report(
+                record.get("node") or "?", f"{service}: {reason}; no node can take it over yet"
+            )
+            return
+        await self._report(
+            record.get("node") or target, f"{service}: {reason}; recovering it on {target}"
+        )
+        with contextlib.suppress(RemoteError):
+            await self._launch(self._recovery_plan(record, target, "recovery"))
+
+    def _recovery_target(self, record: dict[str, Any]) -> str | None:
+        """An online node offering the service's runtime; another node than the lost one if
+        possible, the least loaded first."""
+        candidates = [
+            (node != record.get("node"), -len(status.get("instances", [])), node)
+            for node, status in self.liveness.nodes.items()
+            if status.get("status") == "online"
+            and record.get("runtime") in status.get("runtimes", [])
+        ]
+        return max(candidates)[2] if candidates else None
+
+    def _recovery_plan(self, record: dict[str, Any], target: str, trigger: str) -> Plan:
+        epoch = int(record["epoch"]) + 1
+        return Plan(
+            id=new_migration_id(),
+            kind="recover",
+            service=record["service"],
+            trigger=trigger,
+            source=record.get("node"),
+            target=target,
+            source_instance=record.get("instance"),
+            target_instance=names.instance_id(record["service"], epoch),
+            epoch=epoch,
+            record=_service_fields(record),
+        )
 
     async def _report(self, node: str, reason: str) -> None:
         if self.bus is None:

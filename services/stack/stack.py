@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.common import checkpoint_blob
 from services.common import config as config_module
 from services.common.config import FerryConfig
 from services.stack import memcached, mosquitto, mqtt, state, swift
@@ -205,8 +206,17 @@ class Stack:
         cfg = self._config
         host = cfg.stack.host
         s3_host = f"[{host}]" if ":" in host else host
+        executor = cfg.executor
+        if not executor.checkpoint_key_file:
+            # Sealed by default: a key of the stack's own, made once under its state dir.
+            keys = self._dir / "checkpoint.keys"
+            if not keys.exists():
+                self._dir.mkdir(parents=True, exist_ok=True)
+                checkpoint_blob.Keyring.create(keys)
+            executor = dataclasses.replace(executor, checkpoint_key_file=str(keys))
         return dataclasses.replace(
             cfg,
+            executor=executor,
             stack=dataclasses.replace(cfg.stack, dir=self._dir),
             broker=dataclasses.replace(cfg.broker, host=host, port=ports["broker"]),
             s3=dataclasses.replace(cfg.s3, endpoint=f"{s3_host}:{ports['s3']}"),

@@ -12,6 +12,14 @@ write rate (a few events per migration).
 Every write is idempotent, because the broker redelivers whatever was not acknowledged: services
 and migrations are upserts, a checkpoint is keyed by its blob (service, key), and a migration event
 by (migration, phase, time, actor).
+
+Retention (schema version 2): a checkpoint that falls out of a service's newest ``keep`` (and that
+no open migration names) leaves ``checkpoints`` in the same transaction that recorded its successor
+and goes to ``blob_garbage``, which the service drains by deleting the S3 objects once they are due
+(see ``service.py``). The queue is a table, not memory, so a crash or an unreachable S3 store
+delays a deletion but never forgets one. Services stopped or deleted longer than a grace ago lose
+their checkpoints the same way; finished migrations older than the retention period are pruned
+with their events.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 
 import orjson
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # One script per schema version; a database at version n runs scripts n+1.. on open.
 _SCHEMA: dict[int, str] = {
@@ -95,6 +103,20 @@ _SCHEMA: dict[int, str] = {
         doc       TEXT NOT NULL,            -- the event document, verbatim
         UNIQUE (migration, phase, time, actor)
     );
+    """,
+    2: """
+    CREATE TABLE blob_garbage (
+        bucket    TEXT NOT NULL,
+        key       TEXT NOT NULL,
+        due       INTEGER NOT NULL,         -- ms: not deleted before (a reader may still fetch it)
+        PRIMARY KEY (bucket, key)
+    );
+    CREATE INDEX blob_garbage_by_due ON blob_garbage (due);
+    CREATE TABLE retired (
+        service   TEXT PRIMARY KEY,         -- deleted by delete_service at ``since`` (ms):
+        since     INTEGER NOT NULL          -- its checkpoints go after a grace
+    );
+    CREATE INDEX migrations_by_update ON migrations (outcome, updated);
     """,
 }
 
@@ -207,17 +229,30 @@ class Database:
 
     # -- services ----------------------------------------------------------------------------
 
-    def put_service(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def put_service(
+        self, doc: dict[str, Any], expect: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Store a complete service-state document; refuse one with an older epoch.
 
         Why the epoch check: the statestore's session is persistent, so a request that sat in
         the broker while the statestore was down can arrive after newer ones; a lower epoch
         is such a stale write and must not roll the record back.
+        ``expect`` makes it a compare-and-set: the stored record must still have those values
+        (a commit and a paused source claiming its service back cannot both win).
         """
         with self._tx() as conn:
             row = conn.execute(
-                "SELECT epoch FROM services WHERE name = ?", (doc["service"],)
+                "SELECT epoch, instance, status FROM services WHERE name = ?", (doc["service"],)
             ).fetchone()
+            for field_name, wanted in (expect or {}).items():
+                stored = row[field_name] if row is not None else None
+                if stored != wanted:
+                    raise Conflict(
+                        "conflict",
+                        f"service {doc['service']!r} has {field_name} {stored!r}, "
+                        f"not {wanted!r}; refusing the write",
+                        {field_name: stored},
+                    )
             if row is not None and doc["epoch"] < row["epoch"]:
                 raise Conflict(
                     "stale_epoch",
@@ -227,6 +262,7 @@ class Database:
                 )
             params = doc.get("params")
             image = doc.get("image")
+            conn.execute("DELETE FROM retired WHERE service = ?", (doc["service"],))
             conn.execute(
                 "INSERT OR REPLACE INTO services (name, app, runtime, node, instance, epoch, "
                 "status, device, params, image, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -257,16 +293,45 @@ class Database:
         rows = self.conn.execute("SELECT * FROM services ORDER BY name").fetchall()
         return [_service_doc(row) for row in rows]
 
-    def delete_service(self, name: str) -> bool:
-        """Forget a service (its checkpoints and migrations stay as history); True if it existed."""
+    def delete_service(self, name: str, now: int = 0) -> bool:
+        """Forget a service; True if it existed. Its migrations stay as history (until the
+        retention period), its checkpoints until ``collect`` retires them after a grace."""
         with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO retired (service, since) VALUES (?, ?) ON CONFLICT (service) "
+                "DO NOTHING",
+                (name, now),
+            )
             return conn.execute("DELETE FROM services WHERE name = ?", (name,)).rowcount > 0
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def record_checkpoint(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Store a checkpoint (flat fields, see ``_checkpoint_doc``); the same key twice is one."""
+    def record_checkpoint(
+        self, record: dict[str, Any], keep: int | None = None, due: int = 0
+    ) -> dict[str, Any]:
+        """Store a checkpoint (flat fields, see ``_checkpoint_doc``); the same key twice is one.
+
+        A record naming its ``instance`` is refused (``not_owner``) unless the service record
+        names that instance: a copy that was fenced off must never become the recovery point.
+        With ``keep``, the service's checkpoints beyond its newest ``keep`` go to the blob
+        garbage (deletable from ``due`` on) in the same transaction: one commit, one fsync.
+        """
         with self._tx() as conn:
+            if record.get("instance"):
+                owner = conn.execute(
+                    "SELECT instance FROM services WHERE name = ?", (record["service"],)
+                ).fetchone()
+                if owner is not None and owner["instance"] != record["instance"]:
+                    raise Conflict(
+                        "not_owner",
+                        f"service {record['service']!r} is served by {owner['instance']!r}, "
+                        f"not {record['instance']!r}; checkpoint not recorded",
+                    )
+            # Recorded again (a redelivery, or a key reused): the blob is live, not garbage.
+            conn.execute(
+                "DELETE FROM blob_garbage WHERE bucket = ? AND key = ?",
+                (record["bucket"], record["key"]),
+            )
             conn.execute(
                 "INSERT INTO checkpoints (service, bucket, key, sha256, size, watermark, time, "
                 "migration) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (service, key) DO UPDATE "
@@ -284,10 +349,12 @@ class Database:
                     record.get("migration"),
                 ),
             )
-        row = self.conn.execute(
-            "SELECT * FROM checkpoints WHERE service = ? AND key = ?",
-            (record["service"], record["key"]),
-        ).fetchone()
+            row = conn.execute(
+                "SELECT * FROM checkpoints WHERE service = ? AND key = ?",
+                (record["service"], record["key"]),
+            ).fetchone()
+            if keep is not None:
+                _retire_checkpoints(conn, record["service"], max(1, keep), due)
         return _checkpoint_doc(row)
 
     def latest_checkpoint(self, service: str) -> dict[str, Any]:
@@ -307,6 +374,106 @@ class Database:
             (service, limit),
         ).fetchall()
         return [_checkpoint_doc(row) for row in rows]
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def collect(
+        self, now: int, keep: int, stopped_before: int, finished_before: int, due: int
+    ) -> dict[str, Any]:
+        """One retention sweep (cheap when there is nothing to do: reads first, writes only if
+        needed). Returns ``{"checkpoints": n, "migrations": n, "forgotten": [...],
+        "deleted": [...]}``: the forgotten (stopped) services had their record deleted, so their
+        retained state is stale; the deleted ones were retired after their grace.
+
+        - every service's checkpoints beyond its newest ``keep`` (catch-up after a change of
+          ``keep``; normally ``record_checkpoint`` already did it);
+        - all checkpoints of services stopped (status ``stopped``, last written before
+          ``stopped_before``) or deleted before ``stopped_before``; a stopped one is forgotten;
+        - finished migrations last updated before ``finished_before``, with their events.
+        """
+        conn = self.conn
+        over = conn.execute(
+            "SELECT service FROM checkpoints GROUP BY service HAVING COUNT(*) > ?", (max(1, keep),)
+        ).fetchall()
+        stopped = [
+            row["name"]
+            for row in conn.execute(
+                "SELECT name FROM services WHERE status = 'stopped' AND time < ?",
+                (stopped_before,),
+            )
+        ]
+        deleted = [
+            row["service"]
+            for row in conn.execute(
+                "SELECT service FROM retired WHERE since < ?", (stopped_before,)
+            )
+        ]
+        old = conn.execute(
+            "SELECT COUNT(*) FROM migrations WHERE outcome IS NOT NULL AND updated < ?",
+            (finished_before,),
+        ).fetchone()[0]
+        result: dict[str, Any] = {
+            "checkpoints": 0,
+            "migrations": old,
+            "forgotten": stopped,
+            "deleted": deleted,
+        }
+        if not (over or stopped or deleted or old):
+            return result
+        with self._tx() as tx:
+            for row in over:
+                result["checkpoints"] += _retire_checkpoints(tx, row["service"], max(1, keep), due)
+            for service in [*stopped, *deleted]:
+                result["checkpoints"] += _retire_checkpoints(tx, service, 0, due)
+                tx.execute("DELETE FROM retired WHERE service = ?", (service,))
+            for service in stopped:
+                tx.execute("DELETE FROM services WHERE name = ? AND status = 'stopped'", (service,))
+            if old:
+                finished = "SELECT id FROM migrations WHERE outcome IS NOT NULL AND updated < ?"
+                tx.execute(
+                    f"DELETE FROM migration_events WHERE migration IN ({finished})",
+                    (finished_before,),
+                )
+                tx.execute(
+                    "DELETE FROM migrations WHERE outcome IS NOT NULL AND updated < ?",
+                    (finished_before,),
+                )
+        return result
+
+    def due_garbage(self, now: int, limit: int = 200) -> list[tuple[str, str]]:
+        """Blobs (bucket, key) whose deletion is due and that no checkpoint names any more."""
+        rows = self.conn.execute(
+            "SELECT bucket, key FROM blob_garbage g WHERE due <= ? AND NOT EXISTS "
+            "(SELECT 1 FROM checkpoints c WHERE c.bucket = g.bucket AND c.key = g.key) "
+            "ORDER BY due LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [(row["bucket"], row["key"]) for row in rows]
+
+    def next_garbage_due(self) -> int | None:
+        """When the next blob deletion is due (ms), or None if nothing waits."""
+        value = self.conn.execute("SELECT MIN(due) FROM blob_garbage").fetchone()[0]
+        return None if value is None else int(value)
+
+    def forget_garbage(self, blobs: list[tuple[str, str]]) -> None:
+        """The blobs are deleted from S3 (or were never there): drop them from the queue. A
+        blob recorded again meanwhile has no garbage row any more, so nothing live is lost."""
+        if not blobs:
+            return
+        with self._tx() as conn:
+            conn.executemany("DELETE FROM blob_garbage WHERE bucket = ? AND key = ?", blobs)
+            # A blob named by a checkpoint again is live: drop its garbage entry too.
+            conn.execute(
+                "DELETE FROM blob_garbage WHERE EXISTS (SELECT 1 FROM checkpoints c "
+                "WHERE c.bucket = blob_garbage.bucket AND c.key = blob_garbage.key)"
+            )
+
+    def storage_counts(self) -> dict[str, int]:
+        """Rows per table: what retention keeps bounded (for tests and operators)."""
+        tables = ("nodes", "services", "checkpoints", "migrations", "migration_events",
+                  "blob_garbage", "retired")  # fmt: skip
+        count = "SELECT COUNT(*) FROM {}"
+        return {t: int(self.conn.execute(count.format(t)).fetchone()[0]) for t in tables}
 
     # -- migrations --------------------------------------------------------------------------
 
@@ -455,6 +622,27 @@ class Database:
         if row is None:
             raise NotFound("unknown_migration", f"no migration {migration!r}")
         return _migration_doc(row)
+
+
+def _retire_checkpoints(conn: sqlite3.Connection, service: str, keep: int, due: int) -> int:
+    """Move ``service``'s checkpoints beyond its newest ``keep`` to the blob garbage; one that an
+    open migration names stays (its target may still be fetching it). Returns how many went."""
+    rows = conn.execute(
+        "SELECT id, bucket, key FROM checkpoints WHERE service = ? AND (migration IS NULL OR "
+        "migration NOT IN (SELECT id FROM migrations WHERE outcome IS NULL)) "
+        "AND id NOT IN (SELECT id FROM checkpoints WHERE service = ? "
+        "ORDER BY time DESC, id DESC LIMIT ?)",
+        (service, service, keep),
+    ).fetchall()
+    if not rows:
+        return 0
+    conn.executemany(
+        "INSERT INTO blob_garbage (bucket, key, due) VALUES (?, ?, ?) "
+        "ON CONFLICT (bucket, key) DO UPDATE SET due = MAX(due, excluded.due)",
+        [(row["bucket"], row["key"], due) for row in rows],
+    )
+    conn.executemany("DELETE FROM checkpoints WHERE id = ?", [(row["id"],) for row in rows])
+    return len(rows)
 
 
 def _number(value: Any) -> float | int | None:

@@ -9,6 +9,13 @@ write is idempotent (see ``db.py``), so a second delivery changes nothing.
 Messages are handled one at a time, in arrival order: writes are serialised by the single database
 thread anyway, and in-order handling keeps each service's retained state in the order its writes
 were made.
+
+Storage stays bounded (``statestore.keep_checkpoints`` and the other retention keys): recording a
+checkpoint moves the service's surplus ones to the blob garbage in the same transaction, and a
+background collector deletes their S3 objects once ``checkpoint_grace`` has passed, after the
+reply; a sweep every ``collect_interval`` also retires stopped and deleted services (after
+``stopped_grace``: checkpoints, record, retained state) and prunes finished migrations older than
+``migration_retention``.
 """
 
 from __future__ import annotations
@@ -22,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jsonschema import Draft202012Validator
-
 from services.common import contract, topics
+from services.common.blobstore import BlobError, BlobNotFound, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
 from services.statestore.db import DEFAULT_LIMIT, Conflict, Database, NotFound
@@ -41,12 +47,12 @@ SESSION_EXPIRY_S = 86400
 T = TypeVar("T")
 
 
-def _check(validator: Draft202012Validator, record: dict[str, Any], what: str) -> None:
+def _check(validator: contract.Validator, record: dict[str, Any], what: str) -> None:
     """Raise RemoteError('invalid_record') naming the first violation."""
-    error = next(iter(validator.iter_errors(record)), None)
+    error = validator.first_error(record)
     if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        raise RemoteError("invalid_record", f"{what}: at {where}: {error.message}")
+        where, message = error
+        raise RemoteError("invalid_record", f"{what}: at {where}: {message}")
 
 
 def database_path(config: FerryConfig) -> Path:
@@ -77,6 +83,10 @@ class StatestoreService:
         self._db: Database | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._service_state = contract.validator("service-state.schema.json")
+        self.blobs: BlobStore | None = None
+        self._collect_now = asyncio.Event()
+        #: What the collector did so far (tests and operators read it).
+        self.collected = {"blobs": 0, "checkpoints": 0, "migrations": 0, "services": 0}
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -109,6 +119,7 @@ class StatestoreService:
                     topics.component_status(COMPONENT), lambda: self._component_status("online")
                 )
                 serve = asyncio.create_task(self._serve(bus), name="statestore-serve")
+                collector = asyncio.create_task(self._collector(), name="statestore-collect")
                 self.ready.set()
                 try:
                     if stop is None:
@@ -122,8 +133,10 @@ class StatestoreService:
                 finally:
                     self.ready.clear()
                     serve.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await serve
+                    collector.cancel()
+                    for task in (serve, collector):
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                     bus.withdraw(topics.component_status(COMPONENT))
                     with contextlib.suppress(BusError):
                         await bus.publish(
@@ -169,6 +182,103 @@ class StatestoreService:
                 # Never let one message stop the service; it stays unacked and comes again
                 # after the next reconnect.
                 log.exception("statestore: could not handle a message on %s", message.topic)
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def _collector(self) -> None:
+        """Delete due garbage blobs whenever woken (after a checkpoint is recorded) or due, and
+        sweep the database every ``collect_interval``. Never raises: a failure is logged and
+        retried on the next pass, since the queue of blobs to delete lives in the database."""
+        retention = self.config.statestore
+        loop = asyncio.get_running_loop()
+        next_sweep = 0.0
+        while True:
+            try:
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + retention.collect_interval
+                    await self.sweep()
+                await self.delete_due_blobs()
+                due = await self._call(self._database().next_garbage_due)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("statestore: retention pass failed; retrying later")
+                due = None
+            timeout = max(0.0, next_sweep - loop.time())
+            if due is not None:
+                timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._collect_now.wait(), timeout)
+            self._collect_now.clear()
+
+    async def sweep(self) -> dict[str, Any]:
+        """One retention sweep of the database (see ``Database.collect``); clears the retained
+        state of every stopped service it forgot."""
+        retention = self.config.statestore
+        now = now_ms()
+        result = await self._call(
+            self._database().collect,
+            now,
+            retention.keep_checkpoints,
+            now - int(retention.stopped_grace * 1000),
+            now - int(retention.migration_retention * 1000),
+            now + int(retention.checkpoint_grace * 1000),
+        )
+        assert self.bus is not None
+        for service in result["forgotten"]:
+            await self.bus.publish(topics.service_state(service), None, retain=True)
+        for service in [*result["forgotten"], *result["deleted"]]:
+            await self._end_input_session(service)
+        self.collected["checkpoints"] += result["checkpoints"]
+        self.collected["migrations"] += result["migrations"]
+        self.collected["services"] += len(result["forgotten"])
+        if result["checkpoints"] or result["migrations"] or result["forgotten"]:
+            log.info(
+                "statestore: retired %d checkpoints, %d finished migrations, %d stopped services",
+                result["checkpoints"],
+                result["migrations"],
+                len(result["forgotten"]),
+            )
+        return result
+
+    async def _end_input_session(self, service: str) -> None:
+        """Discard a retired service's persistent input session (and the inputs the broker
+        queued for it, up to max_queued_messages for 7 days): a clean-start connect with its
+        client id and no expiry ends the session. Only for services stopped or deleted for
+        ``stopped_grace``, since it would also cut off a live owner. Best effort."""
+        from services.executor.instance import session_client_id  # the one definition
+
+        try:
+            async with Bus(self.config.broker, session_client_id(service), connect_timeout=5.0):
+                pass
+        except (BusError, OSError) as exc:
+            log.warning("statestore: could not end the input session of %s: %s", service, exc)
+
+    async def delete_due_blobs(self) -> int:
+        """Delete the S3 objects of collected checkpoints that are due; returns how many went.
+        A blob that cannot be deleted now stays queued for the next pass."""
+        deleted = 0
+        while batch := await self._call(self._database().due_garbage, now_ms()):
+            if self.blobs is None:
+                self.blobs = BlobStore(self.config.s3)
+            done: list[tuple[str, str]] = []
+            failure: BlobError | None = None
+            for bucket, key in batch:
+                try:
+                    await self.blobs.delete(key, bucket=bucket)
+                except BlobNotFound:
+                    pass  # already gone: as good as deleted
+                except BlobError as exc:
+                    failure = exc
+                    break
+                done.append((bucket, key))
+            await self._call(self._database().forget_garbage, done)
+            deleted += len(done)
+            self.collected["blobs"] += len(done)
+            if failure is not None:
+                log.warning("statestore: cannot delete old checkpoints from S3 yet: %s", failure)
+                break
+        return deleted
 
     # -- subscriptions ------------------------------------------------------------------------
 
@@ -273,14 +383,14 @@ class StatestoreService:
             )
         record["time"] = now_ms()
         _check(self._service_state, record, "service-state record")
-        doc = await self._call(self._database().put_service, record)
+        doc = await self._call(self._database().put_service, record, request.get("expect"))
         assert self.bus is not None
         await self.bus.publish(topics.service_state(doc["service"]), doc, retain=True)
         return doc
 
     async def _op_delete_service(self, request: dict[str, Any]) -> dict[str, Any]:
         service = request["service"]
-        existed = await self._call(self._database().delete_service, service)
+        existed = await self._call(self._database().delete_service, service, now_ms())
         assert self.bus is not None
         # Cleared even if it was not stored: a retained state left over is worse than none.
         await self.bus.publish(topics.service_state(service), None, retain=True)
@@ -290,7 +400,13 @@ class StatestoreService:
         # The record's shape is checked by the bus (statestore-request.schema.json).
         record = self._record(request)
         record.setdefault("time", now_ms())
-        return await self._call(self._database().record_checkpoint, record)
+        retention = self.config.statestore
+        due = now_ms() + int(retention.checkpoint_grace * 1000)
+        doc = await self._call(
+            self._database().record_checkpoint, record, retention.keep_checkpoints, due
+        )
+        self._collect_now.set()  # the S3 deletions happen after this reply, in the collector
+        return doc
 
     async def _op_latest_checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self._call(self._database().latest_checkpoint, request["service"])

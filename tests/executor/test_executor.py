@@ -10,14 +10,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import orjson
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from services.cli.simulate import Simulator
-from services.common import contract, images, topics
+from services.common import checkpoint_blob, contract, images, topics
 from services.common.blobstore import BlobRef, BlobStore
 from services.common.bus import Bus, RemoteError, now_ms
 from services.common.config import FerryConfig
+from services.executor.service import instance_dir
 from tests.conftest import ServiceProcesses, stack_config, wait_online
 
 RUNTIMES = ["unix", "microvm"]
@@ -208,15 +212,21 @@ async def test_a_document_for_another_app_is_refused_by_the_guest(cluster: Any) 
     await edge_b("start", mode="wait", **start_args(service, f"{service}.2", "unix", manifests))
     example = orjson.loads((contract.SCHEMA_DIR / "checkpoint.schema.json").read_bytes())
     foreign = {**example["examples"][0], "app": {"name": "aggregator", "version": "1.0.0"}}
-    document = orjson.dumps(foreign)
-    ref = await BlobStore(config.s3).put_bytes(f"checkpoints/{service}/foreign.json", document)
+    key = f"checkpoints/{service}/foreign.json"
+    keyring = checkpoint_blob.Keyring.configured(config.executor.checkpoint_key_file)
+    assert keyring is not None  # the stack seals checkpoints by default
+    # Sealed for this service, so it is the guest (not the seal) that refuses it.
+    blob = checkpoint_blob.pack(
+        orjson.dumps(foreign), keyring=keyring, service=service, object_key=key
+    )
+    ref = await BlobStore(config.s3).put_bytes(key, blob)
     with pytest.raises(RemoteError) as refused:
         await edge_b("restore", service=service, instance=f"{service}.2", checkpoint=ref.to_dict())
     assert refused.value.code == "guest_refused"
     assert "app" in refused.value.message
 
 
-async def test_executor_restart_cleans_up_the_instances_it_ran(
+async def test_executor_restart_ends_and_reports_the_instances_it_ran(
     cluster: Any, processes: ServiceProcesses
 ) -> None:
     config, edge_a, _, manifests = cluster
@@ -235,7 +245,10 @@ async def test_executor_restart_cleans_up_the_instances_it_ran(
     await wait_online(config, [topics.node_status("edge-a")], since=restarted_at)
     status = await edge_a("status")
     assert f"{service}.1" in status["cleaned_up"]
-    assert all(i["service"] != service for i in status["instances"])
+    # Reported, not hidden: the scheduler recovers the service from its latest checkpoint.
+    [lost] = [i for i in status["instances"] if i["service"] == service]
+    assert lost["state"] == "lost" and lost["instance"] == f"{service}.1"
+    assert "executor process ended" in lost["reason"]
     assert not Path(f"/proc/{record['pid']}").exists() or _is_zombie(record["pid"])
     assert instance["state"] == "serving"
 
@@ -304,3 +317,46 @@ async def test_a_full_image_cache_disk_is_a_clear_error_and_the_executor_keeps_s
         assert str(tiny_disk) in refused.value.message
         assert await full.instances() in ({}, {f"{service}.1": "failed"})
         assert list(tiny_disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("instance", ["..", ".", ".hidden"])
+async def test_a_forged_instance_id_that_would_leave_the_instances_dir_is_refused(
+    cluster: Any, instance: str
+) -> None:
+    """A raw MQTT start (no client-side validation) naming ``..``: the executor's own directory
+    (``instances/..``, with its image cache) would be the instance's and be removed with it."""
+    config, edge_a, _, manifests = cluster
+    node_root = config.stack.dir / "nodes" / "edge-a"
+    forged = {
+        "command": "start",
+        "request_id": uuid.uuid4().hex,
+        "mode": "fresh",
+        **start_args("victim", instance, "unix", manifests),
+    }
+    props = Properties(PacketTypes.PUBLISH)
+    reply_topic = topics.replies("anonymous", f"forger-{uuid.uuid4().hex[:6]}")
+    props.ResponseTopic = reply_topic
+    props.CorrelationData = b"forged"
+    async with aiomqtt.Client(
+        config.broker.host, config.broker.port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as raw:
+        await raw.subscribe(reply_topic, qos=1)
+        await raw.publish(
+            topics.node_commands("edge-a"), orjson.dumps(forged), qos=1, properties=props
+        )
+        async with asyncio.timeout(20):
+            reply = orjson.loads((await anext(aiter(raw.messages))).payload)
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid_message"
+    assert (node_root / "instances").is_dir()
+    assert all(i["service"] != "victim" for i in (await edge_a("status"))["instances"])
+
+
+@pytest.mark.parametrize("instance", ["..", ".", "", "a/b", "../edge-b", "/etc"])
+def test_the_executor_builds_no_instance_path_outside_its_instances_dir(
+    tmp_path: Path, instance: str
+) -> None:
+    """The second lock behind the schema: whatever id reaches it, no path outside the dir."""
+    with pytest.raises(RemoteError) as refused:
+        instance_dir(tmp_path, instance)
+    assert refused.value.code == "invalid_name"
+    assert instance_dir(tmp_path, "svc-1.2") == tmp_path / "svc-1.2"

@@ -23,6 +23,7 @@ from bench.broker_persistence import Producer, Session
 from services.common import topics
 from services.common.bus import Bus, now_ms
 from services.common.config import FerryConfig
+from services.executor.instance import RECEIVE_MAXIMUM
 from services.stack import Stack
 from tests.conftest import ServiceProcesses, stack_config, wait_online
 
@@ -106,7 +107,8 @@ async def test_a_service_holding_a_second_of_input_unacknowledged_does_not_stall
     infra: FerryConfig,
 ) -> None:
     """The executor acknowledges input with its checkpoint (about 1 s at up to 5000 inputs/s):
-    the broker must keep delivering while that many are unacknowledged."""
+    the broker (whose max_inflight_messages once was 100) must keep delivering while that many
+    are unacknowledged to a session asking for the executor's Receive Maximum."""
     held = 6000
     topic = f"durability/window/{uuid.uuid4().hex[:8]}"
     bus = Bus(
@@ -115,6 +117,7 @@ async def test_a_service_holding_a_second_of_input_unacknowledged_does_not_stall
         session_expiry=60,
         manual_ack=True,
         validate_inbound=False,
+        receive_maximum=RECEIVE_MAXIMUM,  # what a service's input session asks for
     )
     async with bus:
         await bus.subscribe(topic)

@@ -118,3 +118,89 @@ def test_checkpoints_keyed_by_blob(tmp_path: Path) -> None:
     with pytest.raises(NotFound) as info:
         db.latest_checkpoint("other")
     assert info.value.code == "no_checkpoint"
+
+
+def checkpoint(service: str, n: int, **extra: object) -> dict[str, object]:
+    return {"service": service, "bucket": "ferry", "key": f"{service}/{n}", "sha256": SHA,
+            "size": 3, "watermark": {"p": n}, "time": n, **extra}  # fmt: skip
+
+
+def test_storage_is_flat_across_a_thousand_checkpoints(tmp_path: Path) -> None:
+    db = Database(tmp_path / "s.db")
+    for n in range(1, 1001):
+        db.record_checkpoint(checkpoint("svc", n), keep=3, due=n)
+        assert db.latest_checkpoint("svc")["checkpoint"]["key"] == f"svc/{n}"
+        db.forget_garbage(db.due_garbage(now=n))  # what the collector does after S3 deletes
+        assert db.storage_counts()["checkpoints"] == min(n, 3)
+        assert db.storage_counts()["blob_garbage"] == 0
+    assert [c["time"] for c in db.list_checkpoints("svc")] == [1000, 999, 998]
+    # keep=0 still keeps the latest: a service is never left without its state.
+    db.record_checkpoint(checkpoint("svc", 1001), keep=0, due=0)
+    assert [c["time"] for c in db.list_checkpoints("svc")] == [1001]
+
+
+def test_garbage_waits_for_its_grace_and_a_re_recorded_blob_is_live(tmp_path: Path) -> None:
+    db = Database(tmp_path / "s.db")
+    db.record_checkpoint(checkpoint("svc", 1), keep=1, due=50)
+    db.record_checkpoint(checkpoint("svc", 2), keep=1, due=50)
+    assert db.due_garbage(now=49) == []
+    assert db.next_garbage_due() == 50
+    assert db.due_garbage(now=50) == [("ferry", "svc/1")]
+    # Redelivered before its blob went: recorded again and newest by time, so live again.
+    db.record_checkpoint(checkpoint("svc", 1, time=3), keep=1, due=60)
+    assert db.due_garbage(now=100) == [("ferry", "svc/2")]
+    assert db.latest_checkpoint("svc")["checkpoint"]["key"] == "svc/1"
+
+
+def test_collect_retires_stopped_and_deleted_services_and_old_migrations(tmp_path: Path) -> None:
+    db = Database(tmp_path / "s.db")
+    for name in ("stopped", "deleted", "serving"):
+        db.put_service({**service(1), "service": name, "time": 100})
+        db.record_checkpoint(checkpoint(name, 1))
+    db.put_service({**service(2), "service": "stopped", "status": "stopped", "time": 100})
+    db.delete_service("deleted", now=100)
+    db.record_event(event("planned", 10), now=100)
+    db.record_event(event("committed", 20), now=100)
+    db.record_event({**event("planned", 30), "migration": "m-open"}, now=100)
+    # Inside every grace: nothing goes.
+    nothing = db.collect(now=150, keep=3, stopped_before=100, finished_before=100, due=150)
+    assert nothing == {"checkpoints": 0, "migrations": 0, "forgotten": [], "deleted": []}
+    done = db.collect(now=200, keep=3, stopped_before=101, finished_before=101, due=200)
+    assert done["forgotten"] == ["stopped"] and done["deleted"] == ["deleted"]
+    assert (done["checkpoints"], done["migrations"]) == (2, 1)
+    assert sorted(db.due_garbage(now=200)) == [("ferry", "deleted/1"), ("ferry", "stopped/1")]
+    with pytest.raises(NotFound):
+        db.get_service("stopped")
+    with pytest.raises(NotFound):
+        db.get_migration("m-1")
+    assert db.get_migration("m-open")["events"]  # an open migration is never pruned
+    assert db.latest_checkpoint("serving")["checkpoint"]["key"] == "serving/1"
+    assert db.storage_counts()["migration_events"] == 1
+    assert db.storage_counts()["retired"] == 0
+    # A redeployed service is not retired by its old deletion.
+    db.delete_service("serving", now=300)
+    db.put_service({**service(3), "service": "serving"})
+    db.collect(now=400, keep=3, stopped_before=400, finished_before=0, due=400)
+    assert db.latest_checkpoint("serving")["checkpoint"]["key"] == "serving/1"
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    from services.statestore.db import _SCHEMA
+
+    conn = sqlite3.connect(tmp_path / "s.db")
+    conn.executescript(_SCHEMA[1])
+    conn.execute(
+        "INSERT INTO checkpoints (service, bucket, key, sha256, size, watermark, time) "
+        "VALUES ('svc', 'ferry', 'old', ?, 1, '{}', 1)",
+        (SHA,),
+    )
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    db = Database(tmp_path / "s.db")
+    assert db.schema_version() == SCHEMA_VERSION == 2
+    assert db.latest_checkpoint("svc")["checkpoint"]["key"] == "old"
+    db.record_checkpoint(checkpoint("svc", 2), keep=1, due=0)
+    assert db.due_garbage(now=0) == [("ferry", "old")]

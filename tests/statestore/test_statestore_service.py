@@ -217,7 +217,7 @@ async def test_bad_records_are_answered_with_errors(statestore: Running, client:
 async def test_schema_invalid_request_is_rejected_and_reported(
     statestore: Running, infra: FerryConfig
 ) -> None:
-    reply_topic = topics.replies(name("raw"))
+    reply_topic = topics.replies("anonymous", name("raw"))
     async with aiomqtt.Client(
         infra.broker.host,
         infra.broker.port,

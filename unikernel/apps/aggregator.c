@@ -2,11 +2,8 @@
  * aggregator: per-sensor sliding-window statistics with threshold alerts.
  * Event mode; one OUTPUT per applied input, deterministic (no clock).
  *
- * Params: window (int, samples kept per sensor, 1..4194304, default 64),
- *         threshold (number, default 100),
- *         ballast_kb (int, 0..1048576, default 0): process memory, see below,
- *         history_sensors (int, 0..1024, default 0): sensors "dev-1".."dev-N"
- *         whose windows start full, see below.
+ * Params: declared in `params` below (window, threshold, ballast_kb,
+ *         history_sensors); `ferry image show aggregator` lists them.
  * Input payload: {"sensor": "<id>" (default: the input's source),
  *                 "value": <number>}
  * Output: {"sensor", "n", "mean", "min", "max", "stddev", "alert",
@@ -73,7 +70,7 @@ static uint64_t xorshift(uint64_t *x)
 static void fill_history(void)
 {
     int64_t sensors = ferry_param_i64("history_sensors", 0);
-    int64_t window = ferry_param_i64("window", 64);
+    int64_t window = ferry_param_i64("window", 0);
     uint64_t x = 0x2545f4914f6cdd1dULL;
     char name[32], key[FERRY_KEY_MAX + 1];
 
@@ -127,8 +124,8 @@ static void on_input(void)
          n_key[FERRY_KEY_MAX + 1], alerts_key[FERRY_KEY_MAX + 1];
     const char *sensor = ferry_input_str("sensor", ferry_input_source());
     double value = ferry_input_f64("value", 0.0);
-    int64_t window = ferry_param_i64("window", 64);
-    double threshold = ferry_param_f64("threshold", 100.0);
+    int64_t window = ferry_param_i64("window", 0);
+    double threshold = ferry_param_f64("threshold", 0);
     int64_t head, seen, alerts, filled;
     double *win, sum = 0.0, sq = 0.0, lo, hi, mean, var;
     bool alert;
@@ -185,10 +182,21 @@ static void on_input(void)
     ferry_emit();
 }
 
+static const struct ferry_param params[] = {
+    FERRY_PARAM_I64("window", 64, "samples kept per sensor, 1..4194304"),
+    FERRY_PARAM_F64("threshold", 100.0, "alert when the window mean exceeds it"),
+    FERRY_PARAM_I64("ballast_kb", 0,
+                    "KiB of heap outside the store (a realistic footprint), 0..1048576"),
+    FERRY_PARAM_I64("history_sensors", 0,
+                    "sensors dev-1..dev-N whose windows start full, 0..1024"),
+    FERRY_PARAMS_END,
+};
+
 const struct ferry_app ferry_app = {
     .name = "aggregator",
     .version = "1.0.0",
     .mode = FERRY_MODE_EVENT,
     .on_start = on_start,
     .on_input = on_input,
+    .params = params,
 };

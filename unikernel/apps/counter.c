@@ -6,6 +6,7 @@
  *                 "value": <number> (default 0)}
  * Output: {"device", "count", "mean", "total"}
  * Store: "count/<device>" int64, "mean/<device>" float64, "total" int64.
+ * Params: none (declared as an empty list, so deploy refuses any).
  */
 
 #include "ferry.h"
@@ -36,9 +37,12 @@ static void on_input(void)
     ferry_emit();
 }
 
+static const struct ferry_param no_params[] = {FERRY_PARAMS_END};
+
 const struct ferry_app ferry_app = {
     .name = "counter",
     .version = "1.0.0",
     .mode = FERRY_MODE_EVENT,
     .on_input = on_input,
+    .params = no_params,
 };

@@ -6,8 +6,7 @@
  *   init -> generate -> transform -> (square | halve) -> reduce
  *        -> generate ... (until `rounds` rounds) -> finish
  *
- * Params: rounds (int, default 5), seed (int, default 1), size (int, list
- * length, 1..4096, default 16), step_delay_ms (int, default 0).
+ * Params: declared in `params` below (rounds, seed, size, step_delay_ms).
  * Every step emits one output {"step", "round", ...}; the app sends
  * FINISHED after "finish".
  */
@@ -37,12 +36,12 @@ static void must(ferry_result_t r)
 
 static const char *step_init(void)
 {
-    int64_t size = ferry_param_i64("size", 16);
+    int64_t size = ferry_param_i64("size", 0);
 
     if (size < 1 || size > 4096)
         ferry_fail("procedural: size must be 1..4096");
     must(ferry_set_i64("round", 0));
-    must(ferry_set_i64("x", ferry_param_i64("seed", 1)));
+    must(ferry_set_i64("x", ferry_param_i64("seed", 0)));
     must(ferry_set_i64("acc", 0));
     must(ferry_set_f64("avg", 0.0));
     out_step("init");
@@ -53,7 +52,7 @@ static const char *step_init(void)
 
 static const char *step_generate(void)
 {
-    size_t n = (size_t)ferry_param_i64("size", 16);
+    size_t n = (size_t)ferry_param_i64("size", 0);
     uint64_t x = (uint64_t)ferry_get_i64("x", 1);
     int64_t *data = ferry_i64_list_mut("data", n);
 
@@ -141,7 +140,7 @@ static const char *step_reduce(void)
     ferry_out_f64("avg", ferry_get_f64("avg", 0.0));
     ferry_emit();
     pace();
-    return round < ferry_param_i64("rounds", 5) ? "generate" : "finish";
+    return round < ferry_param_i64("rounds", 0) ? "generate" : "finish";
 }
 
 static const char *step_finish(void)
@@ -164,10 +163,19 @@ static const struct ferry_step steps[] = {
     {NULL, NULL},
 };
 
+static const struct ferry_param params[] = {
+    FERRY_PARAM_I64("rounds", 5, "rounds of generate..reduce before finish"),
+    FERRY_PARAM_I64("seed", 1, "seed of the generated data"),
+    FERRY_PARAM_I64("size", 16, "list length, 1..4096"),
+    FERRY_PARAM_I64("step_delay_ms", 0, "pause between steps (0..600000 ms)"),
+    FERRY_PARAMS_END,
+};
+
 const struct ferry_app ferry_app = {
     .name = "procedural",
     .version = "1.0.0",
     .mode = FERRY_MODE_PROCEDURAL,
     .steps = steps,
     .first_step = "init",
+    .params = params,
 };

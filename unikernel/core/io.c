@@ -39,10 +39,54 @@ static const char *map_str(const struct kv *m, const char *key, const char *dflt
     return (v && v->type == KV_STRING) ? v->u.arr.p : dflt;
 }
 
-int64_t ferry_param_i64(const char *key, int64_t dflt) { return map_i64(&rt.st.params, key, dflt); }
-double ferry_param_f64(const char *key, double dflt) { return map_f64(&rt.st.params, key, dflt); }
-bool ferry_param_bool(const char *key, bool dflt) { return map_bool(&rt.st.params, key, dflt); }
-const char *ferry_param_str(const char *key, const char *dflt) { return map_str(&rt.st.params, key, dflt); }
+/* The app's declaration of parameter (key), or NULL. */
+static const struct ferry_param *declared(const char *key)
+{
+    const struct ferry_param *p = rt.app->params;
+
+    for (; key != NULL && p != NULL && p->name != NULL; p++)
+        if (strcmp(p->name, key) == 0)
+            return p;
+    return NULL;
+}
+
+int64_t ferry_param_i64(const char *key, int64_t dflt)
+{
+    const struct ferry_param *p = declared(key);
+
+    if (p != NULL && p->type == FERRY_PARAM_TYPE_I64)
+        dflt = p->dflt.i64;
+    return map_i64(&rt.st.params, key, dflt);
+}
+
+double ferry_param_f64(const char *key, double dflt)
+{
+    const struct ferry_param *p = declared(key);
+
+    if (p != NULL && p->type == FERRY_PARAM_TYPE_F64)
+        dflt = p->dflt.f64;
+    else if (p != NULL && p->type == FERRY_PARAM_TYPE_I64)
+        dflt = (double)p->dflt.i64;
+    return map_f64(&rt.st.params, key, dflt);
+}
+
+bool ferry_param_bool(const char *key, bool dflt)
+{
+    const struct ferry_param *p = declared(key);
+
+    if (p != NULL && p->type == FERRY_PARAM_TYPE_BOOL)
+        dflt = p->dflt.b;
+    return map_bool(&rt.st.params, key, dflt);
+}
+
+const char *ferry_param_str(const char *key, const char *dflt)
+{
+    const struct ferry_param *p = declared(key);
+
+    if (p != NULL && p->type == FERRY_PARAM_TYPE_STR)
+        dflt = p->dflt.str;
+    return map_str(&rt.st.params, key, dflt);
+}
 
 const char *ferry_input_source(void)
 {

@@ -82,6 +82,41 @@ static const char *mode_name(void)
     return rt.app->mode == FERRY_MODE_EVENT ? "event" : "procedural";
 }
 
+/* The app's parameter declarations, as HELLO lists them (PROTOCOL.md). */
+static void write_params(struct jw *w)
+{
+    static const char *const type_name[] = {
+        [FERRY_PARAM_TYPE_I64] = "int64", [FERRY_PARAM_TYPE_F64] = "float64",
+        [FERRY_PARAM_TYPE_BOOL] = "bool", [FERRY_PARAM_TYPE_STR] = "string",
+    };
+    const struct ferry_param *p;
+
+    jw_arr_begin(w);
+    for (p = rt.app->params; p->name != NULL; p++) {
+        jw_obj_begin(w);
+        jw_key(w, "name");
+        jw_str(w, p->name);
+        jw_key(w, "type");
+        jw_str(w, p->type >= FERRY_PARAM_TYPE_I64 && p->type <= FERRY_PARAM_TYPE_STR
+                      ? type_name[p->type] : "invalid");
+        jw_key(w, "default");
+        if (p->type == FERRY_PARAM_TYPE_I64)
+            jw_i64(w, p->dflt.i64);
+        else if (p->type == FERRY_PARAM_TYPE_F64)
+            jw_f64(w, p->dflt.f64);
+        else if (p->type == FERRY_PARAM_TYPE_BOOL)
+            jw_bool(w, p->dflt.b);
+        else if (p->dflt.str != NULL)
+            jw_str(w, p->dflt.str);
+        else
+            jw_null(w);
+        jw_key(w, "doc");
+        jw_str(w, p->doc != NULL ? p->doc : "");
+        jw_obj_end(w);
+    }
+    jw_arr_end(w);
+}
+
 static void send_hello(void)
 {
     struct jw w;
@@ -100,6 +135,10 @@ static void send_hello(void)
     jw_str(&w, plat_name());
     jw_key(&w, "state");
     jw_str(&w, rt.running ? "running" : "waiting");
+    if (rt.app->params != NULL) {
+        jw_key(&w, "params");
+        write_params(&w);
+    }
     jw_obj_end(&w);
     rt_send(FRAME_HELLO, &w);
 }

@@ -71,6 +71,44 @@ struct ferry_step {
 };
 
 /*
+ * A declared parameter: its name, type, default and a one-line doc. The
+ * declaration is the one source of truth: the guest reports it in HELLO,
+ * `ferry image push` records it, `ferry image show APP` lists it, deploy
+ * refuses an undeclared name or a value of the wrong type, and the
+ * ferry_param_*() getters return the declared default when the parameter
+ * was not given. Declare with the FERRY_PARAM_* macros below; end the list
+ * with FERRY_PARAMS_END.
+ */
+typedef enum {
+    FERRY_PARAM_TYPE_I64 = 1,
+    FERRY_PARAM_TYPE_F64,
+    FERRY_PARAM_TYPE_BOOL,
+    FERRY_PARAM_TYPE_STR
+} ferry_param_type_t;
+
+struct ferry_param {
+    const char *name;
+    ferry_param_type_t type;
+    union {
+        int64_t i64;
+        double f64;
+        bool b;
+        const char *str;
+    } dflt;
+    const char *doc;
+};
+
+#define FERRY_PARAM_I64(n, d, text) \
+    {.name = (n), .type = FERRY_PARAM_TYPE_I64, .dflt.i64 = (d), .doc = (text)}
+#define FERRY_PARAM_F64(n, d, text) \
+    {.name = (n), .type = FERRY_PARAM_TYPE_F64, .dflt.f64 = (d), .doc = (text)}
+#define FERRY_PARAM_BOOL(n, d, text) \
+    {.name = (n), .type = FERRY_PARAM_TYPE_BOOL, .dflt.b = (d), .doc = (text)}
+#define FERRY_PARAM_STR(n, d, text) \
+    {.name = (n), .type = FERRY_PARAM_TYPE_STR, .dflt.str = (d), .doc = (text)}
+#define FERRY_PARAMS_END {.name = NULL}
+
+/*
  * The one definition every app provides, named `ferry_app`.
  *  name, version   identify the app; a checkpoint restores only into the
  *                  same name and version.
@@ -82,6 +120,9 @@ struct ferry_step {
  *  steps, first_step
  *                  procedural mode: the step table (ended by {NULL, NULL})
  *                  and the name of the step a fresh START runs first.
+ *  params          optional: the parameters the app reads, ended by
+ *                  FERRY_PARAMS_END (see struct ferry_param). An app that
+ *                  declares none (NULL) takes any parameter, unchecked.
  */
 struct ferry_app {
     const char *name;
@@ -91,6 +132,7 @@ struct ferry_app {
     void (*on_input)(void);
     const struct ferry_step *steps;
     const char *first_step;
+    const struct ferry_param *params;
 };
 
 extern const struct ferry_app ferry_app;
@@ -193,8 +235,11 @@ ferry_result_t ferry_del(const char *key);
 /* Parameters (the `params` of START; kept in every checkpoint)            */
 
 /*
- * Return the parameter (key), or (dflt) if it is absent or of another
- * type. A number written without fraction or exponent is an integer and is
+ * Return the parameter (key), or its default if it is absent or of another
+ * type: the declared default when the app declares (key) with this type
+ * (an int64 declaration also serves ferry_param_f64()), else (dflt). So an
+ * app that declares its parameters may pass any (dflt), e.g. 0 or NULL.
+ * A number written without fraction or exponent is an integer and is
  * also readable with ferry_param_f64(); any other number is readable only
  * with ferry_param_f64(). Strings are valid for the life of the guest.
  */

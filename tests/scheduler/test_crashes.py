@@ -1,0 +1,529 @@
+"""Exactly-once through crashes (issue 11), on the real local stack with real processes.
+
+Every test here breaks something under steady input (kill -9 or SIGSTOP of an executor, kill -9
+of the scheduler, a producer that restarts, oversized and malformed input) and checks the
+guarantee per sequence number with the counter app, whose output for input n of a device carries
+``count == n`` exactly when every input was applied once: nothing lost, nothing applied twice,
+state continuous. Outputs of replayed inputs may repeat after a crash (never after a planned
+migration), with the same content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+
+from services.cli.operator import Operator
+from services.cli.simulate import Simulator, connect_paho
+from services.common import images, topics
+from services.common.blobstore import BlobStore
+from services.common.bus import Bus, now_ms
+from services.common.config import FerryConfig
+from tests.conftest import ServiceProcesses, stack_config, wait_online
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+NODES = ("edge-a", "edge-b")
+GRACE = 1.5
+PAUSE_TIMEOUT = 4.0
+
+
+class Outputs:
+    """Every output of one service as a subscriber sees it, in arrival order."""
+
+    def __init__(self, config: FerryConfig, service: str) -> None:
+        self.by_producer: defaultdict[str, list[tuple[int, int, str]]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._client = connect_paho(
+            config.broker, f"test-out-{uuid.uuid4().hex[:6]}", on_message=self._on_message
+        )
+        subscribed = threading.Event()
+        self._client.on_subscribe = lambda *args: subscribed.set()
+        self._client.subscribe(topics.app_output(service), qos=1)
+        assert subscribed.wait(10)
+
+    def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        output = orjson.loads(message.payload)
+        with self._lock:
+            self.by_producer[output["producer"]].append(
+                (int(output["seq"]), int(output["data"]["count"]), output["node"])
+            )
+
+    def last_seq(self, producer: str) -> int:
+        with self._lock:
+            return max((seq for seq, _, _ in self.by_producer[producer]), default=0)
+
+    async def wait_for(self, sent: dict[str, int], timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while any(self.last_seq(p) < n for p, n in sent.items()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+    def assert_exactly_once(self, sent: dict[str, int]) -> None:
+        """Every input 1..sent has an output, and each says count == seq (applied once)."""
+        with self._lock:
+            for producer, n in sent.items():
+                counts: dict[int, set[int]] = defaultdict(set)
+                for seq, count, _ in self.by_producer[producer]:
+                    counts[seq].add(count)
+                missing = [s for s in range(1, n + 1) if s not in counts]
+                assert not missing, f"{producer}: no output for {missing[:10]}…"
+                wrong = {s: c for s, c in counts.items() if c != {s}}
+                assert not wrong, (
+                    f"{producer}: applied twice or state lost: {dict(list(wrong.items())[:10])}"
+                )
+
+    def assert_in_order_without_repeats(self) -> None:
+        """A planned migration: per producer, outputs arrive once each, in input order."""
+        with self._lock:
+            for producer, outputs in self.by_producer.items():
+                seqs = [seq for seq, _, _ in outputs]
+                assert seqs == sorted(set(seqs)), f"{producer}: out of order or repeated"
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def crash_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("crashes")
+
+
+@pytest.fixture(scope="module")
+def procs(crash_dir: Path) -> Iterator[ServiceProcesses]:
+    procs = ServiceProcesses(crash_dir / "ferry.toml", crash_dir)
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+async def system(
+    infra: FerryConfig, crash_dir: Path, procs: ServiceProcesses, unikernel_builds: Path
+) -> AsyncIterator[FerryConfig]:
+    config, _ = stack_config(
+        infra,
+        crash_dir,
+        FERRY_SCHEDULER__PHASE_TIMEOUT="10",
+        FERRY_SCHEDULER__RECOVERY_GRACE=str(GRACE),
+        FERRY_EXECUTOR__PAUSE_TIMEOUT=str(PAUSE_TIMEOUT),
+        FERRY_EXECUTOR__CHECKPOINT_INTERVAL="0.5",
+        # a stopped (SIGSTOP) executor is declared gone by the broker within ~1.5 keepalives
+        FERRY_BROKER__KEEPALIVE="2",
+    )
+    store = BlobStore(config.s3)
+    await images.push(store, "counter", unikernel_builds)
+    procs.start("statestore")
+    procs.start("scheduler")
+    for node in NODES:
+        procs.start(f"executor@{node}", "--node", node)
+    await wait_online(
+        config,
+        [topics.component_status("statestore"), topics.component_status("scheduler")]
+        + [topics.node_status(n) for n in NODES],
+    )
+    yield config
+
+
+@pytest.fixture
+async def ops(system: FerryConfig) -> AsyncIterator[Operator]:
+    async with Operator(system) as operator:
+        yield operator
+
+
+@pytest.fixture
+async def errors(system: FerryConfig) -> AsyncIterator[Bus]:
+    async with Bus(system.broker, f"test-errors-{uuid.uuid4().hex[:6]}") as bus:
+        await bus.subscribe(topics.ERRORS)
+        yield bus
+
+
+async def restart(system: FerryConfig, procs: ServiceProcesses, name: str, *args: str) -> None:
+    """Start ``name`` again (killing what is left of it) and wait until it says online."""
+    if name in procs.procs:
+        procs.kill(name)
+    since = now_ms()
+    procs.start(name, *args)
+    component = name.split("@")[0]
+    topic = (
+        topics.node_status(args[-1])
+        if component == "executor"
+        else topics.component_status(component)
+    )
+    await wait_online(system, [topic], since=since)
+
+
+async def serving(
+    ops: Operator, service: str, epoch_above: int, timeout: float = 30.0
+) -> dict[str, Any]:
+    """The service record once it serves at an epoch above ``epoch_above``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            record = await ops.query("get_service", service=service)
+            if record["status"] == "serving" and record["epoch"] > epoch_above:
+                return record
+            await asyncio.sleep(0.1)
+
+
+async def report_containing(errors: Bus, *parts: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The next report on ferry/v1/errors whose reason contains every one of ``parts``."""
+    async with asyncio.timeout(timeout):
+        async for message in errors.messages():
+            if all(part in str(message.payload["reason"]) for part in parts):
+                return message.payload
+    raise AssertionError("unreachable")
+
+
+async def reason_containing(errors: Bus, *parts: str, timeout: float = 30.0) -> str:
+    return str((await report_containing(errors, *parts, timeout=timeout))["reason"])
+
+
+async def instance_on(system: FerryConfig, node: str, service: str) -> dict[str, Any] | None:
+    """What the executor of ``node`` itself says of its instance of ``service`` right now."""
+    async with Bus(system.broker, f"test-status-{uuid.uuid4().hex[:6]}") as bus:
+        status = await bus.request(
+            topics.node_commands(node), {"command": "status", "request_id": uuid.uuid4().hex}
+        )
+    found = [i for i in status["instances"] if i["service"] == service]
+    return found[0] if found else None
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:5]}"
+
+
+async def deployed(ops: Operator, node: str = "edge-a") -> str:
+    service = name("x")
+    await ops.command("deploy", service=service, app="counter", node=node, runtime="unix")
+    await ops.wait_serving(service)
+    return service
+
+
+async def finish(sim: Simulator, outputs: Outputs) -> dict[str, int]:
+    sim.stop_sending()
+    sent = dict(sim._sent)
+    await outputs.wait_for(sent)
+    await asyncio.to_thread(sim.finish, 1.0)
+    return sent
+
+
+async def test_a_node_that_never_returns_serves_again_elsewhere_from_its_checkpoint(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, errors: Bus
+) -> None:
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=2, rate=200)
+    sim.start()
+    await asyncio.sleep(2.0)  # durable checkpoints, and input since the last one
+    procs.kill("executor@edge-a")  # the node is gone: its executor and (with it) its guest
+    reason = await reason_containing(errors, service, "recovering it on edge-b")
+    assert "node edge-a is offline" in reason
+    record = await serving(ops, service, 1)
+    assert record["node"] == "edge-b"
+    await asyncio.sleep(1.0)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    # the migration record of the recovery tells what happened
+    [recovery] = [
+        m
+        for m in (await ops.query("list_migrations", service=service))["migrations"]
+        if m["kind"] == "recover"
+    ]
+    assert recovery["outcome"] == "committed" and recovery["trigger"] == "recovery"
+    # the node comes back: it reports its lost guest, which stays lost (the service moved on)
+    await restart(system, procs, "executor@edge-a", "--node", "edge-a")
+    again = await ops.move("migrate", service, "edge-a")
+    assert again["phase"] == "committed", again
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+async def test_source_executor_killed_mid_migration_ends_with_one_instance_and_nothing_lost(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses
+) -> None:
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=1, rate=200)
+    sim.start()
+    await asyncio.sleep(1.2)
+    started = await ops.command("migrate", service=service, node="edge-b")
+
+    def kill_source_once_target_ready(event: dict[str, Any]) -> None:
+        if event["phase"] == "target_ready" and "executor@edge-a" in procs.procs:
+            procs.kill("executor@edge-a")
+
+    final = await ops.follow(started["migration"], kill_source_once_target_ready, timeout=60)
+    assert final["phase"] in ("committed", "rolled_back"), final
+    # committed, or rolled back (the source died before its checkpoint) and then recovered
+    record = await serving(ops, service, 1)
+    assert record["node"] == "edge-b"
+    await asyncio.sleep(1.0)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    await restart(system, procs, "executor@edge-a", "--node", "edge-a")
+    assert (await ops.move("migrate", service, "edge-a"))["phase"] == "committed"
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+async def test_a_dead_target_rolls_back_at_once_not_at_the_phase_timeout(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses
+) -> None:
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=1, rate=200)
+    sim.start()
+    await asyncio.sleep(0.8)
+    started = await ops.command("migrate", service=service, node="edge-b")
+    killed_at: list[float] = []
+
+    def kill_target_once_paused(event: dict[str, Any]) -> None:
+        if event["phase"] == "source_paused" and "executor@edge-b" in procs.procs:
+            procs.kill("executor@edge-b")
+            killed_at.append(event["time"])
+
+    final = await ops.follow(started["migration"], kill_target_once_paused, timeout=60)
+    if final["phase"] == "committed":  # the restore won the race against the kill
+        pytest.skip("the target served before it was killed; nothing to roll back")
+    assert final["phase"] == "rolled_back", final
+    # the target's last will ended the phase, not the 10 s phase timeout
+    assert final["time"] - killed_at[0] < 5000, final
+    record = await ops.query("get_service", service=service)
+    assert record["node"] == "edge-a" and record["status"] == "serving"
+    await asyncio.sleep(0.5)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    outputs.assert_in_order_without_repeats()  # nothing crashed on the serving side
+    await restart(system, procs, "executor@edge-b", "--node", "edge-b")
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+async def test_a_stopped_node_that_comes_back_is_fenced(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, errors: Bus
+) -> None:
+    """SIGSTOP: the broker declares the node gone, the service is recovered on edge-b; SIGCONT:
+    the old copy finds the record naming another instance, stops and says so."""
+    import os
+    import signal
+
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=1, rate=200)
+    sim.start()
+    await asyncio.sleep(1.2)
+    pid = procs.procs["executor@edge-a"].pid
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        await reason_containing(errors, service, "recovering it on edge-b")
+        record = await serving(ops, service, 1)
+        assert record["node"] == "edge-b"
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    fenced = await reason_containing(errors, service, "fenced")
+    assert "edge-a" in fenced
+    await asyncio.sleep(1.0)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    old = await instance_on(system, "edge-a", service)
+    assert old is None or old["state"] != "serving", old
+    new = await instance_on(system, "edge-b", service)
+    assert new is not None and new["state"] == "serving" and new["instance"] == record["instance"]
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+async def test_a_source_left_paused_by_a_dead_scheduler_serves_again_on_its_own(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, errors: Bus
+) -> None:
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=1, rate=200)
+    sim.start()
+    await asyncio.sleep(1.0)
+    started = await ops.command("migrate", service=service, node="edge-b")
+
+    def kill_scheduler_at_checkpoint(event: dict[str, Any]) -> None:
+        if event["phase"] == "target_ready" and "scheduler" in procs.procs:
+            procs.kill("scheduler")
+
+    with pytest.raises(TimeoutError):
+        await ops.follow(
+            started["migration"], kill_scheduler_at_checkpoint, timeout=2 * PAUSE_TIMEOUT
+        )
+    # one copy serves within the pause bound, whichever side the hand-over had reached
+    async with asyncio.timeout(10):
+        while outputs.last_seq("dev-1") < sim._sent["dev-1"] - 50:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    await restart(system, procs, "scheduler")
+    final = await ops.follow(started["migration"], timeout=30)
+    assert final["phase"] in ("committed", "rolled_back"), final
+    await asyncio.sleep(1.0)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    record = await ops.wait_serving(service)
+    target = "edge-a" if record["node"] == "edge-b" else "edge-b"
+    assert (await ops.move("migrate", service, target))["phase"] == "committed"
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+async def test_outputs_stay_in_input_order_across_migrations_at_2000_per_second(
+    system: FerryConfig, ops: Operator
+) -> None:
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=2, rate=2000)
+    sim.start()
+    for target in ("edge-b", "edge-a", "edge-b"):
+        await asyncio.sleep(1.0)
+        assert (await ops.move("migrate", service, target))["phase"] == "committed"
+    await asyncio.sleep(1.0)
+    sent = await finish(sim, outputs)
+    assert sum(sent.values()) > 4000
+    outputs.assert_exactly_once(sent)
+    outputs.assert_in_order_without_repeats()
+    # nothing from the source after the target's first output
+    for producer in sent:
+        nodes = [node for _, _, node in outputs.by_producer[producer]]
+        changes = sum(1 for a, b in itertools.pairwise(nodes) if a != b)
+        assert changes == 3, (producer, changes)
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+async def test_oversized_and_malformed_inputs_are_dead_lettered_and_the_service_serves_on(
+    system: FerryConfig, ops: Operator, errors: Bus
+) -> None:
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    async with Bus(system.broker, f"test-dead-{uuid.uuid4().hex[:6]}") as dead:
+        await dead.subscribe(topics.app_dead_letters(service))
+        client = connect_paho(system.broker, f"test-bad-{uuid.uuid4().hex[:6]}")
+        huge = {"producer": "dev-9", "seq": 1, "data": {"blob": "x" * (2 * 1024 * 1024)}}
+        malformed = {"producer": "dev-9", "seq": "two", "data": {}}
+        good = {"producer": "dev-9", "seq": 3, "data": {"device": "dev-9", "value": 1.0}}
+        for body in (huge, malformed, good):
+            client.publish(topics.app_input(service), orjson.dumps(body), qos=1).wait_for_publish(
+                10
+            )
+        letters = []
+        async with asyncio.timeout(15):
+            async for message in dead.messages():
+                letters.append(message.payload)
+                if len(letters) == 2:
+                    break
+        client.disconnect()
+        client.loop_stop()
+    assert letters[0]["seq"] == 1 and "exceeds the limit" in letters[0]["reason"]
+    assert letters[0]["producer"] == "dev-9" and "input" not in letters[0]  # too big to copy
+    assert letters[1]["input"] == malformed
+    report = await report_containing(errors, service, "input refused", "exceeds")
+    assert (report["service"], report["producer"], report["seq"]) == (service, "dev-9", 1)
+    await outputs.wait_for({"dev-9": 3})  # the service kept serving
+    instance = await instance_on(system, "edge-a", service)
+    assert instance is not None
+    assert instance["refused"] == 2 and instance["state"] == "serving"
+    # refused inputs were acknowledged: not redelivered to the next owner
+    assert (await ops.move("migrate", service, "edge-b"))["phase"] == "committed"
+    await asyncio.sleep(1.0)
+    moved = await instance_on(system, "edge-b", service)
+    assert moved is not None and moved["refused"] == 0
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+async def test_a_producer_that_restarts_its_sequence_is_reported_not_dropped_in_silence(
+    system: FerryConfig, ops: Operator, errors: Bus
+) -> None:
+    service = await deployed(ops, "edge-a")
+    sim = Simulator(system.broker, service, devices=1, rate=0)
+    sim.start()
+    await asyncio.to_thread(sim.send, 1200)
+    sim._sent["dev-1"] = 0  # the device reboots and counts from 1 again
+    await asyncio.to_thread(sim.send, 3)
+    reason = await reason_containing(errors, service, "dev-1", "restart its sequence")
+    assert "watermark 1200" in reason
+    instance = await instance_on(system, "edge-a", service)
+    assert instance is not None and instance["producers"]["dev-1"]["dropped"] == 3
+    sim.stop_sending()
+    await asyncio.to_thread(sim.finish, 0.5)
+    # the wire's answer: the rebooted device sends a new incarnation, a sequence of its own
+    outputs = Outputs(system, service)
+    client = connect_paho(system.broker, f"test-reboot-{uuid.uuid4().hex[:6]}")
+    for seq in (1, 2, 3):
+        body = {"producer": "dev-1", "incarnation": 2, "seq": seq, "data": {"device": "dev-1"}}
+        client.publish(topics.app_input(service), orjson.dumps(body), qos=1).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    await outputs.wait_for({"dev-1": 3})
+    assert [seq for seq, _, _ in outputs.by_producer["dev-1"]] == [1, 2, 3]
+    assert [count for _, count, _ in outputs.by_producer["dev-1"]] == [1201, 1202, 1203]
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+KILLS = ("source", "target", "scheduler", "statestore")
+PHASES = ("target_ready", "source_paused", "checkpoint_stored", "target_serving")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("victim", KILLS)
+async def test_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, victim: str, phase: str
+) -> None:
+    """kill -9 of one component when a phase is announced, under steady input: the migration
+    ends committed or rolled back, exactly one instance serves, every input is applied exactly
+    once, and the service migrates again afterwards."""
+    process = {
+        "source": ("executor@edge-a", "--node", "edge-a"),
+        "target": ("executor@edge-b", "--node", "edge-b"),
+        "scheduler": ("scheduler",),
+        "statestore": ("statestore",),
+    }[victim]
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=1, rate=200)
+    sim.start()
+    await asyncio.sleep(1.0)
+    started = await ops.command("migrate", service=service, node="edge-b")
+    killed = asyncio.Event()
+
+    def kill_at_phase(event: dict[str, Any]) -> None:
+        if event["phase"] == phase and not killed.is_set():
+            procs.kill(process[0])
+            killed.set()
+
+    try:
+        await ops.follow(started["migration"], kill_at_phase, timeout=25)
+    except TimeoutError:
+        assert victim in ("scheduler", "statestore"), "the migration stayed open"
+    if not killed.is_set():
+        pytest.skip(f"the migration never announced {phase}")
+    await restart(system, procs, *process)
+    async with asyncio.timeout(40):  # whatever happened, it ends (a restarted scheduler ends it)
+        while True:
+            migration = await ops.query("get_migration", migration=started["migration"])
+            if migration.get("outcome") in ("committed", "rolled_back"):
+                break
+            await asyncio.sleep(0.2)
+    record = await ops.wait_serving(service, timeout=40)
+    await asyncio.sleep(1.0)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    copies = [await instance_on(system, node, service) for node in NODES]
+    serving_now = [c["instance"] for c in copies if c is not None and c["state"] == "serving"]
+    assert serving_now == [record["instance"]], copies
+    target = "edge-a" if record["node"] == "edge-b" else "edge-b"
+    assert (await ops.move("migrate", service, target))["phase"] == "committed"
+    outputs.close()
+    await ops.command("stop", service=service)
