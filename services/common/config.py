@@ -23,7 +23,14 @@ CONFIG_FILE_NAME = "ferry.toml"
 DEFAULT_CONFIG_FILE: Path | None = DEFAULT_STACK_DIR / CONFIG_FILE_NAME
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "stack": {"dir": str(DEFAULT_STACK_DIR), "host": "127.0.0.1", "nodes": ["edge-a", "edge-b"]},
+    "stack": {
+        "dir": str(DEFAULT_STACK_DIR),
+        "host": "127.0.0.1",
+        "nodes": ["edge-a", "edge-b"],
+        # Changes per snapshot of `ferry up`'s Mosquitto (1 = after every change; README
+        # "Broker durability": what each costs and what a kill -9 of the broker can lose).
+        "broker_autosave": 100,
+    },
     "broker": {
         "host": "127.0.0.1",
         "port": 1883,
@@ -103,6 +110,7 @@ class StackConfig:
     dir: Path
     host: str
     nodes: list[str]
+    broker_autosave: int = 100
 
 
 @dataclass(frozen=True)
@@ -243,6 +251,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
             dir=Path(merged["stack"]["dir"]),
             host=merged["stack"]["host"],
             nodes=list(merged["stack"]["nodes"]),
+            broker_autosave=merged["stack"]["broker_autosave"],
         ),
         broker=BrokerConfig(**merged["broker"]),
         s3=S3Config(**merged["s3"]),

@@ -257,7 +257,11 @@ class Stack:
             swift_dir, host, _swift_ports(ports), f"{host}:{ports['memcached']}", cfg.s3
         )
         broker_conf = mosquitto.write_config(
-            self._dir / "mosquitto", host, ports["broker"], self.log_dir / "mosquitto.log"
+            self._dir / "mosquitto",
+            host,
+            ports["broker"],
+            self.log_dir / "mosquitto.log",
+            autosave_interval=max(1, cfg.stack.broker_autosave),
         )
         probes = self._infra_probes(cfg, ports, create_bucket=True)
         parts = [
