@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import faults
 from bench.fmt import fmt_ms, fmt_size
 from bench.records import RunRecord
 from services.cli.operator import Operator
@@ -44,6 +45,7 @@ from services.stack.ferry_services import default_services
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "aggregator"
+COUNTER = "counter"  # recovery and rate: output count n for input n proves exactly-once per seq
 SOURCE_EDGE_INDEX = 0
 NODES_TIMEOUT_S = 120.0
 WARMUP_S = 1.0  # steady input before the move: the state is built and the client sees outputs
@@ -67,6 +69,7 @@ async def stack_up(config_path: Path, ready: Path) -> int:
     stack = Stack(config, services=specs, timeout=60.0)
     info = await stack.up(progress=lambda line: say(f"  cloud: {line}"))
     manifest = await images.push(BlobStore(info.config.s3), APP, REPO / "unikernel" / "build")
+    await images.push(BlobStore(info.config.s3), COUNTER, REPO / "unikernel" / "build")
     sizes = ", ".join(f"{t} {ref.size / 1e3:.0f} KB" for t, ref in manifest.items())
     say(f"  cloud: pushed {APP} image ({sizes})")
     ready.write_text(json.dumps({"config": str(info.config_path)}))
@@ -148,6 +151,8 @@ class Job:
             try:
                 if scenario == "parallel":
                     fields = await self._parallel(unit)
+                elif scenario in ("recovery", "rate", "rate_migration"):
+                    fields = await getattr(faults, f"run_{scenario}")(self, unit, run)
                 else:
                     fields = await self._single(unit)
             except Exception as exc:  # a failed run is recorded with its error, never dropped
@@ -317,6 +322,8 @@ async def _await_answers(simulator: Simulator, at_least_s: float, timeout: float
 
 
 def _summary(record: RunRecord, label: str) -> str:
+    if record.scenario in ("recovery", "rate", "rate_migration"):
+        return faults.summary(record, label)
     head = f"{record.scenario} {label}"
     if record.scenario == "parallel":
         head += f" N={record.n_parallel} @ {record.rate_mbit:g} Mbit/s"

@@ -26,6 +26,8 @@ __all__ = [
     "FERRY_METHOD",
     "METHODS",
     "PEER_METHOD",
+    "RATE_P99_MS",
+    "RATE_TARGETS",
     "SCENARIOS",
     "SCHEMA",
     "RunRecord",
@@ -38,8 +40,14 @@ SCHEMA = "ferry-bench/1"
 
 # single: one migration at a time; parallel: n_parallel at once, total_ms until all committed;
 # steady: one migration under steady client input, lost/duplicated counted per sequence number.
-SCENARIOS = ("single", "parallel", "steady")
+# recovery: kill -9 of the serving node under steady input; recovery_ms until serving elsewhere.
+# rate: one step of the input-rate ramp (input_rate offered for a few seconds), latency
+# percentiles; rate_migration: the same with one migration in the middle.
+SCENARIOS = ("single", "parallel", "steady", "recovery", "rate", "rate_migration")
 METHODS = ("unix", "microvm", "microvm-snapshot", "podman")
+#: Runtimes the input-rate ramp measures (issue 11 targets, inputs/s at p99 ≤ RATE_P99_MS).
+RATE_TARGETS = {"unix": 5000.0, "microvm": 2000.0}
+RATE_P99_MS = 50.0
 FERRY_METHOD = "microvm"  # the Ferry method the headline ratios are about
 PEER_METHOD = "podman"  # the peer they are measured against, in the same run
 
@@ -53,6 +61,9 @@ class RunRecord:
     bytes_moved: bytes of state that crossed the network for this migration (all of them for N>1).
     total_ms: trigger → committed; for ``parallel``, first trigger → last commit of the batch.
     lost / duplicated: input sequence numbers never applied / applied more than once.
+    recovery_ms: kill -9 of the serving node → the first output from the node that took over.
+    input_rate: inputs/s offered; achieved_rate: inputs/s answered over the same span.
+    latency_p50_ms / latency_p99_ms: input published → its first output received (client clock).
     error: why the run failed; a failed run counts in the report's failure table, not in the stats.
     notes: anything else the runner wants kept with the run (free-form, not interpreted).
     """
@@ -69,6 +80,11 @@ class RunRecord:
     total_ms: float | None = None
     lost: int | None = None
     duplicated: int | None = None
+    recovery_ms: float | None = None
+    input_rate: float | None = None
+    achieved_rate: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
     error: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 

@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.durability import rate_summary, recovery_summary
 from bench.fmt import fmt_ms, fmt_ratio, fmt_size
 from bench.headline import PARALLEL_RATE_MBIT, Ratio, headline, headline_fields
-from bench.records import RunRecord, distinct, method_order, records_of
+from bench.records import RATE_P99_MS, RunRecord, distinct, method_order, records_of
 from bench.stats import Summary, summarize_by
 
 __all__ = ["headline", "headline_fields", "headline_lines", "render_markdown", "write_report"]
@@ -146,6 +147,83 @@ def _steady_section(records: Sequence[RunRecord]) -> list[str]:
     ]
 
 
+def _recovery_section(records: Sequence[RunRecord]) -> list[str]:
+    rows = [
+        (
+            f"`{method}`",
+            str(s["runs"]),
+            fmt_ms(s["recovery_ms_median"]),
+            fmt_ms(s["recovery_ms_max"]),
+            str(s["lost"]),
+            str(s["applied_twice"]),
+        )
+        for method, s in recovery_summary(records).items()
+    ]
+    header = ("method", "runs", "serving again (median)", "max", "inputs lost", "applied twice")
+    return [
+        "## Recovery after kill -9 of the serving node",
+        "",
+        "The whole node (executor and guests) killed under steady input; time from the kill to "
+        "the first output from the node that took over (it includes `scheduler.recovery_grace`). "
+        "Loss and double application per seq from the `counter` app's outputs (count n for "
+        "input n). `podman`: the peer, `checkpoint --leave-running` every checkpoint interval, "
+        "restored by the same recovery on the other node; it loses what it applied and "
+        "acknowledged after its last recorded checkpoint.",
+        "",
+        *(_table(header, rows) if rows else ["No recovery runs."]),
+    ]
+
+
+def _rate_section(records: Sequence[RunRecord]) -> list[str]:
+    summary = rate_summary(records)
+    if not summary:
+        return ["## Sustained input rate", "", "No rate runs."]
+    rows = []
+    for method, s in summary.items():
+        for step in s["steps"]:
+            rows.append(
+                (
+                    f"`{method}`",
+                    f"{step['rate']:g}/s",
+                    "-" if step["achieved"] is None else f"{step['achieved']:g}/s",
+                    fmt_ms(step["p50_ms"]),
+                    fmt_ms(step["p99_ms"]),
+                    "yes" if step["held"] else "no",
+                )
+            )
+        for m in s["migration"]:
+            rows.append(
+                (
+                    f"`{method}` + migration",
+                    f"{m['rate']:g}/s",
+                    "-",
+                    fmt_ms(m["p50_ms"]),
+                    fmt_ms(m["p99_ms"]),
+                    "yes" if m["held"] else "no",
+                )
+            )
+    best = [
+        (
+            f"`{method}`",
+            "none" if s["sustained"] is None else f"{s['sustained']:g}/s",
+            "-" if s["target"] is None else f"≥ {s['target']:g}/s",
+            {True: "**met**", False: "**not met**", None: "-"}[s["met"]],
+        )
+        for method, s in summary.items()
+    ]
+    return [
+        "## Sustained input rate",
+        "",
+        f"One service per runtime, durable checkpoints on; latency = input published → its first "
+        f"output received. A step holds with p99 ≤ {RATE_P99_MS:g} ms and nothing lost or "
+        "applied twice.",
+        "",
+        *_table(("runtime", "highest rate held", "target", "verdict"), best),
+        "",
+        *_table(("runtime", "offered", "answered", "p50", "p99", "held"), rows),
+    ]
+
+
 def _failures_section(records: Sequence[RunRecord]) -> list[str]:
     failed = [r for r in records if not r.ok]
     if not failed:
@@ -177,6 +255,8 @@ def render_markdown(
         _single_section(records),
         _parallel_section(records),
         _steady_section(records),
+        _recovery_section(records),
+        _rate_section(records),
         _failures_section(records),
         [
             "## Figures",

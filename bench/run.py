@@ -22,10 +22,12 @@ heap that is not part of its state (see ``unikernel/apps/aggregator.c``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +40,7 @@ from typing import Any
 
 from bench.headline import PARALLEL_N, PARALLEL_RATE_MBIT
 from bench.netlab import NetLab, unavailable_reason
-from bench.records import METHODS, SCHEMA, RunRecord, records_of
+from bench.records import METHODS, RATE_TARGETS, SCHEMA, RunRecord, records_of
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -55,6 +57,10 @@ SINGLE_INPUT_RATE = 100.0
 STEADY_INPUT_RATE = 200.0
 PARALLEL_STATE = 100_000
 EXECUTOR = (sys.executable, "-m", "services.executor")
+RECOVERY_METHODS = ("unix", "microvm", "podman")  # podman: periodic CRIU checkpoints (faults.py)
+RECOVERY_INPUT_RATE = 200.0
+RATE_RAMP = [500.0, 1000.0, 2000.0, 5000.0]
+RATE_RAMP_QUICK = [500.0, 2000.0, 5000.0]
 
 
 def window_for(state_bytes: int) -> int:
@@ -122,6 +128,24 @@ def build_plan(
                         continue  # a whole-VM image costs what podman's does: keep the run short
                     group.units.append(unit("parallel", method, PARALLEL_STATE, 1, n=n))
             groups.append(group)
+    faults = Group(SINGLE_RATE_MBIT)
+    if "recovery" in scenarios:
+        for method in methods:
+            if method in RECOVERY_METHODS:
+                faults.units.append(
+                    unit("recovery", method, 0, 1 if quick else 3, input_rate=RECOVERY_INPUT_RATE)
+                )
+    if "rate" in scenarios:
+        rates = RATE_RAMP_QUICK if quick else RATE_RAMP
+        step_s = 2.0 if quick else 5.0
+        for method in methods:
+            if method in RATE_TARGETS:
+                faults.units.append(unit("rate", method, 0, len(rates), rates=rates, step_s=step_s))
+                faults.units.append(
+                    unit("rate_migration", method, 0, 1, step_s=2 * step_s, fallback_rate=rates[0])
+                )
+    if faults.units:
+        groups.append(faults)
     return groups
 
 
@@ -169,20 +193,28 @@ class Bench:
         self.config_path: Path | None = None
         self.executors: list[subprocess.Popen[bytes]] = []
 
-    def _drive(self, lab: NetLab, argv: list[str], timeout: float | None = None) -> int:
-        """Run ``python -m bench.drive ARGV`` in ``cloud``; its exit status."""
+    def _drive(
+        self, lab: NetLab, argv: list[str], timeout: float | None = None, ctl: Path | None = None
+    ) -> int:
+        """Run ``python -m bench.drive ARGV`` in ``cloud``; its exit status. With ``ctl``, answer
+        its node requests meanwhile (kill -9 / restart of an edge: only this process can)."""
         proc = lab.run(
             "cloud",
             [sys.executable, "-m", "bench.drive", *argv],
             cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return -9
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return proc.wait(timeout=0.02)
+            except subprocess.TimeoutExpired:
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    return -9
+                if ctl is not None:
+                    self.serve_control(lab, ctl)
 
     def start(self, lab: NetLab) -> None:
         """Stack in ``cloud`` (via ``bench.drive up``), then one executor per edge."""
@@ -197,20 +229,70 @@ class Bench:
         self.config_path = Path(json.loads(ready.read_text())["config"])
         self.logs.mkdir(parents=True, exist_ok=True)
         for edge in EDGES:
-            log = (self.logs / f"executor-{edge}.log").open("ab")
-            # The executor runs podman: host mounts kept (bench/README.md, "Podman").
-            proc = lab.run(
-                edge,
-                [*EXECUTOR, "--config", str(self.config_path), "--node", edge],
-                share_mounts=True,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            log.close()
-            self.executors.append(proc)
+            self.executors.append(self.start_executor(lab, edge))
             print(f"executor {edge} started in {lab.netns(edge)} ({lab.address(edge)})")
+
+    def start_executor(self, lab: NetLab, edge: str) -> subprocess.Popen[bytes]:
+        assert self.config_path is not None
+        log = (self.logs / f"executor-{edge}.log").open("ab")
+        # The executor runs podman: host mounts kept (bench/README.md, "Podman").
+        proc = lab.run(
+            edge,
+            [
+                *executor_argv(edge, self.args.profile_executors),
+                "--config",
+                str(self.config_path),
+                "--node",
+                edge,
+            ],
+            share_mounts=True,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        return proc
+
+    def kill_node(self, lab: NetLab, edge: str) -> float:
+        """kill -9 of every process in ``edge``'s namespace (executor, guests, containers): the
+        node dies at once. Returns ``time.time()`` just before the first SIGKILL."""
+        ns = lab.netns(edge)
+        listed = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+        pids = [int(p) for p in listed.stdout.split()]
+        at = time.time()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        index = EDGES.index(edge)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.executors[index].wait(timeout=10)
+        return at
+
+    def serve_control(self, lab: NetLab, ctl: Path) -> None:
+        """Answer the driver's node requests (``bench.faults.NodeControl``)."""
+        for req in sorted(ctl.glob("*.req")):
+            done = req.with_suffix(".done")
+            if done.exists():
+                continue
+            ask = json.loads(req.read_text())
+            answer: dict[str, Any] = {}
+            try:
+                if ask["op"] == "kill":
+                    answer["at"] = self.kill_node(lab, ask["edge"])
+                    print(f"   killed node {ask['edge']} (kill -9 of its namespace)", flush=True)
+                elif ask["op"] == "restart":
+                    index = EDGES.index(ask["edge"])
+                    if self.executors[index].poll() is None:
+                        self.kill_node(lab, ask["edge"])
+                    self.executors[index] = self.start_executor(lab, ask["edge"])
+                else:
+                    answer["error"] = f"unknown op {ask['op']!r}"
+            except Exception as exc:
+                answer["error"] = f"{type(exc).__name__}: {exc}"
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(answer))
+            tmp.rename(done)
 
     def run_group(self, lab: NetLab, group: Group, first: int, total: int) -> None:
         """Set the edge links to the group's rate and run its job; record what it measured."""
@@ -222,6 +304,8 @@ class Bench:
         tag = f"{first:04d}"
         job = self.work / f"job-{tag}.json"
         out = self.work / f"records-{tag}.jsonl"
+        ctl = self.work / f"ctl-{tag}"
+        ctl.mkdir(exist_ok=True)
         spec = {
             "edges": list(EDGES),
             "rate_mbit": group.rate_mbit,
@@ -230,10 +314,15 @@ class Bench:
             "first_index": first,
             "total": total,
             "units": group.units,
+            "ctl_dir": str(ctl),
+            "netns": {edge: lab.netns(edge) for edge in EDGES},
+            "host_pid": os.getpid(),  # its mount namespace has the host's mounts (podman)
         }
         job.write_text(json.dumps(spec, indent=1))
         status = self._drive(
-            lab, ["job", "--config", str(self.config_path), "--job", str(job), "--out", str(out)]
+            lab,
+            ["job", "--config", str(self.config_path), "--job", str(job), "--out", str(out)],
+            ctl=ctl,
         )
         got = records_of(
             [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
@@ -277,6 +366,16 @@ class Bench:
                 shutil.copy(log, self.logs / log.name)
 
 
+def executor_argv(edge: str, profile_dir: Path | None) -> list[str]:
+    """The executor's command; under cProfile (one ``executor-<edge>-<pid>.prof`` written when
+    it exits on SIGTERM) with ``--profile-executors DIR``."""
+    if profile_dir is None:
+        return list(EXECUTOR)
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    out = profile_dir / f"executor-{edge}-{time.time_ns()}.prof"
+    return [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "services.executor"]
+
+
 def service_prefix(lab_prefix: str) -> str:
     """Every benchmark service's name starts with this (so do its podman containers)."""
     return f"{lab_prefix}x"
@@ -303,6 +402,7 @@ def remove_containers(lab_prefix: str) -> list[str]:
 
 def write_results(records: list[RunRecord], meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """``results.json`` plus ``report.md`` and the PNGs; returns the results dict."""
+    from bench.durability import rate_summary, recovery_summary
     from bench.report import headline_fields, write_report
 
     results: dict[str, Any] = {
@@ -310,6 +410,8 @@ def write_results(records: list[RunRecord], meta: dict[str, Any], out_dir: Path)
         "meta": meta,
         "records": [r.to_dict() for r in records],
         **headline_fields(records),
+        "recovery": recovery_summary(records),
+        "sustained_rate": rate_summary(records),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -328,14 +430,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         nargs="+",
-        choices=("single", "steady", "parallel"),
-        default=["single", "steady", "parallel"],
+        choices=("single", "steady", "parallel", "recovery", "rate"),
+        default=["single", "steady", "parallel", "recovery", "rate"],
     )
     parser.add_argument("--sizes", type=int, nargs="+", help="state sizes in bytes (single)")
     parser.add_argument("--parallel-n", type=int, nargs="+", help="N values (parallel)")
     parser.add_argument("--parallel-rate", type=float, help="one link rate for parallel runs")
     parser.add_argument("--single-rate", type=float, help="link rate of single/steady runs")
     parser.add_argument("--ballast-kb", type=int, default=DEFAULT_BALLAST_KB)
+    parser.add_argument(
+        "--profile-executors",
+        type=Path,
+        metavar="DIR",
+        help="run the executors under cProfile, profiles in DIR (read with pstats)",
+    )
     parser.add_argument(
         "--lab-prefix", default=LAB_PREFIX, help="namespace prefix (one lab per prefix at a time)"
     )
@@ -403,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"headline (Ferry microvm ÷ podman, this run; {args.ballast_kb} KB ballast):")
     for line in headline_lines(results):
+        print(f"  {line}")
+    from bench.durability import durability_lines
+
+    for line in durability_lines(results):
         print(f"  {line}")
     return 130 if interrupted else (0 if bench.records and "error" not in meta else 1)
 

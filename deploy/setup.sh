@@ -55,6 +55,25 @@ if [ -f unikernel/Makefile ]; then
   make -s -C unikernel
 fi
 
+# The official AsyncAPI parser checks schemas/asyncapi.yaml (tests/test_asyncapi.py): about 10 s
+# and 55 MB from the npm registry, pinned by tests/asyncapi/package-lock.json. Node itself is not
+# installed here (Debian's npm brings some 300 packages); without it those tests are skipped.
+if command -v npm >/dev/null 2>&1; then
+  lock=tests/asyncapi/package-lock.json
+  stamp=tests/asyncapi/node_modules/.ferry-installed
+  want=$(sha256sum "$lock" | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    step "installing the AsyncAPI parser into tests/asyncapi/node_modules"
+    if npm ci --prefix tests/asyncapi --no-audit --no-fund --ignore-scripts --loglevel=error; then
+      echo "$want" > "$stamp"
+    else
+      echo "setup: could not install @asyncapi/parser: its tests will be skipped" >&2
+    fi
+  fi
+else
+  echo "setup: npm not found: the AsyncAPI parser tests will be skipped (install nodejs and npm to run them)" >&2
+fi
+
 if [ "${1:-}" = "--podman" ]; then
   step "Podman + CRIU >= 4.1"
   if ! bash deploy/install-criu.sh; then

@@ -438,6 +438,7 @@ async def test_a_device_login_cannot_hijack_a_session_read_replies_or_report_err
                     if len(got) == 3:
                         break
             assert got == [1, 2, 3] and owner._generation == 1
+            await owner.close()  # the session's rightful owner from here is the executor
 
             # (b) replies flow (scheduler -> operator, statestore -> scheduler), none to a device.
             await ops.command(
@@ -451,13 +452,16 @@ async def test_a_device_login_cannot_hijack_a_session_read_replies_or_report_err
             device.loop_stop()
 
         observed: list[str] = []
+        reports: list[dict[str, object]] = []
         while observer.pending():
             message = await anext(observer.messages())
             observed.append(message.topic)
+            if message.topic == topics.ERRORS:
+                reports.append(message.payload)
         for requester in ("operator", "scheduler"):
             assert any(t.startswith(topics.replies(requester, "")) for t in observed), observed
         assert [topic for topic, _ in seen] == []
-        assert topics.ERRORS not in observed
+        assert topics.ERRORS not in observed, reports
         assert topics.mobility("someone-else") not in observed
         assert topics.mobility("devices") in observed  # its own mobility topic is open to it
 

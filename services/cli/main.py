@@ -75,6 +75,14 @@ def node_list_arg(value: str) -> list[str]:
     return [name_arg(node) for node in value.split(",")]
 
 
+def version_arg(value: str) -> str:
+    if not images.VERSION_PATTERN.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an app version (letters, digits and . _ + -, e.g. 2.0.0)"
+        )
+    return value
+
+
 def positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -169,6 +177,19 @@ async def cmd_move(config: FerryConfig, args: argparse.Namespace) -> int:
     return print_outcome(final)
 
 
+async def cmd_upgrade(config: FerryConfig, args: argparse.Namespace) -> int:
+    async with Operator(config) as ops:
+        started = await ops.command(
+            "upgrade", service=args.service, node=args.to, version=args.version
+        )
+        versions = f"{started.get('from_version') or '?'} → {started.get('to_version') or '?'}"
+        console.print(f"upgrade {args.service} {versions}: migration {started['migration']}")
+        if not args.wait:
+            return 0
+        final = await ops.follow(started["migration"], print_event)
+    return print_outcome(final)
+
+
 async def cmd_stop(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
         await ops.command("stop", service=args.service)
@@ -221,11 +242,12 @@ async def cmd_bind(config: FerryConfig, args: argparse.Namespace) -> int:
 async def cmd_services(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
         services = (await ops.query("list_services"))["services"]
-    table = Table("service", "app", "runtime", "node", "instance", "status", "device")
+    table = Table("service", "app", "version", "runtime", "node", "instance", "status", "device")
     for s in services:
         table.add_row(
             s["service"],
             s["app"],
+            s.get("version") or "?",
             s["runtime"],
             s.get("node") or "-",
             s.get("instance") or "-",
@@ -268,9 +290,12 @@ async def cmd_migrations(config: FerryConfig, args: argparse.Namespace) -> int:
     table = Table("id", "kind", "service", "from", "to", "phase", "outcome", "downtime", "bytes")
     for m in migrations:
         downtime = m.get("downtime_ms")
+        kind = m.get("kind") or "-"
+        if m.get("to_version"):
+            kind = f"{kind} {m.get('from_version') or '?'} → {m['to_version']}"
         table.add_row(
             m["id"],
-            m.get("kind") or "-",
+            kind,
             m["service"],
             m.get("source") or "-",
             m.get("target") or "-",
@@ -311,22 +336,51 @@ async def cmd_checkpoint_show(config: FerryConfig, args: argparse.Namespace) -> 
 
 
 async def cmd_image_push(config: FerryConfig, args: argparse.Namespace) -> int:
+    if args.build and len(args.apps) != 1:
+        err.print("error: --build names the build of one app: push one app at a time with it")
+        return 2
     store = BlobStore(config.s3)
     for app in args.apps:
-        manifest = await images.push(store, app, args.build_dir)
+        manifest = await images.push(store, app, args.build_dir, args.build)
+        described = await images.describe(store, app)
+        version = images.app_version(described)
         for target, ref in manifest.items():
-            console.print(f"pushed {app} ({target}): {ref.size} bytes, sha256 {ref.sha256[:12]}…")
-        declared = images.declared_params(await images.describe(store, app))
+            console.print(
+                f"pushed {app} {version or ''} ({target}): {ref.size} bytes, "
+                f"sha256 {ref.sha256[:12]}…"
+            )
+        declared = images.declared_params(described)
         if declared is not None:
             names = ", ".join(d["name"] for d in declared) or "none"
             console.print(f"  parameters: {names} (`ferry image show {app}`)")
+        await _roll_out_hint(config, app, version)
     return 0
+
+
+async def _roll_out_hint(config: FerryConfig, app: str, version: str | None) -> None:
+    """A push changes no running service: name those that run another version, and how to
+    move them (nothing if the stack is not up)."""
+    try:
+        async with Operator(config) as ops:
+            services = (await ops.query("list_services"))["services"]
+    except (BusError, ConnectionError, RemoteError, TimeoutError):
+        return
+    for s in services:
+        if s["app"] != app or s.get("status") in ("stopped", "failed") or not version:
+            continue
+        if s.get("version") != version:
+            console.print(
+                f"  {s['service']} runs {app} {s.get('version') or '(unknown version)'}, not "
+                f"{version}: roll it out with `ferry upgrade {s['service']} --version {version}`"
+            )
 
 
 async def cmd_image_show(config: FerryConfig, args: argparse.Namespace) -> int:
     manifest = await images.describe(BlobStore(config.s3), args.app)
     info = manifest.get("app") or {}
     console.print(f"{args.app} {info.get('version', '?')} ({info.get('mode', '?')} mode)")
+    if info.get("upgrades_from"):
+        console.print(f"  upgrades from: {', '.join(info['upgrades_from'])}")
     for target in ("unix", "microvm"):
         if target in manifest:
             ref = BlobRef.from_dict(manifest[target])
@@ -479,6 +533,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="NODE", type=name_arg)
     p.add_argument("--wait", action="store_true", help="show each phase until the end")
 
+    p = add(
+        "upgrade",
+        cmd_upgrade,
+        "move a service into another pushed version of its app, with its state",
+    )
+    service(p)
+    p.add_argument(
+        "--version", type=version_arg, help="the pushed version to run (default: the latest push)"
+    )
+    p.add_argument(
+        "--to", metavar="NODE", type=name_arg, help="the node to run it on (default: its own)"
+    )
+    p.add_argument("--wait", action="store_true", help="show each phase until the end")
+
     p = add("suspend", cmd_move, "checkpoint a service to S3 and stop it (input keeps queueing)")
     service(p)
     p.add_argument("--wait", action="store_true")
@@ -526,6 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_image_push)
     p.add_argument("apps", nargs="+", type=name_arg)
     p.add_argument("--build-dir", type=Path, default=REPO / "unikernel" / "build")
+    p.add_argument(
+        "--build",
+        type=name_arg,
+        help="the build to push as APP, e.g. counter_v2 (default: the app's own name)",
+    )
     p = image_sub.add_parser("show", help="an app's pushed builds, version and parameters")
     p.set_defaults(handler=cmd_image_show)
     p.add_argument("app", type=name_arg)

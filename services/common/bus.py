@@ -238,7 +238,12 @@ class Bus:
 
     async def _subscribe_on(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
         """Subscribe, and fail loudly if the broker refuses (an ACL that does not allow it)."""
-        granted = await client.subscribe(topic_filter, qos=qos)
+        try:
+            granted = await client.subscribe(topic_filter, qos=qos)
+        except aiomqtt.MqttError as exc:
+            raise BusError(
+                f"{self.client_id}: subscribe to {topic_filter!r} failed: {exc}"
+            ) from exc
         refused = [code for code in granted if _reason_value(code) >= 0x80]
         if refused:
             raise BusError(

@@ -5,15 +5,21 @@
 verified ``BlobRef``. The ``unix`` build serves the unix and podman runtimes, the ``microvm`` build
 (``<app>.elf``) the microvm and microvm-snapshot runtimes.
 
-The manifest's ``app`` member is what the app says of itself in its HELLO (name, version, mode and
-its declared ``params``): push boots the unix build for a moment to ask it, so the C declaration
-stays the one source of truth.
+The manifest's ``app`` member is what the app says of itself in its HELLO (name, version, mode,
+its declared ``params`` and the versions it ``upgrades_from``): push boots the unix build for a
+moment to ask it, so the C declaration stays the one source of truth.
+
+Versions: push also keeps each version's manifest (``images/<app>/versions/<version>.json``), so
+``ferry upgrade --version`` can roll a service to any pushed version; ``manifest.json`` is the
+latest push, the default of deploy and upgrade. A service keeps the image it was deployed (or
+upgraded) with: pushing never changes what runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import socket
 import struct
 import subprocess
@@ -33,6 +39,8 @@ TARGET_OF_RUNTIME = {
 
 
 HELLO_TIMEOUT = 10.0
+#: What a version must look like to name a manifest (as in scheduler-command.schema.json).
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
 class ImageNotFound(LookupError):
@@ -84,11 +92,16 @@ def app_info(hello: dict[str, Any]) -> dict[str, Any]:
     }
     if isinstance(hello.get("params"), list):
         info["params"] = hello["params"]
+    if isinstance(hello.get("upgrades_from"), list):
+        info["upgrades_from"] = hello["upgrades_from"]
     return info
 
 
-def manifest_key(app: str) -> str:
-    return f"images/{app}/manifest.json"
+def manifest_key(app: str, version: str | None = None) -> str:
+    """The latest manifest of ``app``, or that of one pushed ``version``."""
+    if version is None:
+        return f"images/{app}/manifest.json"
+    return f"images/{app}/versions/{version}.json"
 
 
 def build_file(build_dir: Path, target: str, app: str) -> Path:
@@ -96,11 +109,28 @@ def build_file(build_dir: Path, target: str, app: str) -> Path:
     return build_dir / target / (f"{app}.elf" if target == "microvm" else app)
 
 
-async def push(store: BlobStore, app: str, build_dir: Path) -> dict[str, BlobRef]:
-    """Upload every target built for ``app`` and publish the manifest; returns it."""
+async def push(
+    store: BlobStore, app: str, build_dir: Path, build: str | None = None
+) -> dict[str, BlobRef]:
+    """Upload every target built for ``app`` (from the builds named ``build``, by default the
+    app's own name) and publish the manifest, also as its version's; returns it."""
+    build = build or app
+    unix = build_file(build_dir, "unix", build)
+    hello: dict[str, Any] | None = None
+    if unix.is_file():
+        try:
+            hello = await asyncio.to_thread(read_hello, unix)
+        except (OSError, ValueError, struct.error) as exc:
+            raise ImageNotFound(f"{unix} did not say HELLO: {exc}") from exc
+        if hello.get("app") != app:
+            raise ImageNotFound(
+                f"the build {build!r} is the app {hello.get('app')!r} "
+                f"{hello.get('app_version')}, not {app!r}: push it with "
+                f"`ferry image push {hello.get('app')} --build {build}`"
+            )
     manifest: dict[str, BlobRef] = {}
     for target in ("unix", "microvm"):
-        path = build_file(build_dir, target, app)
+        path = build_file(build_dir, target, build)
         if path.is_file():
             data = path.read_bytes()
             ref = await store.put_bytes(
@@ -110,28 +140,46 @@ async def push(store: BlobStore, app: str, build_dir: Path) -> dict[str, BlobRef
             )
             manifest[target] = ref
     if not manifest:
-        raise ImageNotFound(f"no build of {app!r} under {build_dir} (run make -C unikernel)")
+        raise ImageNotFound(f"no build of {build!r} under {build_dir} (run make -C unikernel)")
     document: dict[str, Any] = {target: ref.to_dict() for target, ref in manifest.items()}
-    unix = build_file(build_dir, "unix", app)
-    if unix.is_file():
-        try:
-            hello = await asyncio.to_thread(read_hello, unix)
-        except (OSError, ValueError, struct.error) as exc:
-            raise ImageNotFound(f"{unix} did not say HELLO: {exc}") from exc
+    if hello is not None:
         document["app"] = app_info(hello)
     body = orjson.dumps(document)
+    version = app_version(document)
+    if version is not None and VERSION_PATTERN.fullmatch(version):
+        await store.put_bytes(manifest_key(app, version), body)
     await store.put_bytes(manifest_key(app), body)
     return manifest
 
 
-async def describe(store: BlobStore, app: str) -> dict[str, Any]:
-    """An app's manifest: ``{target: blob_ref, …, "app": {name, version, mode, params?}}``."""
+async def describe(store: BlobStore, app: str, version: str | None = None) -> dict[str, Any]:
+    """An app's manifest (the latest, or that of ``version``):
+    ``{target: blob_ref, …, "app": {name, version, mode, params?, upgrades_from?}}``."""
     try:
-        ref = await store.stat(manifest_key(app))
+        ref = await store.stat(manifest_key(app, version))
         manifest: dict[str, Any] = orjson.loads(await store.get_bytes(ref))
     except BlobNotFound:
+        if version is not None:
+            raise ImageNotFound(
+                f"no version {version} of app {app!r} was pushed (`ferry image show {app}`)"
+            ) from None
         raise ImageNotFound(f"no image of app {app!r}: run `ferry image push {app}`") from None
     return manifest
+
+
+def app_version(manifest: dict[str, Any]) -> str | None:
+    """The version the app reported at push, or None (a microvm-only push cannot ask it)."""
+    version = (manifest.get("app") or {}).get("version")
+    return version if isinstance(version, str) else None
+
+
+def restores_from(manifest: dict[str, Any]) -> list[str] | None:
+    """The versions whose checkpoints this image restores (its own and its ``upgrades_from``),
+    or None when the manifest does not say (the guest still decides at restore)."""
+    info = manifest.get("app") or {}
+    if not isinstance(info.get("version"), str):
+        return None
+    return [info["version"], *(info.get("upgrades_from") or [])]
 
 
 def declared_params(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -140,10 +188,13 @@ def declared_params(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
     return params if isinstance(params, list) else None
 
 
-async def resolve(store: BlobStore, app: str, runtime: str) -> BlobRef:
-    """The image blob a runtime needs for ``app``, from the app's manifest."""
+async def resolve(
+    store: BlobStore, app: str, runtime: str, manifest: dict[str, Any] | None = None
+) -> BlobRef:
+    """The image blob a runtime needs for ``app``, from the app's (latest, or given) manifest."""
     target = TARGET_OF_RUNTIME[runtime]
-    manifest = await describe(store, app)
+    if manifest is None:
+        manifest = await describe(store, app)
     if target not in manifest:
         raise ImageNotFound(f"app {app!r} has no {target} build (needed by runtime {runtime})")
     return BlobRef.from_dict(manifest[target])

@@ -381,18 +381,28 @@ class Instance:
     async def attach_input(self) -> None:
         """Take over the service's persistent input session and start forwarding input."""
         await self._close_session()
-        session = Bus(
-            self._broker,
-            session_client_id(self.service),
-            session_expiry=SESSION_EXPIRY,
-            manual_ack=True,
-            validate_inbound=False,  # checked here, so a refusal names service, producer, seq
-            receive_maximum=RECEIVE_MAXIMUM,
-            on_lost=self._session_lost,
-        )
-        await session.__aenter__()
+        for attempt in range(3):
+            session = Bus(
+                self._broker,
+                session_client_id(self.service),
+                session_expiry=SESSION_EXPIRY,
+                manual_ack=True,
+                validate_inbound=False,  # checked here, so a refusal names service, producer, seq
+                receive_maximum=RECEIVE_MAXIMUM,
+                on_lost=self._session_lost,
+            )
+            await session.__aenter__()
+            try:
+                await session.subscribe(topics.app_input(self.service), qos=1)
+                break
+            except BusError:
+                # Taken from us between connect and subscribe (another client with the same
+                # id): try again a couple of times before giving up.
+                await session.close()
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.1)
         self._session = session
-        await session.subscribe(topics.app_input(self.service), qos=1)
         self._pump = asyncio.create_task(self._forward_input(session))
         if self._policy.durable and self._durable_task is None:
             self._durable_task = asyncio.create_task(self._keep_durable())

@@ -57,6 +57,7 @@ class Executor:
         self.runtimes: dict[str, Runtime] = {}
         self.unavailable: dict[str, str] = {}
         self.accel: dict[str, str] = {}
+        #: By instance id: an upgrade on this node runs a service's old and new instance at once.
         self.instances: dict[str, Instance] = {}
         self.cleaned_up: list[str] = []
         #: Instances an earlier executor process ran, reported as lost until they moved on.
@@ -146,7 +147,7 @@ class Executor:
             "capacity": self.config.executor.capacity,
             "instances": [
                 *(i.summary() for i in self.instances.values()),
-                *(lost for service, lost in self.lost.items() if service not in self.instances),
+                *(lost for service, lost in self.lost.items() if service not in self._services()),
             ],
             "cleaned_up": self.cleaned_up,
         }
@@ -209,9 +210,12 @@ class Executor:
         await self.publish_status_quietly()
         return result
 
+    def _services(self) -> set[str]:
+        return {instance.service for instance in self.instances.values()}
+
     def _instance(self, command: dict[str, Any]) -> Instance:
-        instance = self.instances.get(command["service"])
-        if instance is None or instance.instance_id != command["instance"]:
+        instance = self.instances.get(command["instance"])
+        if instance is None or instance.service != command["service"]:
             raise RemoteError(
                 "unknown_instance",
                 f"node {self.node} runs no instance {command['instance']!r} "
@@ -221,16 +225,19 @@ class Executor:
 
     async def _cmd_start(self, command: dict[str, Any]) -> dict[str, Any]:
         service, instance_id = command["service"], command["instance"]
-        existing = self.instances.get(service)
-        if existing is not None:
-            if existing.instance_id == instance_id and existing.state not in ("failed", "stopped"):
-                return {"state": existing.state, "instance": instance_id}
-            if existing.state not in ("failed", "stopped"):
+        same = self.instances.get(instance_id)
+        if same is not None and same.service == service and same.state not in ("failed", "stopped"):
+            return {"state": same.state, "instance": instance_id}
+        for existing in [i for i in self.instances.values() if i.service == service]:
+            if existing.state in ("failed", "stopped") or existing.instance_id == instance_id:
+                await self._stop(existing)  # a dead guest's leftovers go before its successor
+            elif command["mode"] != "wait":
+                # Only a move's target (it waits for the state) may run beside a live instance
+                # of its service: an upgrade on this node.
                 raise RemoteError(
                     "service_busy",
                     f"node {self.node} already runs {existing.instance_id} of {service}",
                 )
-            await self._stop(existing)  # a dead guest's leftovers go before its successor
         runtime = self.runtimes.get(command["runtime"])
         if runtime is None:
             reason = self.unavailable.get(command["runtime"], "not configured")
@@ -267,7 +274,7 @@ class Executor:
             on_failure=self._instance_failed,
             on_session_lost=self._session_lost,
         )
-        self.instances[service] = instance
+        self.instances[instance_id] = instance
         self.lost.pop(service, None)
         try:
             await instance.boot(fresh=command["mode"] == "fresh")
@@ -276,7 +283,7 @@ class Executor:
                 await instance.start_fresh(command.get("params") or {})
         except BaseException:
             await instance.stop()
-            self.instances.pop(service, None)
+            self.instances.pop(instance_id, None)
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         booted = time.perf_counter()
@@ -302,13 +309,22 @@ class Executor:
         migration = command.get("migration")
         checkpoint = await instance.checkpoint()
         upload_started = time.perf_counter()
+        # The service is down while this runs: a frozen S3 must not hold it for s3.timeout.
+        bound = min(self.config.s3.timeout, self.config.executor.pause_timeout / 2)
         try:
             if checkpoint.image_file is not None:
                 key = self._checkpoint_key(instance, migration)
-                ref = await self.store.put_file(f"{key}.img", checkpoint.image_file)
+                upload = self.store.put_file(f"{key}.img", checkpoint.image_file)
             else:
                 assert checkpoint.document is not None
-                ref = await self.upload(instance, checkpoint.document, migration)
+                upload = self.upload(instance, checkpoint.document, migration)
+            ref = await asyncio.wait_for(upload, bound)
+        except TimeoutError:
+            await instance.resume()
+            raise BlobError(
+                f"checkpoint upload of {instance.service} took over {bound:g} s "
+                "(executor.pause_timeout / 2); the source serves again"
+            ) from None
         except BlobError:
             await instance.resume()
             raise
@@ -402,8 +418,10 @@ class Executor:
                 if instance.state != "detached":
                     return
                 if record.get("instance") == instance.instance_id and record.get("status") in (
+                    "deploying",
                     "serving",
                     "migrating",
+                    "recovering",
                 ):
                     try:
                         await instance.attach_input()
@@ -539,15 +557,15 @@ class Executor:
         return {"state": instance.state, "resumed_at": time.time() * 1000}
 
     async def _cmd_stop(self, command: dict[str, Any]) -> dict[str, Any]:
-        instance = self.instances.get(command["service"])
-        if instance is None or instance.instance_id != command["instance"]:
+        instance = self.instances.get(command["instance"])
+        if instance is None or instance.service != command["service"]:
             return {"state": "stopped", "already": True}
         await self._stop(instance)
         return {"state": "stopped", "applied": instance.applied}
 
     async def _stop(self, instance: Instance) -> None:
         await instance.stop()
-        self.instances.pop(instance.service, None)
+        self.instances.pop(instance.instance_id, None)
         shutil.rmtree(instance.spec.workdir, ignore_errors=True)
 
     def _instance_failed(self, instance: Instance) -> None:

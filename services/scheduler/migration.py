@@ -7,6 +7,10 @@ resume:   planned → target_ready → target_serving → committed
 recover:  planned → target_ready → target_serving → committed (a lost instance is replaced from
           the service's latest durable checkpoint; without one the target starts fresh and the
           broker replays every input, none having been acknowledged)
+upgrade:  the phases of migrate, to the same node or another, but the target boots the image of
+          another version of the app (``Plan.upgrade``), whose upgrade hook transforms the
+          restored state; the commit writes the new image and version into the service record. A
+          hook that refuses fails the restore, and the source serves on, unchanged.
 Any failure: rolling_back → rolled_back (the source serves again, the target is discarded).
 
 A phase fails at once, not at its timeout, when a node it waits for goes offline (its last will)
@@ -60,6 +64,15 @@ class Plan:
     epoch: int
     record: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    #: An upgrade: ``{"image", "from_version", "to_version"}``; the record keeps the old image
+    #: until the commit, so a rollback leaves it as it was.
+    upgrade: dict[str, Any] | None = None
+
+    def versions(self) -> dict[str, Any]:
+        """An upgrade's from/to versions, for the record and the phase events."""
+        if self.upgrade is None:
+            return {}
+        return {k: self.upgrade.get(k) for k in ("from_version", "to_version")}
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,9 +149,10 @@ class MigrationRunner:
                 "source": plan.source,
                 "target": plan.target,
                 "plan": plan.to_record(),
+                **plan.versions(),
             }
         )
-        await self.emit(plan, "planned")
+        await self.emit(plan, "planned", detail=plan.versions() or None)
 
     # -- the three flows --------------------------------------------------------------------
 
@@ -149,6 +163,7 @@ class MigrationRunner:
             "suspend": self._suspend,
             "resume": self._resume,
             "recover": self._recover,
+            "upgrade": self._migrate,
         }
         try:
             return await flow[plan.kind](plan)
@@ -185,6 +200,7 @@ class MigrationRunner:
     async def _preboot(self, plan: Plan) -> None:
         assert plan.target and plan.target_instance
         service = plan.record
+        image = plan.upgrade["image"] if plan.upgrade else service["image"]
         ready = await self._step(
             "target pre-boot",
             self.executors.start(
@@ -193,7 +209,7 @@ class MigrationRunner:
                 instance=plan.target_instance,
                 app=service["app"],
                 runtime=service["runtime"],
-                image=service["image"],
+                image=image,
                 params=service.get("params") or {},
                 mode="wait",
                 migration=plan.id,
@@ -320,7 +336,7 @@ class MigrationRunner:
 
     def _commit_expects(self, plan: Plan) -> dict[str, Any]:
         """What the service record must still say for this plan's commit to win."""
-        if plan.kind == "migrate":
+        if plan.kind in ("migrate", "upgrade"):
             return {"instance": plan.source_instance, "status": "migrating"}
         if plan.kind == "recover":
             return {"instance": plan.source_instance}
@@ -328,10 +344,15 @@ class MigrationRunner:
 
     async def _commit(self, plan: Plan, detail: dict[str, Any]) -> dict[str, Any]:
         """The target serves: record it, then (only then) stop the source for good."""
+        upgraded = {}
+        if plan.upgrade is not None:
+            upgraded = {"image": plan.upgrade["image"], "version": plan.upgrade["to_version"]}
+            detail.update(plan.versions())
         try:
             await self.store.put_service(
                 {
                     **plan.record,
+                    **upgraded,
                     "node": plan.target,
                     "instance": plan.target_instance,
                     "epoch": plan.epoch,
@@ -382,7 +403,7 @@ class MigrationRunner:
             log.warning("%s: target already serving; rolling forward", plan.id)
             return await self._commit(plan, {"rolled_forward": reason})
         await self.emit(plan, "rolling_back", detail={"error": reason})
-        notes: dict[str, Any] = {"error": reason}
+        notes: dict[str, Any] = {"error": reason, **plan.versions()}
         if plan.target and plan.target_instance and self._gone(plan.target):
             # Nobody to tell; a restarted executor ends what it ran (reported lost), and a copy
             # that comes back finds the record naming another instance (fenced).

@@ -6,6 +6,9 @@
 - Mobility: a service bound to a device follows it to the node of its new cell once the device has
   stayed there for ``mobility_hysteresis`` seconds (a device bouncing between cells moves nothing).
 - On start it finishes or rolls back whatever a previous scheduler process left in flight.
+- Upgrade: a serving service moves (on its node or to another) into another pushed version of
+  its app; refused up front when that version's manifest says it cannot restore the running
+  version's state (a downgrade, say), and rolled back when its upgrade hook refuses the state.
 - Recovery: a service whose instance is lost (its guest died, its executor restarted, or its node
   stayed offline longer than ``recovery_grace``) is restored on a healthy node from its latest
   durable checkpoint (a ``recover`` plan); the record's instance fences the old copy.
@@ -184,8 +187,9 @@ class Scheduler:
             reason = self.nodes[node].get("unavailable", {}).get(runtime, "not offered")
             raise RemoteError("runtime_unavailable", f"{node} cannot run {runtime}: {reason}")
         try:
-            image = await images.resolve(self.blobs, command["app"], runtime)
-            declared = images.declared_params(await images.describe(self.blobs, command["app"]))
+            manifest = await images.describe(self.blobs, command["app"])
+            image = await images.resolve(self.blobs, command["app"], runtime, manifest)
+            declared = images.declared_params(manifest)
         except images.ImageNotFound as exc:
             raise RemoteError("unknown_image", str(exc)) from None
         except BlobError as exc:
@@ -205,6 +209,7 @@ class Scheduler:
             "device": command.get("device"),
             "params": command.get("params") or {},
             "image": image.to_dict(),
+            "version": images.app_version(manifest),
         }
         await self.store.put_service(record)
         try:
@@ -294,6 +299,55 @@ class Scheduler:
         )
         return await self._launch(plan)
 
+    async def _cmd_upgrade(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Move a serving service into another pushed version of its app (see the docstring)."""
+        record = await self._service(command["service"])
+        service, app = record["service"], record["app"]
+        if record.get("status") != "serving":
+            raise RemoteError("not_serving", f"{service} is {record.get('status')}, not serving")
+        target = command.get("node") or record["node"]
+        self._require_online(target)
+        if record["runtime"] not in self.nodes[target].get("runtimes", []):
+            raise RemoteError("runtime_unavailable", f"{target} cannot run {record['runtime']}")
+        try:
+            manifest = await images.describe(self.blobs, app, command.get("version"))
+            image = await images.resolve(self.blobs, app, record["runtime"], manifest)
+        except images.ImageNotFound as exc:
+            raise RemoteError("unknown_image", str(exc)) from None
+        except BlobError as exc:
+            raise RemoteError("blob_unavailable", str(exc)) from None
+        current, wanted = record.get("version"), images.app_version(manifest)
+        if image.to_dict() == record.get("image") or (current and current == wanted):
+            raise RemoteError(
+                "same_version",
+                f"{service} already runs {app} {current or wanted or '(this image)'}: push the "
+                f"new build first (`ferry image push {app}`), or name a pushed one with --version",
+            )
+        accepted = images.restores_from(manifest)
+        if current and accepted is not None and current not in accepted:
+            others = ", ".join(accepted[1:]) or "no other version"
+            what = "a downgrade" if _older(wanted, current) else "an upgrade"
+            raise RemoteError(
+                "upgrade_refused",
+                f"{app} {wanted} does not restore the state of {app} {current} ({what}; it "
+                f"upgrades from: {others}); {service} keeps running {current}, nothing moved",
+            )
+        epoch = int(record["epoch"]) + 1
+        plan = Plan(
+            id=new_migration_id(),
+            kind="upgrade",
+            service=service,
+            trigger="operator",
+            source=record["node"],
+            target=target,
+            source_instance=record["instance"],
+            target_instance=names.instance_id(service, epoch),
+            epoch=epoch,
+            record=_service_fields(record),
+            upgrade={"image": image.to_dict(), "from_version": current, "to_version": wanted},
+        )
+        return {**await self._launch(plan), **plan.versions()}
+
     async def _cmd_suspend(self, command: dict[str, Any]) -> dict[str, Any]:
         record = await self._service(command["service"])
         if record.get("status") != "serving":
@@ -356,7 +410,7 @@ class Scheduler:
         except BaseException:
             self.busy.pop(plan.service, None)
             raise
-        if plan.kind in ("migrate", "suspend"):
+        if plan.kind in ("migrate", "suspend", "upgrade"):
             try:
                 await self.store.put_service(
                     {**plan.record, "status": "migrating"},
@@ -557,6 +611,16 @@ class Scheduler:
                 await self.runner.recover(plan, phase)
             finally:
                 self.busy.pop(plan.service, None)
+
+
+def _older(version: str | None, than: str | None) -> bool:
+    """Whether dotted ``version`` sorts before ``than`` (numbers as numbers), for the wording of
+    a refusal only: which versions restore which is the app's declaration, not an order."""
+
+    def key(v: str) -> list[tuple[int, int | str]]:
+        return [(0, int(p)) if p.isdigit() else (1, p) for p in v.replace("-", ".").split(".")]
+
+    return version is not None and than is not None and key(version) < key(than)
 
 
 def _service_fields(record: dict[str, Any]) -> dict[str, Any]:

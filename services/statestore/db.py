@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # One script per schema version; a database at version n runs scripts n+1.. on open.
 _SCHEMA: dict[int, str] = {
@@ -118,6 +118,11 @@ _SCHEMA: dict[int, str] = {
     );
     CREATE INDEX migrations_by_update ON migrations (outcome, updated);
     """,
+    3: """
+    ALTER TABLE services ADD COLUMN version TEXT;       -- the app version it runs, if known
+    ALTER TABLE migrations ADD COLUMN from_version TEXT; -- an upgrade's versions
+    ALTER TABLE migrations ADD COLUMN to_version TEXT;
+    """,
 }
 
 TERMINAL_PHASES = ("committed", "rolled_back", "failed")
@@ -127,12 +132,13 @@ BUSY_TIMEOUT_S = 5.0
 
 _MIGRATION_COLUMNS = (
     "id, service, kind, trigger, source, target, phase, outcome, started, finished, "
-    "downtime_ms, bytes_moved, total_ms, error, plan, created, updated"
+    "downtime_ms, bytes_moved, total_ms, error, plan, from_version, to_version, created, updated"
 )
 # put_migration may set these; None in a record clears nothing (absent and null are alike).
 _MIGRATION_FIELDS = (
     "service", "kind", "trigger", "source", "target", "phase", "outcome",
     "started", "finished", "downtime_ms", "bytes_moved", "total_ms", "error", "plan",
+    "from_version", "to_version",
 )  # fmt: skip
 
 
@@ -265,7 +271,8 @@ class Database:
             conn.execute("DELETE FROM retired WHERE service = ?", (doc["service"],))
             conn.execute(
                 "INSERT OR REPLACE INTO services (name, app, runtime, node, instance, epoch, "
-                "status, device, params, image, time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "status, device, params, image, version, time) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     doc["service"],
                     doc["app"],
@@ -277,6 +284,7 @@ class Database:
                     doc.get("device"),
                     None if params is None else _dumps(params),
                     None if image is None else _dumps(image),
+                    doc.get("version"),
                     doc["time"],
                 ),
             )
@@ -664,6 +672,7 @@ def _service_doc(row: sqlite3.Row) -> dict[str, Any]:
         "status": row["status"],
         "device": row["device"],
         "image": _loads(row["image"]),
+        "version": row["version"],
         "time": row["time"],
     }
     if row["params"] is not None:

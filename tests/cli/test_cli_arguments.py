@@ -34,6 +34,12 @@ REFUSED: dict[str, list[tuple[list[str], str]]] = {
         (["svc", "--node", "edge-a"], "--app"),
     ],
     "migrate": [([BAD, "--to", "edge-b"], "service"), (["svc", "--to", BAD], "--to")],
+    "upgrade": [
+        ([BAD], "service"),
+        (["svc", "--version", "2.0/0"], "--version"),
+        (["svc", "--version", ""], "--version"),
+        (["svc", "--to", BAD], "--to"),
+    ],
     "suspend": [([BAD], "service"), ([], "service")],
     "resume": [([BAD, "--on", "edge-a"], "service"), (["svc", "--on", ""], "--on")],
     "stop": [([BAD], "service")],
@@ -49,7 +55,7 @@ REFUSED: dict[str, list[tuple[list[str], str]]] = {
     ],
     "watch": [(["a/#/b"], "filter"), (["apps/x+/out"], "filter"), ([""], "filter")],
     "checkpoint show": [([BAD], "service")],
-    "image push": [([BAD], "apps"), ([], "apps")],
+    "image push": [([BAD], "apps"), ([], "apps"), (["counter", "--build", BAD], "--build")],
     "image show": [(["../etc"], "app")],
     "simulate": [
         ([BAD], "service"),

@@ -211,8 +211,9 @@ async def test_a_dead_guests_report_carries_its_last_console_lines(
         os.kill(guest_pid(system, record["instance"]), signal.SIGKILL)
         async with asyncio.timeout(15):
             async for message in watcher.messages():
-                if f"{service}: " in message.payload["reason"] and "recovering" in (
-                    message.payload["reason"]
+                if (
+                    f"{service}: " in message.payload["reason"]
+                    and "recovering" in (message.payload["reason"])
                 ):
                     reason = message.payload["reason"]
                     break

@@ -512,18 +512,60 @@ async def test_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
     await restart(system, procs, *process)
     async with asyncio.timeout(40):  # whatever happened, it ends (a restarted scheduler ends it)
         while True:
-            migration = await ops.query("get_migration", migration=started["migration"])
-            if migration.get("outcome") in ("committed", "rolled_back"):
+            found = await ops.query("get_migration", migration=started["migration"])
+            if found["migration"].get("outcome") in ("committed", "rolled_back"):
                 break
             await asyncio.sleep(0.2)
-    record = await ops.wait_serving(service, timeout=40)
-    await asyncio.sleep(1.0)
+    # a restarted executor reports the guest it lost: that may start a recovery
+    await asyncio.sleep(GRACE + 1.0)
+    await ops.wait_serving(service, timeout=40)
     sent = await finish(sim, outputs)
     outputs.assert_exactly_once(sent)
+    record = await ops.wait_serving(service, timeout=40)
     copies = [await instance_on(system, node, service) for node in NODES]
     serving_now = [c["instance"] for c in copies if c is not None and c["state"] == "serving"]
     assert serving_now == [record["instance"]], copies
     target = "edge-a" if record["node"] == "edge-b" else "edge-b"
     assert (await ops.move("migrate", service, target))["phase"] == "committed"
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+async def test_a_frozen_s3_during_the_upload_holds_the_source_down_only_briefly(
+    system: FerryConfig, infra: FerryConfig, ops: Operator
+) -> None:
+    """SIGSTOP of the S3 proxy while the source uploads its checkpoint: the upload is bounded by
+    executor.pause_timeout / 2, the source serves again, and the move rolls back."""
+    import json
+    import os
+    import signal
+
+    state = json.loads((infra.stack.dir / "stack.json").read_text())
+    [proxy] = [c["pid"] for c in state["components"] if c["name"] == "swift-proxy"]
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = Simulator(system.broker, service, devices=1, rate=100)
+    sim.start()
+    await asyncio.sleep(1.0)
+    started = await ops.command("migrate", service=service, node="edge-b")
+    stopped_at: list[int] = []
+
+    def freeze_s3_once_ready(event: dict[str, Any]) -> None:
+        if event["phase"] == "target_ready" and not stopped_at:
+            os.kill(proxy, signal.SIGSTOP)
+            stopped_at.append(now_ms())
+
+    try:
+        final = await ops.follow(started["migration"], freeze_s3_once_ready, timeout=30)
+    finally:
+        os.kill(proxy, signal.SIGCONT)
+    assert final["phase"] == "rolled_back", final
+    assert "took over" in final["detail"]["error"], final
+    assert final["time"] - stopped_at[0] < 1000 * (PAUSE_TIMEOUT / 2 + 3), final
+    record = await ops.wait_serving(service)
+    assert record["node"] == "edge-a"
+    await asyncio.sleep(1.5)  # and its periodic checkpoints catch up
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
     outputs.close()
     await ops.command("stop", service=service)

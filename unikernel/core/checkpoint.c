@@ -14,6 +14,7 @@ void checkpoint_state_init(struct checkpoint_state *st)
     kv_init(&st->watermark);
     st->next_step = NULL;
     st->created_ms = 0;
+    st->from_version[0] = '\0';
 }
 
 void checkpoint_state_clear(struct checkpoint_state *st)
@@ -22,6 +23,32 @@ void checkpoint_state_clear(struct checkpoint_state *st)
     kv_clear(&st->vars);
     kv_clear(&st->watermark);
     st->next_step = NULL;
+    st->from_version[0] = '\0';
+}
+
+bool checkpoint_accepts(const struct ferry_app *app, const char *version)
+{
+    size_t n = strlen(version);
+    const char *p = app->upgrades_from;
+
+    if (strcmp(version, app->version) == 0)
+        return true;
+    while (p != NULL && *p != '\0') {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        const char *q = p;
+
+        while (len > 0 && *q == ' ') {   /* "1.0.0, 1.1.0" reads as meant */
+            q++;
+            len--;
+        }
+        while (len > 0 && q[len - 1] == ' ')
+            len--;
+        if (len == n && n > 0 && memcmp(q, version, n) == 0)
+            return true;
+        p = end ? end + 1 : NULL;
+    }
+    return false;
 }
 
 const char *checkpoint_find_step(const struct ferry_app *app, const char *name)
@@ -529,11 +556,55 @@ static bool expect_string(struct jp *j, const char *want, bool *matches)
     return true;
 }
 
-static bool read_app(struct jp *j, const struct ferry_app *app, bool *matches)
+/* Why a document of another version was refused: built at read time. */
+static char version_why[3 * CHECKPOINT_VERSION_MAX + 160];
+
+static void why_append(size_t *at, const char *text, size_t n)
+{
+    if (n > sizeof(version_why) - 1 - *at)
+        n = sizeof(version_why) - 1 - *at;
+    memcpy(version_why + *at, text, n);
+    *at += n;
+    version_why[*at] = '\0';
+}
+
+static void why_put(size_t *at, const char *text)
+{
+    why_append(at, text, strlen(text));
+}
+
+/* "the checkpoint is of counter 1.0.0; counter 2.0.0 upgrades from: 1.5.0" */
+static const char *explain_version(const struct ferry_app *app, const char *version,
+                                   size_t version_len)
+{
+    size_t at = 0;
+
+    why_put(&at, "the checkpoint is of ");
+    why_put(&at, app->name);
+    why_put(&at, " ");
+    why_append(&at, version, version_len > CHECKPOINT_VERSION_MAX ? CHECKPOINT_VERSION_MAX
+                                                                   : version_len);
+    why_put(&at, "; ");
+    why_put(&at, app->name);
+    why_put(&at, " ");
+    why_put(&at, app->version);
+    if (app->upgrades_from != NULL && app->upgrades_from[0] != '\0') {
+        why_put(&at, " upgrades only from: ");
+        why_put(&at, app->upgrades_from);
+    } else {
+        why_put(&at, " restores no other version (ferry_app.upgrades_from)");
+    }
+    return version_why;
+}
+
+/* Reads "app". (*matches): the name is this app's; (*version_why): NULL if
+ * this app restores the document's version, else why not. */
+static bool read_app(struct jp *j, const struct ferry_app *app, bool *matches,
+                     struct checkpoint_state *st, const char **version_refused)
 {
     bool name_ok = false, version_ok = false, seen_name = false,
          seen_version = false;
-    struct jstr key;
+    struct jstr key, version = {NULL, 0};
     int r;
 
     if (!jp_obj_begin(j))
@@ -545,19 +616,29 @@ static bool read_app(struct jp *j, const struct ferry_app *app, bool *matches)
             ok = expect_string(j, app->name, &name_ok);
         } else if (strcmp(key.s, "version") == 0 && !seen_version) {
             seen_version = true;
-            ok = expect_string(j, app->version, &version_ok);
+            ok = jp_string(j, &version);
         } else {
             ok = jp_fail(j, "unexpected member in \"app\"");
         }
         free(key.s);
-        if (!ok)
+        if (!ok) {
+            free(version.s);
             return false;
+        }
     }
-    if (r != 0)
-        return false;
-    if (!seen_name || !seen_version)
-        return jp_fail(j, "\"app\" needs \"name\" and \"version\"");
-    *matches = name_ok && version_ok;
+    if (r != 0 || !seen_name || !seen_version) {
+        free(version.s);
+        return r == 0 ? jp_fail(j, "\"app\" needs \"name\" and \"version\"") : false;
+    }
+    *matches = name_ok;
+    *version_refused = NULL;
+    version_ok = version.n <= CHECKPOINT_VERSION_MAX &&
+                 strlen(version.s) == version.n && checkpoint_accepts(app, version.s);
+    if (!version_ok)
+        *version_refused = explain_version(app, version.s, version.n);
+    else if (strcmp(version.s, app->version) != 0)
+        memcpy(st->from_version, version.s, version.n + 1);
+    free(version.s);
     return true;
 }
 
@@ -624,13 +705,18 @@ static bool read_top(struct jp *j, const struct ferry_app *app,
                    version <= CHECKPOINT_FORMAT_VERSION) ||
                   jp_fail(j, "unsupported format_version"));
             break;
-        case M_APP:
-            ok = read_app(j, app, &match);
+        case M_APP: {
+            const char *version_refused = NULL;
+            ok = read_app(j, app, &match, st, &version_refused);
             if (ok && !match && !*wrong_app) {
                 *wrong_app = true;
-                *wrong_why = "the checkpoint is for another app or app version";
+                *wrong_why = "the checkpoint is for another app";
+            } else if (ok && version_refused != NULL && !*wrong_app) {
+                *wrong_app = true;
+                *wrong_why = version_refused;
             }
             break;
+        }
         case M_MODE: {
             bool is_event, is_proc;
             const char *want = app->mode == FERRY_MODE_EVENT ? "event" : "procedural";

@@ -21,6 +21,9 @@
 /* The step name event-mode apps report: each input is a step. */
 #define CHECKPOINT_EVENT_STEP "input"
 
+/* The longest app version a checkpoint may name for an upgrade. */
+#define CHECKPOINT_VERSION_MAX 64
+
 /* What a checkpoint holds. Strings point into the app definition. */
 struct checkpoint_state {
     struct kv params;
@@ -28,6 +31,9 @@ struct checkpoint_state {
     struct kv watermark;     /* KV_INT64 per source */
     const char *next_step;   /* NULL: a finished procedural app */
     int64_t created_ms;
+    /* Read only: the version that wrote the document when it is another
+     * version the app upgrades from ("" otherwise). */
+    char from_version[CHECKPOINT_VERSION_MAX + 1];
 };
 
 /* Appends the document for (app) and (st) to (w). */
@@ -37,7 +43,7 @@ void checkpoint_write(struct jw *w, const struct ferry_app *app,
 /* Why a document was refused: a PROTOCOL.md error code and a message. */
 struct checkpoint_error {
     const char *code;      /* "bad_document" or "wrong_app" */
-    const char *message;   /* static text */
+    const char *message;   /* static text (valid until the next read) */
 };
 
 /*
@@ -47,6 +53,10 @@ struct checkpoint_error {
  */
 bool checkpoint_read(const char *text, size_t n, const struct ferry_app *app,
                      struct checkpoint_state *st, struct checkpoint_error *err);
+
+/* True if (app) restores a checkpoint written by (version) of itself: its
+ * own version, or one listed in its upgrades_from. */
+bool checkpoint_accepts(const struct ferry_app *app, const char *version);
 
 void checkpoint_state_init(struct checkpoint_state *st);
 void checkpoint_state_clear(struct checkpoint_state *st);

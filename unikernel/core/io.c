@@ -163,6 +163,8 @@ ferry_result_t ferry_emit(void)
 {
     struct jw w;
 
+    if (rt.in_upgrade)
+        return FERRY_EINVAL;   /* an upgrade hook has no input to answer */
     if (!rt.out_open)
         rt_out_reset();
     jw_obj_end(&rt.out);

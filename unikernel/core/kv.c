@@ -88,6 +88,13 @@ struct kv_value *kv_find(const struct kv *m, const char *key)
     return found ? &m->e[i].v : NULL;
 }
 
+size_t kv_seek(const struct kv *m, const char *key, size_t n)
+{
+    bool found;
+
+    return search(m, key, n, &found);
+}
+
 struct kv_value *kv_slot(struct kv *m, const char *key, bool reset,
                          bool *created)
 {

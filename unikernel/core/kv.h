@@ -68,6 +68,10 @@ struct kv_value *kv_find(const struct kv *m, const char *key);
 struct kv_value *kv_slot(struct kv *m, const char *key, bool reset,
                          bool *created);
 
+/* Index of the first entry whose key is not below (key, n), byte-wise
+ * (m->n if none): the entries from there on sort at or after it. */
+size_t kv_seek(const struct kv *m, const char *key, size_t n);
+
 /* Removes (key) if present. */
 void kv_delete(struct kv *m, const char *key);
 

@@ -117,6 +117,31 @@ static void write_params(struct jw *w)
     jw_arr_end(w);
 }
 
+/* ferry_app.upgrades_from as a list of versions (PROTOCOL.md, HELLO). */
+static void write_upgrades_from(struct jw *w)
+{
+    const char *p = rt.app->upgrades_from;
+
+    jw_arr_begin(w);
+    while (*p != '\0') {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+
+        while (len > 0 && *p == ' ') {
+            p++;
+            len--;
+        }
+        while (len > 0 && p[len - 1] == ' ')
+            len--;
+        if (len > 0)
+            jw_str_n(w, p, len);
+        if (end == NULL)
+            break;
+        p = end + 1;
+    }
+    jw_arr_end(w);
+}
+
 static void send_hello(void)
 {
     struct jw w;
@@ -139,6 +164,10 @@ static void send_hello(void)
         jw_key(&w, "params");
         write_params(&w);
     }
+    if (rt.app->upgrades_from != NULL) {
+        jw_key(&w, "upgrades_from");
+        write_upgrades_from(&w);
+    }
     jw_obj_end(&w);
     rt_send(FRAME_HELLO, &w);
 }
@@ -156,6 +185,10 @@ static void send_ready(bool restored)
         jw_null(&w);
     jw_key(&w, "restored");
     jw_bool(&w, restored);
+    if (restored && rt.st.from_version[0] != '\0') {
+        jw_key(&w, "upgraded_from");
+        jw_str(&w, rt.st.from_version);
+    }
     jw_obj_end(&w);
     rt_send(FRAME_READY, &w);
 }
@@ -213,6 +246,40 @@ static void handle_start(const struct frame *f)
     send_ready(false);
 }
 
+/* The app's upgrade hook on a restored older (or newer) version's state;
+ * a refusal ends the guest with upgrade_refused and the hook's reason. */
+static void run_upgrade(void)
+{
+    static char why[2 * CHECKPOINT_VERSION_MAX + 512];
+    const char *parts[6];
+    const char *refusal;
+    size_t at = 0;
+
+    rt.in_upgrade = true;
+    rt_out_reset();
+    refusal = rt.app->upgrade(rt.st.from_version);
+    rt.in_upgrade = false;
+    rt_out_reset();
+    if (refusal == NULL)
+        return;
+    parts[0] = rt.app->name;
+    parts[1] = " ";
+    parts[2] = rt.app->version;
+    parts[3] = " refuses the state of ";
+    parts[4] = rt.st.from_version;
+    parts[5] = ": ";
+    for (size_t i = 0; i < 7; i++) {
+        const char *text = i < 6 ? parts[i] : refusal;
+        size_t n = strlen(text);
+        if (n > sizeof(why) - 1 - at)
+            n = sizeof(why) - 1 - at;
+        memcpy(why + at, text, n);
+        at += n;
+    }
+    why[at] = '\0';
+    rt_fatal("upgrade_refused", why, RT_EXIT_BAD_DOCUMENT);
+}
+
 static void handle_restore(const struct frame *f)
 {
     struct checkpoint_state st;
@@ -226,6 +293,8 @@ static void handle_restore(const struct frame *f)
     }
     checkpoint_state_clear(&rt.st);
     rt.st = st;
+    if (rt.st.from_version[0] != '\0' && rt.app->upgrade != NULL)
+        run_upgrade();
     rt.running = true;
     rt.finished = rt.st.next_step == NULL;
     send_ready(true);

@@ -37,6 +37,9 @@ struct runtime {
     int64_t input_seq;
     struct kv input_payload;
 
+    /* The app's upgrade hook is running (no output). */
+    bool in_upgrade;
+
     /* The pending output object. */
     struct jw out;
     bool out_open;

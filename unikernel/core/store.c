@@ -225,6 +225,27 @@ double *ferry_f64_list_mut(const char *key, size_t len)
     return list_mut(key, KV_FLOAT64_LIST, len);
 }
 
+const char *ferry_next_key(const char *prefix, const char *after)
+{
+    const struct kv *m = &rt.st.vars;
+    size_t plen, i;
+
+    if (prefix == NULL)
+        prefix = "";
+    plen = strlen(prefix);
+    i = kv_seek(m, prefix, plen);
+    if (after != NULL && *after != '\0') {
+        size_t alen = strlen(after), j = kv_seek(m, after, alen);
+        if (j < m->n && m->e[j].key_len == alen && memcmp(m->e[j].key, after, alen) == 0)
+            j++;   /* strictly after */
+        if (j > i)
+            i = j;
+    }
+    if (i < m->n && m->e[i].key_len >= plen && memcmp(m->e[i].key, prefix, plen) == 0)
+        return m->e[i].key;
+    return NULL;
+}
+
 bool ferry_exists(const char *key)
 {
     return kv_find(&rt.st.vars, key) != NULL;

@@ -111,7 +111,8 @@ struct ferry_param {
 /*
  * The one definition every app provides, named `ferry_app`.
  *  name, version   identify the app; a checkpoint restores only into the
- *                  same name and version.
+ *                  same name, and the same version unless upgrades_from
+ *                  lists the checkpoint's version.
  *  mode            FERRY_MODE_EVENT or FERRY_MODE_PROCEDURAL.
  *  on_start        optional; runs once on a fresh START (never on RESTORE),
  *                  after the parameters are readable. Use it to set the
@@ -123,6 +124,24 @@ struct ferry_param {
  *  params          optional: the parameters the app reads, ended by
  *                  FERRY_PARAMS_END (see struct ferry_param). An app that
  *                  declares none (NULL) takes any parameter, unchecked.
+ *  upgrades_from   optional: the other versions of this app whose
+ *                  checkpoints this version restores, comma-separated
+ *                  (e.g. "1.0.0,1.1.0"). A checkpoint of a version not
+ *                  listed (older or newer) is refused (`wrong_app`): so a
+ *                  downgrade is refused unless the older version lists the
+ *                  newer one. NULL: only the same version.
+ *  upgrade         optional: runs once after the RESTORE of a checkpoint
+ *                  written by another version (one in upgrades_from),
+ *                  before any input or step, with that version. The store,
+ *                  params and watermark are the old version's; the hook may
+ *                  read and change the store (ferry_get_* / ferry_set_* /
+ *                  ferry_del, ferry_next_key to walk it) but sends no
+ *                  output (ferry_emit() is FERRY_EINVAL). It returns NULL
+ *                  to accept, or a message (static storage) saying why it
+ *                  refuses this state: the guest then ends with
+ *                  `upgrade_refused` and the host keeps the old version.
+ *                  Like a step, it must be deterministic. Without a hook, a
+ *                  listed version's store is taken as it is.
  */
 struct ferry_app {
     const char *name;
@@ -133,6 +152,8 @@ struct ferry_app {
     const struct ferry_step *steps;
     const char *first_step;
     const struct ferry_param *params;
+    const char *upgrades_from;
+    const char *(*upgrade)(const char *from_version);
 };
 
 extern const struct ferry_app ferry_app;
@@ -224,6 +245,24 @@ int64_t *ferry_i64_list_mut(const char *key, size_t len);
 
 /* As ferry_i64_list_mut(), for float64 lists. */
 double *ferry_f64_list_mut(const char *key, size_t len);
+
+/*
+ * Walks the store: returns the first key that starts with (prefix) and
+ * sorts after (after) in byte order (after NULL or "": the first key with
+ * the prefix), or NULL when there is none. So
+ *
+ *     char k[FERRY_KEY_MAX + 1] = "";
+ *     const char *next;
+ *     while ((next = ferry_next_key("count/", k)) != NULL) {
+ *         ferry_key(k, "", next);      (a copy: the store may change now)
+ *         ...
+ *     }
+ *
+ * visits every "count/..." key once, in order. The pointer returned is
+ * valid until the next call that changes the store. Keys added while
+ * walking are visited if they sort after the current one.
+ */
+const char *ferry_next_key(const char *prefix, const char *after);
 
 /* Returns true if (key) holds a value of any type. */
 bool ferry_exists(const char *key);
