@@ -26,20 +26,49 @@ export DEBIAN_FRONTEND=noninteractive
 say() { echo "install-criu: $*"; }
 die() { echo "install-criu: ERROR: $*" >&2; exit 1; }
 
+# The probes run a real checkpoint; on a loaded machine they have failed and passed a minute later
+# with nothing changed. A failure that may be transient is retried before criu is rebuilt.
+PROBE_ATTEMPTS=${FERRY_CRIU_PROBE_ATTEMPTS:-3}
+PROBE_PAUSE=${FERRY_CRIU_PROBE_PAUSE:-5}
+
 criu_usable() {
     # True when the criu on PATH is new enough, passes `criu check` and can dump a TCP socket
     # (`criu check` alone passes with an unpatched 4.1.1 on Linux >= 6.16, see patch_criu).
-    local version
-    command -v criu >/dev/null || return 1
+    # Missing, too old, or the known socket bug: decided at once. Anything else: retried.
+    local version attempt rc
+    command -v criu >/dev/null || { say "no criu on PATH"; return 1; }
     version=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p')
-    [[ -n $version ]] && dpkg --compare-versions "$version" ge "$CRIU_MIN" || return 1
-    criu check >/dev/null 2>&1 || return 1
+    if ! { [[ -n $version ]] && dpkg --compare-versions "$version" ge "$CRIU_MIN"; }; then
+        say "criu ${version:-(version unknown)} at $(command -v criu) is older than $CRIU_MIN"
+        return 1
+    fi
+    for ((attempt = 1; ; attempt++)); do
+        rc=0
+        criu_probe || rc=$?
+        ((rc != 0)) || return 0
+        ((rc != 2)) || return 1
+        if ((attempt >= PROBE_ATTEMPTS)); then
+            say "criu $version failed its probe $attempt times in a row: not usable"
+            return 1
+        fi
+        say "criu probe attempt $attempt of $PROBE_ATTEMPTS failed (above); again in ${PROBE_PAUSE}s"
+        sleep "$PROBE_PAUSE"
+    done
+}
+
+criu_probe() {
+    # 0: usable; 2: a failure no retry can fix; 1: a failure that may be transient.
+    local out
+    if ! out=$(criu check 2>&1); then
+        say "criu check failed: $(tail -n1 <<<"$out")"
+        return 1
+    fi
     criu_dumps_tcp
 }
 
 criu_dumps_tcp() {
     # Dumps (and leaves running) a tiny process that holds a listening TCP socket.
-    local dir pid rc=0
+    local dir pid rc=0 error
     dir=$(mktemp -d)
     python3 -c 'import os, socket, sys, time
 os.setsid()
@@ -49,11 +78,22 @@ s.listen()
 open(sys.argv[1], "w").close()
 time.sleep(60)' "$dir/ready" </dev/null >/dev/null 2>&1 &
     pid=$!
-    for _ in {1..100}; do [[ -e $dir/ready ]] && break; sleep 0.05; done
-    criu dump -t "$pid" -D "$dir" --leave-running -o dump.log >/dev/null 2>&1 || rc=$?
-    kill "$pid"
+    for _ in {1..600}; do [[ -e $dir/ready ]] && break; sleep 0.05; done
+    if [[ ! -e $dir/ready ]]; then
+        say "TCP-dump probe: its test process did not start within 30 s"
+        rc=1
+    elif ! criu dump -t "$pid" -D "$dir" --leave-running -o dump.log >/dev/null 2>&1; then
+        error=$(grep -m1 'Error (criu/sockets' "$dir/dump.log" || true)
+        if [[ -n $error ]]; then
+            rc=2 # the socket bug patch_criu fixes: deterministic
+        else
+            rc=1
+            error=$(grep -m1 'Error' "$dir/dump.log" || tail -n1 "$dir/dump.log")
+        fi
+        say "criu $(criu --version | sed -n 's/^Version: *//p') cannot dump a TCP socket: $error"
+    fi
+    kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
-    ((rc == 0)) || say "criu $(criu --version | sed -n 's/^Version: *//p') cannot dump a TCP socket: $(grep -m1 'Error (criu/sockets' "$dir/dump.log" || tail -n1 "$dir/dump.log")"
     rm -rf "$dir"
     return "$rc"
 }

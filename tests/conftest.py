@@ -15,10 +15,18 @@ from pathlib import Path
 
 import pytest
 
+import services.common.config as config_module
+import services.stack.stack as stack_module
 from services.common.bus import Bus
 from services.common.config import FerryConfig, load_config
+from services.stack.process import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Hygiene: a user's `ferry up` state in the checkout (.ferry/ferry.toml: its ports, its dir) must
+# never reach a test, and nothing a test starts may outlive a test run killed from outside.
+config_module.DEFAULT_CONFIG_FILE = None
+stack_module.DIE_WITH_PARENT = True
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +75,8 @@ class ServiceProcesses:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            # SIGTERM, not SIGKILL: an executor stops its guests on the way out.
+            preexec_fn=die_with_parent(signal.SIGTERM),
             env={**os.environ, **(env or {})},
         )
 

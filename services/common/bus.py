@@ -3,7 +3,9 @@
 Why a wrapper over aiomqtt: every payload is checked against ``schemas/`` on send and on receive,
 a malformed message is reported on ``ferry/v1/errors`` instead of killing the service, requests and
 replies use MQTT 5 response topic + correlation data, and a lost broker connection is re-established
-with backoff (resubscribing) without the service noticing more than a delay.
+with backoff (resubscribing) without the service noticing more than a delay. What a component
+``announce``s (its retained status) is published again after every reconnect: a broker that
+restarted may have fired the component's last will or lost the retained message.
 
 ``manual_ack=True`` keeps QoS 1 messages unacknowledged until the service calls ``ack``; with a
 persistent session (``session_expiry`` > 0) anything not acked is redelivered to whichever client
@@ -115,6 +117,7 @@ class Bus:
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self._subscriptions: dict[str, int] = {}
+        self._announcements: dict[str, Callable[[], dict[str, Any]]] = {}
         self._pending: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
@@ -137,6 +140,7 @@ class Bus:
     async def close(self) -> None:
         """Disconnect cleanly (no last will is sent); pending requests fail."""
         self._closing = True
+        await self._flush_acks()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -148,6 +152,21 @@ class Bus:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(BusError("bus closed"))
+
+    async def _flush_acks(self) -> None:
+        """Make sure the broker has read every ack we sent before we let the session go.
+
+        Why: the next owner of a persistent session (a migration's target) can take it over
+        while acks of ours still wait unread on the broker's side of the old connection; they
+        are then discarded and their inputs redelivered. The broker reads a connection's packets
+        in order, so the SUBACK of a subscription we already hold (our reply topic: allowed by
+        any ACL, no retained message, nothing delivered) proves it read all of them. Best
+        effort: a broker that is gone redelivers anyway.
+        """
+        if not self._manual_ack or self._client is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.subscribe(self.reply_topic, qos=1), 5.0)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -251,6 +270,12 @@ class Bus:
                     return
                 log.warning("%s: lost broker connection (%s); reconnecting", self.client_id, exc)
                 await self._connect()
+                if self._announcements:
+                    self._in_background(self._announce_again())
+
+    async def _announce_again(self) -> None:
+        for topic, make_payload in list(self._announcements.items()):
+            await self._publish_quietly(topic, make_payload(), retain=True)
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
@@ -321,10 +346,14 @@ class Bus:
         task.add_done_callback(self._background.discard)
 
     async def _publish_quietly(
-        self, topic: str, payload: dict[str, Any], correlation: bytes | None = None
+        self,
+        topic: str,
+        payload: dict[str, Any],
+        correlation: bytes | None = None,
+        retain: bool = False,
     ) -> None:
         try:
-            await self.publish(topic, payload, correlation=correlation)
+            await self.publish(topic, payload, correlation=correlation, retain=retain)
         except Exception as exc:
             log.warning("%s: could not publish to %s: %s", self.client_id, topic, exc)
 
@@ -364,6 +393,28 @@ class Bus:
             await self._client.publish(topic, body, qos=qos, retain=retain, properties=props)
         except aiomqtt.MqttError as exc:
             raise BusError(f"publish to {topic} failed: {exc}") from exc
+
+    async def announce(self, topic: str, make_payload: Callable[[], dict[str, Any]]) -> None:
+        """Publish ``make_payload()`` retained now, and again after every reconnect.
+
+        For a component's status: ``make_payload`` is called each time, so what is re-announced
+        is the current status, not the first one. An invalid payload raises ContractError; a
+        publish that fails (the connection dropped while it was in flight) is only logged, since
+        the reconnect announces again: it must not take the component down.
+        """
+        payload = make_payload()
+        contract.validate(topic, payload)
+        self._announcements[topic] = make_payload
+        try:
+            await self.publish(topic, payload, retain=True)
+        except BusError as exc:
+            log.warning(
+                "%s: announcing %s failed (%s); again on reconnect", self.client_id, topic, exc
+            )
+
+    def withdraw(self, topic: str) -> None:
+        """Stop re-announcing ``topic`` (e.g. before publishing a final ``offline``)."""
+        self._announcements.pop(topic, None)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and again after every reconnect."""

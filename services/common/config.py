@@ -18,9 +18,19 @@ from typing import Any
 ENV_PREFIX = "FERRY_"
 DEFAULT_STACK_DIR = Path(".ferry")
 CONFIG_FILE_NAME = "ferry.toml"
+#: The file read when neither a path nor $FERRY_CONFIG names one: a user's ``ferry up`` state.
+#: A caller that must not see that state (the test suite) sets this to None.
+DEFAULT_CONFIG_FILE: Path | None = DEFAULT_STACK_DIR / CONFIG_FILE_NAME
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "stack": {"dir": str(DEFAULT_STACK_DIR), "host": "127.0.0.1", "nodes": ["edge-a", "edge-b"]},
+    "stack": {
+        "dir": str(DEFAULT_STACK_DIR),
+        "host": "127.0.0.1",
+        "nodes": ["edge-a", "edge-b"],
+        # Changes per snapshot of `ferry up`'s Mosquitto (1 = after every change; README
+        # "Broker durability": what each costs and what a kill -9 of the broker can lose).
+        "broker_autosave": 100,
+    },
     "broker": {
         "host": "127.0.0.1",
         "port": 1883,
@@ -106,6 +116,7 @@ class StackConfig:
     dir: Path
     host: str
     nodes: list[str]
+    broker_autosave: int = 100
 
 
 @dataclass(frozen=True)
@@ -220,8 +231,8 @@ def find_config_file(explicit: Path | None, env: Mapping[str, str]) -> Path | No
         if not path.is_file():
             raise ConfigError(f"FERRY_CONFIG points to {path}, which does not exist")
         return path
-    default = DEFAULT_STACK_DIR / CONFIG_FILE_NAME
-    return default if default.is_file() else None
+    default = DEFAULT_CONFIG_FILE
+    return default if default is not None and default.is_file() else None
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> FerryConfig:
@@ -259,6 +270,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
             dir=Path(merged["stack"]["dir"]),
             host=merged["stack"]["host"],
             nodes=list(merged["stack"]["nodes"]),
+            broker_autosave=merged["stack"]["broker_autosave"],
         ),
         broker=BrokerConfig(**merged["broker"]),
         s3=S3Config(**merged["s3"]),

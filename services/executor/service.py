@@ -98,7 +98,8 @@ class Executor:
         async with Bus(self.config.broker, f"ferry-executor-{self.node}", will=will) as bus:
             self.bus = bus
             await bus.subscribe(topics.node_commands(self.node))
-            await self.publish_status()
+            # Re-announced after every reconnect, or a broker restart leaves the node "offline".
+            await bus.announce(topics.node_status(self.node), self.status)
             heartbeat = asyncio.create_task(self._heartbeat())
             watch_paused = asyncio.create_task(self._watch_paused())
             serve = asyncio.create_task(self._serve(bus))
@@ -115,6 +116,7 @@ class Executor:
                     with contextlib.suppress(Exception):
                         await instance.stop()
                 self.metrics.stop()
+                bus.withdraw(topics.node_status(self.node))
                 await bus.publish(topics.node_status(self.node), offline, retain=True)
 
     async def _serve(self, bus: Bus) -> None:

@@ -104,9 +104,15 @@ class Scheduler:
             ):
                 await bus.subscribe(topic_filter)
             self._spawn(self._recover_in_flight())
-            online = {"component": "scheduler", "status": "online", "time": now_ms()}
-            await bus.publish(
-                topics.component_status("scheduler"), {**online, "version": VERSION}, retain=True
+            status_topic = topics.component_status("scheduler")
+            await bus.announce(  # again after every reconnect: a broker restart loses it
+                status_topic,
+                lambda: {
+                    "component": "scheduler",
+                    "status": "online",
+                    "time": now_ms(),
+                    "version": VERSION,
+                },
             )
             serve = asyncio.create_task(self._serve(bus))
             try:
@@ -115,6 +121,7 @@ class Scheduler:
                 serve.cancel()
                 self.metrics.stop()
                 offline["time"] = now_ms()
+                bus.withdraw(status_topic)
                 with contextlib.suppress(BusError):
                     await bus.publish(topics.component_status("scheduler"), offline, retain=True)
 

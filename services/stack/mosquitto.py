@@ -6,19 +6,46 @@ import os
 import pwd
 from pathlib import Path
 
-# Why these limits: a service's persistent session must hold every input message that arrives
-# while it is being migrated (no expiry, a large queue), while the in-flight window stays small
-# enough that a slow consumer sees back-pressure instead of a flood.
-MAX_QUEUED_MESSAGES = 100_000
-MAX_INFLIGHT_MESSAGES = 100
+# Why these limits (README "Broker durability" has the measurements):
+# - A service's persistent session must hold every input that arrives while it is migrated or
+#   recovered: 1 000 000 queued messages is 200 s at 5000 inputs/s (bounded in bytes instead of
+#   count would drop inputs already PUBACKed to their producer, so no byte limit).
+# - In-flight: for an MQTT v5 client Mosquitto 2.0 takes the outgoing window from the client's
+#   Receive Maximum (a service's input session asks for 65 535), and advertises
+#   ``max_inflight_messages`` as its own Receive Maximum to producers; 0 means no limit (65 535
+#   for v5 clients, unbounded for v3.1.1). An executor holding a second of input unacknowledged
+#   at 5000/s needs >= 5000.
+MAX_QUEUED_MESSAGES = 1_000_000
+MAX_INFLIGHT_MESSAGES = 0
+# Persistence: Mosquitto 2.0 saves a snapshot of its whole database (rewrite + fsync). With
+# ``autosave_on_changes`` the interval counts changes (a message queued for an offline session,
+# a PUBACK from a subscriber, a subscription, a retained message). A kill -9 loses what changed
+# since the last snapshot (a time-based 30 s here before: every input PUBACKed in those 30 s).
+# 1 (a snapshot after every main-loop pass that changed anything) leaves only the pass being
+# saved (at most one input per producer connection), but costs: 160-580 QoS 1 publishes/s per
+# producer connection (bench/broker_persistence.py, 5000 queued), and a service fed 2000/s
+# could no longer migrate (tests/scheduler/test_crashes.py rolled back). 100, the default
+# (``stack.broker_autosave``), keeps 4900-7800/s and loses at most 100 changes. Input a
+# connected service holds unacknowledged is not a "change" with either.
+AUTOSAVE_ON_CHANGES = True
+AUTOSAVE_INTERVAL = 100
 
 
-def write_config(conf_dir: Path, host: str, port: int, log: Path) -> Path:
+def write_config(
+    conf_dir: Path,
+    host: str,
+    port: int,
+    log: Path,
+    *,
+    autosave_on_changes: bool = AUTOSAVE_ON_CHANGES,
+    autosave_interval: int = AUTOSAVE_INTERVAL,
+) -> Path:
     """Write ``mosquitto.conf`` with persistence under ``conf_dir``; returns its path.
 
     The running log goes to ``log`` directly (Mosquitto flushes each line there, but
     block-buffers stdout); give it the file its stdout goes to, so start-up errors printed
-    before the log is opened land in the same place.
+    before the log is opened land in the same place. ``autosave_interval`` comes from
+    ``stack.broker_autosave``; ``bench/broker_persistence.py`` measures the alternatives.
     """
     data = conf_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -29,7 +56,8 @@ def write_config(conf_dir: Path, host: str, port: int, log: Path) -> Path:
         "allow_anonymous true\n"
         "persistence true\n"
         f"persistence_location {data}\n"
-        "autosave_interval 30\n"
+        f"autosave_on_changes {'true' if autosave_on_changes else 'false'}\n"
+        f"autosave_interval {autosave_interval}\n"
         f"max_queued_messages {MAX_QUEUED_MESSAGES}\n"
         "max_queued_bytes 0\n"
         f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}\n"

@@ -5,6 +5,11 @@ transport kills its child when it is closed or garbage-collected, and the stack'
 outlive the ``ferry up`` process that started them. Spawning is a fork+exec and does not block
 the event loop noticeably; all waiting in this module is done with ``asyncio.sleep`` polling.
 
+``die_with_parent`` is for stacks owned by one process (the test suite's): the kernel signals the
+child when the spawning process dies, even of SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so a killed
+test run leaves no broker or Swift server holding its ports. ``ferry up`` does not use it: its
+stack must outlive the command.
+
 A process is identified by its pid *and* its start time in clock ticks since boot (field 22 of
 ``/proc/PID/stat``), so a pid recycled by the kernel after a crash is never mistaken for ours.
 """
@@ -12,11 +17,12 @@ A process is identified by its pid *and* its start time in clock ticks since boo
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,18 +51,38 @@ class ProcessHandle:
         return None if self.popen is None else self.popen.poll()
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get ``sig`` when this process (strictly: the
+    spawning thread) ends, however it ends. Resolved here, before the fork, so the child only
+    makes one system call; a child whose parent already died kills itself instead of staying."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0 or os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 def spawn_detached(
     name: str,
     argv: Sequence[str],
     log: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    *,
+    die_with_parent_signal: signal.Signals | None = None,
 ) -> ProcessHandle:
     """Start ``argv`` in a new session with stdout+stderr appended to ``log``.
 
     The new session makes the child its own process-group leader (pgid == pid), which is what
     ``stop_group`` signals, and detaches it from our terminal so Ctrl-C on ``ferry up`` does not
-    reach it. Raises OSError when the program cannot be executed.
+    reach it. With ``die_with_parent_signal`` the child also gets that signal when we die (see
+    the module docstring). Raises OSError when the program cannot be executed.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
@@ -72,6 +98,9 @@ def spawn_detached(
             close_fds=True,
             env=dict(env) if env is not None else None,
             cwd=cwd,
+            preexec_fn=(
+                die_with_parent(die_with_parent_signal) if die_with_parent_signal else None
+            ),
         )
     ticks = start_ticks(popen.pid)
     return ProcessHandle(

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ PORT_NAMES = ("memcached", "swift-account", "swift-container", "swift-object", "
 POLL_INTERVAL = 0.1
 #: Prometheus file_sd targets (``file_sd_configs``) of the Ferry services, written by ``up``.
 METRICS_TARGETS = "prometheus-targets.json"
+
+#: ``Stack(die_with_parent=None)`` means this; the test suite sets it so no test stack outlives
+#: a killed test run.
+DIE_WITH_PARENT = False
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,10 @@ class Stack:
 
     ``services`` replaces the default Ferry services (every ``services/<svc>/__main__.py`` that
     exists); pass ``[]`` for infrastructure only. ``timeout`` bounds each part's start-up,
-    ``grace`` is how long ``down`` waits after SIGTERM before SIGKILL.
+    ``grace`` is how long ``down`` waits after SIGTERM before SIGKILL. ``die_with_parent``
+    ties every part to this process (SIGKILL when it dies however it dies): for a stack that
+    must not outlive its owner, such as the test suite's, unlike ``ferry up``'s (default:
+    ``DIE_WITH_PARENT``).
     """
 
     def __init__(
@@ -95,8 +103,10 @@ class Stack:
         services: Sequence[ServiceSpec] | None = None,
         timeout: float = 30.0,
         grace: float = 5.0,
+        die_with_parent: bool | None = None,
     ) -> None:
         self._config = config
+        self._die_with_parent = DIE_WITH_PARENT if die_with_parent is None else die_with_parent
         self._dir = config.stack.dir.resolve()
         self._services = None if services is None else list(services)
         self._timeout = timeout
@@ -251,7 +261,11 @@ class Stack:
             swift_dir, host, _swift_ports(ports), f"{host}:{ports['memcached']}", cfg.s3
         )
         broker_conf = mosquitto.write_config(
-            self._dir / "mosquitto", host, ports["broker"], self.log_dir / "mosquitto.log"
+            self._dir / "mosquitto",
+            host,
+            ports["broker"],
+            self.log_dir / "mosquitto.log",
+            autosave_interval=max(1, cfg.stack.broker_autosave),
         )
         probes = self._infra_probes(cfg, ports, create_bucket=True)
         parts = [
@@ -365,7 +379,13 @@ class Stack:
         """Spawn ``part`` now (recording it) and return the running wait for its readiness."""
         log = self.log_dir / f"{part.name}.log"
         try:
-            handle = spawn_detached(part.name, part.argv, log, env=self._child_env(part.env))
+            handle = spawn_detached(
+                part.name,
+                part.argv,
+                log,
+                env=self._child_env(part.env),
+                die_with_parent_signal=signal.SIGKILL if self._die_with_parent else None,
+            )
         except OSError as exc:
             raise StackError(part.name, f"cannot run {part.argv[0]}: {exc}") from exc
         self._spawned[handle.pid] = handle
@@ -414,6 +434,39 @@ class Stack:
         env["FERRY_CONFIG"] = str(self.config_path)
         env.update(extra)
         return env
+
+    # ---------------------------------------------------------------- restart
+
+    async def restart(
+        self, name: str, sig: signal.Signals = signal.SIGKILL, progress: Progress | None = None
+    ) -> ComponentStatus:
+        """Stop one infrastructure part with ``sig`` and start it again as it was started (same
+        command line, config, data and port), waiting until it answers again.
+
+        Why: a crash of the broker or the S3 store is a fault Ferry must survive, and a test
+        has to cause one against the real process. Raises StackError if no stack runs here or
+        the part does not come back.
+        """
+        if name not in INFRA_PARTS:
+            raise StackError(name, f"only infrastructure parts restart: {', '.join(INFRA_PARTS)}")
+        say = progress or (lambda _message: None)
+        with state.locked(self._dir):
+            record = state.load(self._dir)
+            old = next((c for c in (record.components if record else []) if c.name == name), None)
+            if record is None or old is None:
+                raise StackError(name, f"no stack with {name} runs in {self._dir}")
+            handle = self._spawned.get(old.pid, old)
+            if handle.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(handle.pid, sig)
+            await stop_group(handle, self._grace)  # waits for the group; escalates if need be
+            self._spawned.pop(old.pid, None)
+            record.components.remove(old)
+            resolved = self._resolve(record.ports)
+            probe = self._infra_probes(resolved, record.ports, create_bucket=False)[name]
+            env = swift.swift_env() if name in SWIFT_PARTS else {}
+            task = self._start_part(_Part(name, list(old.argv), probe, env), record, say)
+            return await task
 
     # ---------------------------------------------------------------- down
 

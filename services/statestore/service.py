@@ -122,10 +122,9 @@ class StatestoreService:
                 await bus.subscribe(topics.node_status("+"))
                 await bus.subscribe(topics.migration_events("+"))
                 await self._republish_states()
-                await bus.publish(
-                    topics.component_status(COMPONENT),
-                    self._component_status("online"),
-                    retain=True,
+                # Again after every reconnect: a broker restart loses it (or fires the will).
+                await bus.announce(
+                    topics.component_status(COMPONENT), lambda: self._component_status("online")
                 )
                 serve = asyncio.create_task(self._serve(bus), name="statestore-serve")
                 collector = asyncio.create_task(self._collector(), name="statestore-collect")
@@ -146,6 +145,7 @@ class StatestoreService:
                     for task in (serve, collector):
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
+                    bus.withdraw(topics.component_status(COMPONENT))
                     with contextlib.suppress(BusError):
                         await bus.publish(
                             topics.component_status(COMPONENT),

@@ -1,0 +1,15 @@
+"""Not collected by the suite: ``test_stack_hygiene.py`` runs it as a test run of its own (the
+suite's conftest, the session ``infra`` stack), then kills that run from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from services.common.config import FerryConfig
+
+
+async def test_hold_the_stack(infra: FerryConfig) -> None:
+    Path(os.environ["FERRY_HELD_STACK_OUT"]).write_text(str(infra.stack.dir))
+    await asyncio.sleep(600)
