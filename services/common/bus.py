@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import aiomqtt
 import orjson
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import error_string as mqtt_error
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 # CONNACK reason codes that no retry can fix: bad client id, bad login, not authorized, banned,
 # bad authentication method (MQTT 5, 3.2.2.2).
 LOGIN_REFUSED = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
+#: s a publish waits for its PUBACK before it counts as failed.
+PUBLISH_TIMEOUT = 10.0
 #: Bytes taken off the broker connection per read (see ``_FastSocket``).
 READ_SIZE = 256 * 1024
 
@@ -123,6 +126,8 @@ class Bus:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
+        #: PUBACKs ``publish_many`` waits for on the current connection, by message id.
+        self._acks: dict[int, tuple[_Batch, int]] = {}
 
     async def __aenter__(self) -> Bus:
         await self._connect()
@@ -175,7 +180,7 @@ class Bus:
             username=self.broker.username or None,
             password=self.broker.password or None,
             properties=connect_props,
-            timeout=10,
+            timeout=PUBLISH_TIMEOUT,
             # paho leaves Nagle on: a reply queued behind an unacknowledged segment would wait
             # for the broker's delayed ACK (~40 ms), straight into a migration's downtime.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
@@ -188,6 +193,19 @@ class Bus:
         if self._manual_ack:
             # aiomqtt does not expose manual acks; paho (its engine) does, publicly.
             client._client.manual_ack_set(True)
+        # PUBACKs of ``publish_many`` go to its batches, every other one to aiomqtt as before.
+        acks: dict[int, tuple[_Batch, int]] = {}
+        self._acks = acks
+        aiomqtt_on_publish: Any = client._client.on_publish
+
+        def on_publish(paho: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            waiting = acks.pop(mid, None)
+            if waiting is not None:
+                waiting[0].confirm(waiting[1])
+            elif aiomqtt_on_publish is not None:
+                aiomqtt_on_publish(paho, userdata, mid, reason, props)
+
+        client._client.on_publish = on_publish
         return client
 
     async def _connect(self) -> None:
@@ -373,6 +391,52 @@ class Bus:
         except aiomqtt.MqttError as exc:
             raise BusError(f"publish to {topic} failed: {exc}") from exc
 
+    async def publish_many(
+        self, messages: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[BaseException | None]:
+        """Validate and publish QoS 1 messages in order, then wait for all their PUBACKs at once.
+
+        Why not ``publish`` per message: aiomqtt spends a task, an event and a timer on each and
+        scans its pending calls on every call, so a batch of n outputs cost O(n²). Here a batch
+        costs one future. Returns one result per message: None (the broker accepted it), a
+        ContractError (refused here, not sent) or a BusError (not confirmed: the connection
+        failed; everything after the first BusError is unconfirmed too).
+        """
+        results: list[BaseException | None] = [None] * len(messages)
+        client = self._client
+        if client is None:
+            return [BusError(f"{self.client_id}: not connected")] * len(messages)
+        acks = self._acks
+        batch = _Batch(results, asyncio.get_running_loop().create_future())
+        mids: list[int] = []
+        for index, (topic, payload) in enumerate(messages):
+            try:
+                contract.validate(topic, payload)
+            except contract.ContractError as exc:
+                results[index] = exc
+                continue
+            info = client._client.publish(topic, orjson.dumps(payload), qos=1)
+            if info.rc != 0:
+                failed = BusError(f"publish to {topic} failed: {mqtt_error(info.rc)}")
+                results[index:] = [failed] * (len(messages) - index)
+                break
+            results[index] = BusError(
+                f"publish to {topic} not confirmed within {PUBLISH_TIMEOUT:g} s"
+            )
+            acks[info.mid] = (batch, index)
+            mids.append(info.mid)
+            batch.remaining += 1
+        if batch.remaining:
+            try:
+                await asyncio.wait_for(asyncio.shield(batch.done), PUBLISH_TIMEOUT)
+            except TimeoutError:
+                pass
+            finally:
+                for mid in mids:
+                    if acks.get(mid, (None,))[0] is batch:
+                        del acks[mid]
+        return results
+
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and again after every reconnect."""
         if self._client is None:
@@ -455,6 +519,23 @@ class Bus:
             if error.details:
                 body["error"]["details"] = error.details
         await self.publish(request.response_topic, body, correlation=request.correlation)
+
+
+class _Batch:
+    """The messages of one ``publish_many`` call still waiting for their PUBACK."""
+
+    __slots__ = ("done", "remaining", "results")
+
+    def __init__(self, results: list[BaseException | None], done: asyncio.Future[None]) -> None:
+        self.results = results
+        self.done = done
+        self.remaining = 0
+
+    def confirm(self, index: int) -> None:
+        self.results[index] = None
+        self.remaining -= 1
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)
 
 
 def _direct_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[Any]]:
@@ -548,6 +629,13 @@ class _FastSocket:
         with contextlib.suppress(OSError):
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
+    def close(self) -> None:
+        """Push what is corked before closing (as paho does after DISCONNECT): a close with
+        unread input resets the connection and would drop unsent bytes, the last acks too."""
+        if self._corked:
+            self._uncork()
+        self._sock.close()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
@@ -560,8 +648,10 @@ def _speed_up(client: aiomqtt.Client) -> None:
     """
     paho = client._client
     sock = paho._sock
-    if type(sock) is socket.socket and sock.type == socket.SOCK_STREAM and hasattr(
-        socket, "TCP_CORK"
+    if (
+        type(sock) is socket.socket
+        and sock.type == socket.SOCK_STREAM
+        and hasattr(socket, "TCP_CORK")
     ):
         paho._sock = _FastSocket(sock, asyncio.get_running_loop())
 
