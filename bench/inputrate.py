@@ -102,6 +102,13 @@ async def _step(
         outputs = feeder.snapshot()
         verdict = load.judge(len(feeder.sent_at), outputs)
         lat = load.latencies(feeder.sent_at, outputs)
+        first: dict[int, float] = {}
+        for out in outputs:
+            first[out.seq] = min(out.at, first.get(out.seq, out.at))
+        worst: dict[int, float] = {}
+        for seq, at in first.items():
+            second = int(feeder.sent_at[seq - 1] - started)
+            worst[second] = max(worst.get(second, 0.0), (at - feeder.sent_at[seq - 1]) * 1000)
     finally:
         feeder.close()
         await ops.command("stop", service=service)
@@ -113,6 +120,7 @@ async def _step(
         "p50_ms": _round(load.percentile(lat, 50)),
         "p99_ms": _round(load.percentile(lat, 99)),
         "max_ms": _round(max(lat) if lat else None),
+        "worst_ms_by_second": [round(worst[k]) for k in sorted(worst)],
         "lost": verdict.lost,
         "applied_twice": verdict.applied_twice,
         # CPU per answered input (µs): comparable across runs on a shared machine, unlike rates.
