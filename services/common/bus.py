@@ -19,9 +19,10 @@ import contextlib
 import logging
 import math
 import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import aiomqtt
 import orjson
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import error_string as mqtt_error
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
@@ -41,6 +43,10 @@ log = logging.getLogger(__name__)
 # CONNACK reason codes that no retry can fix: bad client id, bad login, not authorized, banned,
 # bad authentication method (MQTT 5, 3.2.2.2).
 LOGIN_REFUSED = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
+#: s a publish waits for its PUBACK before it counts as failed.
+PUBLISH_TIMEOUT = 10.0
+#: Bytes taken off the broker connection per read (see ``_FastSocket``).
+READ_SIZE = 256 * 1024
 
 
 class BusError(Exception):
@@ -123,6 +129,8 @@ class Bus:
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
+        #: PUBACKs ``publish_many`` waits for on the current connection, by message id.
+        self._acks: dict[int, tuple[_Batch, int]] = {}
 
     async def __aenter__(self) -> Bus:
         await self._connect()
@@ -182,6 +190,7 @@ class Bus:
         client = aiomqtt.Client(
             self.broker.host,
             self.broker.port,
+            queue_type=_direct_queue(self._dispatch),
             identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             will=will,
@@ -190,7 +199,7 @@ class Bus:
             username=self.broker.username or None,
             password=self.broker.password or None,
             properties=connect_props,
-            timeout=10,
+            timeout=PUBLISH_TIMEOUT,
             # paho leaves Nagle on: a reply queued behind an unacknowledged segment would wait
             # for the broker's delayed ACK (~40 ms), straight into a migration's downtime.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
@@ -203,6 +212,19 @@ class Bus:
         if self._manual_ack:
             # aiomqtt does not expose manual acks; paho (its engine) does, publicly.
             client._client.manual_ack_set(True)
+        # PUBACKs of ``publish_many`` go to its batches, every other one to aiomqtt as before.
+        acks: dict[int, tuple[_Batch, int]] = {}
+        self._acks = acks
+        aiomqtt_on_publish: Any = client._client.on_publish
+
+        def on_publish(paho: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            waiting = acks.pop(mid, None)
+            if waiting is not None:
+                waiting[0].confirm(waiting[1])
+            elif aiomqtt_on_publish is not None:
+                aiomqtt_on_publish(paho, userdata, mid, reason, props)
+
+        client._client.on_publish = on_publish
         return client
 
     async def _connect(self) -> None:
@@ -219,6 +241,7 @@ class Bus:
                 with attempt:
                     client = self._new_client()
                     await client.__aenter__()
+                    _speed_up(client)
         except aiomqtt.MqttError as exc:
             if _login_refused(exc):
                 user = self.broker.username or "anonymous"
@@ -232,6 +255,7 @@ class Bus:
             ) from exc
         self._client = client
         self._generation += 1
+        _open_queue(client)
         await self._subscribe_on(client, self.reply_topic, 1)
         for topic_filter, qos in self._subscriptions.items():
             await self._subscribe_on(client, topic_filter, qos)
@@ -256,6 +280,8 @@ class Bus:
             client = self._client
             assert client is not None
             try:
+                # Messages never wait in aiomqtt's queue (see ``_direct_queue``): this only ends
+                # with the MqttError a lost connection raises.
                 async for message in client.messages:
                     self._dispatch(message)
             except aiomqtt.MqttError as exc:
@@ -416,6 +442,52 @@ class Bus:
         """Stop re-announcing ``topic`` (e.g. before publishing a final ``offline``)."""
         self._announcements.pop(topic, None)
 
+    async def publish_many(
+        self, messages: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[BaseException | None]:
+        """Validate and publish QoS 1 messages in order, then wait for all their PUBACKs at once.
+
+        Why not ``publish`` per message: aiomqtt spends a task, an event and a timer on each and
+        scans its pending calls on every call, so a batch of n outputs cost O(n²). Here a batch
+        costs one future. Returns one result per message: None (the broker accepted it), a
+        ContractError (refused here, not sent) or a BusError (not confirmed: the connection
+        failed; everything after the first BusError is unconfirmed too).
+        """
+        results: list[BaseException | None] = [None] * len(messages)
+        client = self._client
+        if client is None:
+            return [BusError(f"{self.client_id}: not connected")] * len(messages)
+        acks = self._acks
+        batch = _Batch(results, asyncio.get_running_loop().create_future())
+        mids: list[int] = []
+        for index, (topic, payload) in enumerate(messages):
+            try:
+                contract.validate(topic, payload)
+            except contract.ContractError as exc:
+                results[index] = exc
+                continue
+            info = client._client.publish(topic, orjson.dumps(payload), qos=1)
+            if info.rc != 0:
+                failed = BusError(f"publish to {topic} failed: {mqtt_error(info.rc)}")
+                results[index:] = [failed] * (len(messages) - index)
+                break
+            results[index] = BusError(
+                f"publish to {topic} not confirmed within {PUBLISH_TIMEOUT:g} s"
+            )
+            acks[info.mid] = (batch, index)
+            mids.append(info.mid)
+            batch.remaining += 1
+        if batch.remaining:
+            try:
+                await asyncio.wait_for(asyncio.shield(batch.done), PUBLISH_TIMEOUT)
+            except TimeoutError:
+                pass
+            finally:
+                for mid in mids:
+                    if acks.get(mid, (None,))[0] is batch:
+                        del acks[mid]
+        return results
+
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and again after every reconnect."""
         if self._client is None:
@@ -498,6 +570,141 @@ class Bus:
             if error.details:
                 body["error"]["details"] = error.details
         await self.publish(request.response_topic, body, correlation=request.correlation)
+
+
+class _Batch:
+    """The messages of one ``publish_many`` call still waiting for their PUBACK."""
+
+    __slots__ = ("done", "remaining", "results")
+
+    def __init__(self, results: list[BaseException | None], done: asyncio.Future[None]) -> None:
+        self.results = results
+        self.done = done
+        self.remaining = 0
+
+    def confirm(self, index: int) -> None:
+        self.results[index] = None
+        self.remaining -= 1
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+def _direct_queue(dispatch: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[Any]]:
+    """aiomqtt's message queue (its public ``queue_type`` hook) that hands messages straight on.
+
+    Why: aiomqtt's message iterator spends a task and an ``asyncio.wait`` (two event-loop
+    iterations) on every message, so a burst of input was taken one message per iteration and
+    nothing downstream could batch. This queue calls ``dispatch`` as paho decodes each message,
+    in arrival order, on the loop thread. Until the bus made the client current (``_open_queue``)
+    it holds them, so each one is stamped with the generation of the connection it came on.
+    """
+
+    class DirectQueue(asyncio.Queue[Any]):
+        def __init__(self, maxsize: int = 0) -> None:
+            super().__init__()
+            self.held: list[aiomqtt.Message] | None = []
+
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            if self.held is not None:
+                self.held.append(item)
+            else:
+                dispatch(item)
+
+        def open(self) -> None:
+            held, self.held = self.held or [], None
+            for item in held:
+                dispatch(item)
+
+    return DirectQueue
+
+
+def _open_queue(client: aiomqtt.Client) -> None:
+    """Dispatch what arrived before the client became current, then every message at once."""
+    queue = client._queue
+    if hasattr(queue, "open"):
+        queue.open()
+
+
+class _FastSocket:
+    """paho's socket, read in large chunks and written corked for one event-loop iteration.
+
+    Why: paho reads every packet with at least three ``recv`` calls (type byte, each length
+    byte, body) and aiomqtt's reader handles one packet per wake-up of the event loop; it
+    writes every packet with its own ``send``, which with TCP_NODELAY is a segment (and a
+    wake-up of the broker) each. Here ``recv`` is served from one large read, and ``pending``
+    (the hook aiomqtt already uses for TLS buffers) makes its reader handle every packet
+    buffered before it returns; ``send`` corks the socket until the end of the current
+    loop iteration, so what paho writes in one iteration leaves in as few segments as the
+    kernel can. Bytes and their order are exactly paho's: only the syscalls change.
+    """
+
+    def __init__(self, sock: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._thread = threading.get_ident()
+        self._data = b""
+        self._pos = 0
+        self._corked = False
+
+    def recv(self, size: int) -> bytes:
+        if self._pos < len(self._data):
+            chunk = self._data[self._pos : self._pos + size]
+            self._pos += len(chunk)
+            return chunk
+        data: bytes = self._sock.recv(max(size, READ_SIZE))
+        if len(data) <= size:
+            self._data, self._pos = b"", 0
+            return data
+        self._data, self._pos = data, size
+        return data[:size]
+
+    def pending(self) -> int:
+        """Bytes read from the kernel that paho has not taken yet."""
+        return len(self._data) - self._pos
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        if not self._corked:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                self._corked = True
+                if threading.get_ident() == self._thread:
+                    self._loop.call_soon(self._uncork)
+                else:
+                    self._loop.call_soon_threadsafe(self._uncork)
+        sent: int = self._sock.send(data)
+        return sent
+
+    def _uncork(self) -> None:
+        """Let everything corked go now (clearing TCP_CORK pushes the pending segments)."""
+        self._corked = False
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+    def close(self) -> None:
+        """Push what is corked before closing (as paho does after DISCONNECT): a close with
+        unread input resets the connection and would drop unsent bytes, the last acks too."""
+        if self._corked:
+            self._uncork()
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _speed_up(client: aiomqtt.Client) -> None:
+    """Swap paho's fresh socket for a ``_FastSocket`` (plain TCP only; a no-op otherwise).
+
+    Called right after CONNACK, in the loop thread, before the reader ever runs again: nothing
+    is buffered yet, so no byte can be skipped or read twice.
+    """
+    paho = client._client
+    sock = paho._sock
+    if (
+        type(sock) is socket.socket
+        and sock.type == socket.SOCK_STREAM
+        and hasattr(socket, "TCP_CORK")
+    ):
+        paho._sock = _FastSocket(sock, asyncio.get_running_loop())
 
 
 def _login_refused(exc: BaseException) -> bool:

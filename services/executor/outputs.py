@@ -78,13 +78,10 @@ class OutputLine:
                 await self._wake.wait()
                 continue
             batch = [self._waiting[i] for i in range(min(BATCH, len(self._waiting)))]
-            # Tasks start in creation order and each hands its message to paho before its first
-            # await, so the broker receives the batch in order.
-            sends = [
-                asyncio.ensure_future(self._bus.publish(topic, payload))
-                for _, topic, payload in batch
-            ]
-            results = await asyncio.gather(*sends, return_exceptions=True)
+            # Handed to paho in order (so the broker receives them in order), confirmed together.
+            results = await self._bus.publish_many(
+                [(topic, payload) for _, topic, payload in batch]
+            )
             done = 0
             for (number, topic, _), result in zip(batch, results, strict=True):
                 if isinstance(result, BusError):
