@@ -368,9 +368,10 @@ class MigrationRunner:
                 expect=self._commit_expects(plan),
             )
         except RemoteError as exc:
-            if exc.code == "conflict":
+            if exc.code != "conflict":
+                raise MigrationFailed("commit", exc) from exc
+            if not await self._already_committed(plan):
                 raise MigrationFailed("commit", CommitRefused(exc.message)) from exc
-            raise MigrationFailed("commit", exc) from exc
         except BusError as exc:
             raise MigrationFailed("commit", exc) from exc
         if plan.source and plan.source_instance and not self.liveness.online(plan.source):
@@ -461,7 +462,19 @@ class MigrationRunner:
             )
             await self.emit(plan, "committed", detail={"recovered": reason})
             return {"recovered": reason}
-        return await self.roll_back(plan, reason)
+        try:
+            return await self.roll_back(plan, reason)
+        except MigrationFailed as failure:  # rolling forward was refused: undo it instead
+            return await self.roll_back(plan, f"{reason}; {failure}", forward=False)
+
+    async def _already_committed(self, plan: Plan) -> bool:
+        """A commit refused because it already happened (its reply was lost, or a scheduler
+        died right after it): the record names this plan's target instance."""
+        try:
+            record = await self.store.get_service(plan.service)
+        except (RemoteError, BusError):
+            return False
+        return bool(record.get("instance") == plan.target_instance and plan.target_instance)
 
     def _gone(self, node: str) -> bool:
         """Known to be offline (its last will): asking it anything would only wait out a timeout."""
