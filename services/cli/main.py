@@ -22,10 +22,10 @@ from rich.table import Table
 
 from services.cli.operator import Operator
 from services.cli.output import console, err, format_detail
-from services.common import checkpoint_blob, images, params, topics
+from services.common import checkpoint_blob, contract, images, params, topics
 from services.common.blobstore import BlobError, BlobRef, BlobStore
 from services.common.bus import BusError, RemoteError
-from services.common.config import ConfigError, FerryConfig, load_config
+from services.common.config import BrokerConfig, ConfigError, FerryConfig, load_config
 from services.common.contract import ContractError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -451,6 +451,52 @@ async def cmd_simulate(config: FerryConfig, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+async def cmd_run(config: FerryConfig, args: argparse.Namespace) -> int:
+    from services.cli.run import run
+
+    return await run(config, args)
+
+
+def publish_one(broker: BrokerConfig, topic: str, body: bytes, timeout: float = 10.0) -> None:
+    """Publish with QoS 1 and return once the broker's PUBACK says it took the message."""
+    import uuid
+
+    from services.cli.simulate import connect_paho
+
+    client = connect_paho(broker, f"ferry-publish-{uuid.uuid4().hex[:8]}")
+    refused: list[Any] = []
+    client.on_publish = lambda c, u, mid, reason, props: refused.extend(
+        [reason] if reason.is_failure else []
+    )
+    try:
+        info = client.publish(topic, body, qos=1)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise TimeoutError
+        if refused:
+            raise ConnectionError(f"the broker refused the message: {refused[0]}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def cmd_publish(config: FerryConfig, args: argparse.Namespace) -> int:
+    try:
+        payload = orjson.loads(args.json)
+    except orjson.JSONDecodeError as exc:
+        err.print(f"error: the input is not JSON: {exc}", markup=False)
+        return 2
+    topic = topics.app_input(args.service)
+    try:
+        contract.validate(topic, payload)
+    except ContractError as exc:
+        err.print(f"error: not an input of {args.service}: {exc}", markup=False)
+        return 2
+    await asyncio.to_thread(publish_one, config.broker, topic, orjson.dumps(payload))
+    console.print(f"published to {topic} (acknowledged by the broker)")
+    return 0
+
+
 async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
     from services.stack import Stack
     from services.stack.stack import METRICS_TARGETS
@@ -624,6 +670,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--expect-outputs",
         action="store_true",
         help="the app answers every input: an input without an answer counts as lost",
+    )
+
+    p = add("run", cmd_run, "run an app build locally on inputs from stdin, without the stack")
+    p.add_argument("app", type=name_arg)
+    p.add_argument("--runtime", default="unix", choices=["unix", "microvm"])
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an app parameter, typed as the app declares it (as for deploy)",
+    )
+    p.add_argument(
+        "--checkpoint-at",
+        type=positive_int,
+        metavar="N",
+        help="after N inputs (a procedural app: N outputs), checkpoint, restore into a fresh "
+        "guest and carry on",
+    )
+    p.add_argument("--build-dir", type=Path, default=REPO / "unikernel" / "build")
+
+    p = add("publish", cmd_publish, "publish one input to a service and wait for the broker's ack")
+    service(p)
+    p.add_argument(
+        "json", metavar="JSON", help='{"producer": "dev-1", "seq": 1, "data": {"value": 21.5}}'
     )
     return parser
 

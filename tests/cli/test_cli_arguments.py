@@ -68,6 +68,14 @@ REFUSED: dict[str, list[tuple[list[str], str]]] = {
         (["svc", "--move-every", "-2"], "--move-every"),
         (["svc", "--move-between", f"edge-a,{BAD}"], "--move-between"),
     ],
+    "run": [
+        ([BAD], "app"),
+        ([], "app"),
+        (["counter", "--runtime", "docker"], "--runtime"),
+        (["counter", "--checkpoint-at", "0"], "--checkpoint-at"),
+        (["counter", "--checkpoint-at", "x"], "--checkpoint-at"),
+    ],
+    "publish": [([BAD, "{}"], "service"), (["svc"], "JSON")],
 }
 
 
