@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -182,8 +183,12 @@ async def run(config: FerryConfig, args: argparse.Namespace) -> int:
     hello: dict[str, Any] = {}
     unix_build = images.build_file(build_dir, "unix", args.app)
     if unix_build.is_file():  # the unix build says the same HELLO as the microvm one
-        hello = await asyncio.to_thread(images.read_hello, unix_build)
-        declared = images.declared_params({"app": images.app_info(hello)})
+        try:
+            hello = await asyncio.to_thread(images.read_hello, unix_build)
+        except (images.ImageNotFound, OSError, ValueError):
+            pass  # the launch below fails the same way and says why, with the guest's log
+        else:
+            declared = images.declared_params({"app": images.app_info(hello)})
     typed = params.parse(args.app, declared, raw)
     procedural = hello.get("mode") == "procedural"
 
@@ -196,23 +201,27 @@ async def run(config: FerryConfig, args: argparse.Namespace) -> int:
         err.print(f"error: the {args.runtime} runtime: {why}", markup=False)
         return 2
 
-    with tempfile.TemporaryDirectory(prefix="ferry-run-") as workdir:
-        spec = LaunchSpec(
-            service=LOCAL, instance=f"{LOCAL}.1", app=args.app, image=image, workdir=Path(workdir)
-        )
-        local = LocalRun(runtimes[args.runtime], spec, typed, sys.stdout)
-        try:
-            if procedural:
-                return await _drive_procedural(local, args)
-            return await _drive(local, args)
-        except (GuestFailed, GuestError, ChannelError, GuestRuntimeError) as exc:
-            sys.stdout.flush()
-            reason = str(exc) if isinstance(exc, GuestFailed) else local.why(str(exc))
-            err.print(f"error: {args.app} failed: {reason}", markup=False)
-            return 1
-        finally:
-            await local.end()
-            sys.stdout.flush()
+    workdir = Path(tempfile.mkdtemp(prefix="ferry-run-"))
+    spec = LaunchSpec(
+        service=LOCAL, instance=f"{LOCAL}.1", app=args.app, image=image, workdir=workdir
+    )
+    local = LocalRun(runtimes[args.runtime], spec, typed, sys.stdout)
+    failed = True
+    try:
+        code = await (_drive_procedural if procedural else _drive)(local, args)
+        failed = False
+        return code
+    except (GuestFailed, GuestError, ChannelError, GuestRuntimeError) as exc:
+        sys.stdout.flush()
+        reason = str(exc) if isinstance(exc, GuestFailed) else local.why(str(exc))
+        err.print(f"error: {args.app} failed: {reason}", markup=False)
+        err.print(f"  the guest's logs are kept in {workdir}", markup=False)
+        return 1
+    finally:
+        await local.end()
+        sys.stdout.flush()
+        if not failed:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _drive(local: LocalRun, args: argparse.Namespace) -> int:
@@ -268,6 +277,12 @@ async def _drive_procedural(local: LocalRun, args: argparse.Namespace) -> int:
                 )
                 finished.cancel()
                 finished = asyncio.ensure_future(local.finished.wait())
+            else:
+                err.print(
+                    f"the app finished before a checkpoint after {local.move_at} outputs could be "
+                    "taken: nothing moved (its steps ran faster than the checkpoint request)",
+                    markup=False,
+                )
         await finished
     finally:
         finished.cancel()

@@ -248,3 +248,31 @@ async def test_the_mosquitto_pub_line_of_ferry_env_reaches_a_service(
                 break
     await ops.command("stop", service=service)
     await ops.command("rm", service=service)
+
+
+async def test_ferry_publish_reaches_a_service_and_refuses_a_bad_input(
+    system: FerryConfig, ops: Operator
+) -> None:
+    service = name("pub")
+    await ops.command("deploy", service=service, app="counter", node=NODE, runtime="unix")
+    await ops.wait_serving(service)
+    async with Bus(system.broker, f"test-out-{uuid.uuid4().hex[:6]}") as reader:
+        await reader.subscribe(topics.app_output(service))
+        bad = await asyncio.to_thread(
+            ferry, system, "publish", service, '{"producer": "dev-9", "seq": 0, "data": {}}'
+        )
+        assert bad.returncode == 2 and "seq" in bad.stderr, bad.stderr
+        broken = await asyncio.to_thread(ferry, system, "publish", service, "{nope")
+        assert broken.returncode == 2 and "not JSON" in broken.stderr
+        reading = '{"producer": "dev-7", "seq": 1, "data": {"value": 20.0}}'
+        done = await asyncio.to_thread(ferry, system, "publish", service, reading)
+        assert done.returncode == 0, done.stderr
+        assert "acknowledged" in done.stdout
+        async with asyncio.timeout(15):
+            async for message in reader.messages():
+                # the refused inputs were never sent: the first answer is dev-7's
+                assert message.payload["producer"] == "dev-7" and message.payload["seq"] == 1
+                assert message.payload["data"]["total"] == 1
+                break
+    await ops.command("stop", service=service)
+    await ops.command("rm", service=service)
