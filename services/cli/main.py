@@ -220,7 +220,7 @@ async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
         lines.append(f"# the password is broker.password in {config.source}")
     reading = '{"producer": "dev-1", "seq": 1, "data": {"value": 21.5}}'
     lines += [
-        "# send one reading to SERVICE (seq must grow per producer; see unikernel/GUIDE.md):",
+        "# send one reading to SERVICE (seq must grow per producer; see docs/writing-an-app.md):",
         f"#   mosquitto_pub -h {broker.host} -p {broker.port}{login} -q 1 "
         f"-t {topics.app_input('SERVICE')} -m '{reading}'",
         "# and read its answers:",
