@@ -27,7 +27,7 @@ from services.common.config import FerryConfig
 from services.common.contract import ContractError
 from services.executor import guest_log
 from services.executor.channel import ChannelError, Frame, FrameType, GuestError
-from services.executor.instance import INCARNATION_MARK, _sequence_of
+from services.executor.instance import INCARNATION_MARK, sequence_of
 from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
 
@@ -125,7 +125,7 @@ class LocalRun:
 
     def send(self, payload: dict[str, Any]) -> None:
         self.check_alive()
-        self.channel.send_input(_sequence_of(payload), payload["seq"], payload["data"])
+        self.channel.send_input(sequence_of(payload), payload["seq"], payload["data"])
 
     async def move(self) -> int:
         """Checkpoint, stop this guest, restore into a fresh one; the document's size."""

@@ -54,7 +54,7 @@ FORWARD_WINDOW = 512
 DEAD_LETTER_COPY = 4096
 #: A dropped input this far below its producer's watermark looks like a restarted producer.
 RESET_GAP = 1000
-#: Joins producer and incarnation into the guest's name of a sequence (see ``_sequence_of``).
+#: Joins producer and incarnation into the guest's name of a sequence (see ``sequence_of``).
 INCARNATION_MARK = "#"
 
 
@@ -473,7 +473,7 @@ class Instance:
             self._forwarded.append((self._sent, message, session))
             self._drained.clear()
             try:
-                channel.send_input(_sequence_of(payload), payload["seq"], payload["data"])
+                channel.send_input(sequence_of(payload), payload["seq"], payload["data"])
             except ChannelError as exc:  # e.g. larger than a frame: never reached the guest
                 self._forwarded.pop()
                 self._sent -= 1
@@ -671,7 +671,7 @@ class Instance:
         return self._durability.last_ref
 
 
-def _sequence_of(payload: dict[str, Any]) -> str:
+def sequence_of(payload: dict[str, Any]) -> str:
     """The guest's name of an input's sequence: the producer, or ``producer#incarnation``.
 
     The guest keeps one watermark per name, so a producer's new incarnation (a reboot that
