@@ -134,7 +134,9 @@ async def test_procedural_app_resumes_at_the_right_step() -> None:
     async with spawn("procedural") as g:
         await g.chan.start(paced)
         await asyncio.sleep(0.15)
-        doc = await g.chan.checkpoint(3)
+        # Pausing, as a move does: no step runs after the checkpoint, so the outputs taken here
+        # are exactly those before it (a running guest raced ahead of take() under load).
+        doc = await g.chan.checkpoint(3, pause=True)
         first_out = g.take(FrameType.OUTPUT)
         await g.chan.stop()
     next_step = orjson.loads(doc)["next_step"]
