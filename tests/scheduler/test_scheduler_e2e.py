@@ -292,7 +292,7 @@ async def test_operator_views_services_nodes_and_watch(system: FerryConfig, ops:
         "migrations/#", stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(3.0)  # the subprocess starts, connects, subscribes (slow under load)
         final = await ops.move("migrate", service, "edge-b")
         assert final["phase"] == "committed"
         await asyncio.sleep(0.5)
