@@ -27,7 +27,7 @@ from services.common.config import FerryConfig
 from services.common.contract import ContractError
 from services.executor import guest_log
 from services.executor.channel import ChannelError, Frame, FrameType, GuestError
-from services.executor.instance import INCARNATION_MARK, sequence_of
+from services.executor.instance import output_message, sequence_of
 from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
 
@@ -59,19 +59,7 @@ class LocalRun:
 
     def _on_event(self, frame: Frame) -> None:
         if frame.type is FrameType.OUTPUT:
-            body = frame.json()
-            output: dict[str, Any] = {
-                "service": LOCAL,
-                "node": LOCAL,
-                "producer": body.get("source"),
-                "seq": body.get("seq"),
-                "data": body.get("payload") or {},
-                "time": now_ms(),
-            }
-            source = output["producer"]
-            if isinstance(source, str) and INCARNATION_MARK in source:
-                producer, _, incarnation = source.rpartition(INCARNATION_MARK)
-                output["producer"], output["incarnation"] = producer, int(incarnation)
+            output = output_message(LOCAL, LOCAL, frame.json())
             self.out.write(orjson.dumps(output).decode() + "\n")
             self.outputs += 1
             if self.outputs == self.move_at:

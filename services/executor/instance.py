@@ -541,19 +541,7 @@ class Instance:
     def _on_guest_frame(self, frame: Frame) -> None:
         frame_type = frame.type
         if frame_type == FrameType.OUTPUT:
-            body = frame.json()
-            output: dict[str, Any] = {
-                "service": self.service,
-                "node": self.node,
-                "producer": body.get("source"),
-                "seq": body.get("seq"),
-                "data": body.get("payload") or {},
-                "time": now_ms(),
-            }
-            source = output["producer"]
-            if isinstance(source, str) and INCARNATION_MARK in source:
-                producer, _, incarnation = source.rpartition(INCARNATION_MARK)
-                output["producer"], output["incarnation"] = producer, int(incarnation)
+            output = output_message(self.service, self.node, frame.json())
             self.outputs.submit(topics.app_output(self.service), output)
         elif frame_type == FrameType.DONE:
             self._on_done(frame.json())
@@ -669,6 +657,24 @@ class Instance:
         self._durability.taken += 1
         self._durability.last_ref = ref.to_dict() if hasattr(ref, "to_dict") else None
         return self._durability.last_ref
+
+
+def output_message(service: str, node: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A guest's OUTPUT as the wire carries it (app-output.schema.json): the input's producer,
+    and its incarnation split back out of the guest's name of the sequence."""
+    output: dict[str, Any] = {
+        "service": service,
+        "node": node,
+        "producer": body.get("source"),
+        "seq": body.get("seq"),
+        "data": body.get("payload") or {},
+        "time": now_ms(),
+    }
+    source = output["producer"]
+    if isinstance(source, str) and INCARNATION_MARK in source:
+        producer, _, incarnation = source.rpartition(INCARNATION_MARK)
+        output["producer"], output["incarnation"] = producer, int(incarnation)
+    return output
 
 
 def sequence_of(payload: dict[str, Any]) -> str:
