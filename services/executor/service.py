@@ -37,6 +37,7 @@ from services.executor.instance import CheckpointPolicy, Instance, InstanceError
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runtime import GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
+from services.scheduler.clients import StatestoreClient
 
 log = logging.getLogger(__name__)
 
@@ -398,11 +399,7 @@ class Executor:
         }
         if migration:
             record["migration"] = migration
-        await self._bus().request(
-            topics.STATESTORE_REQUESTS,
-            {"op": "record_checkpoint", "record": record},
-            self.config.broker.request_timeout,
-        )
+        await self._statestore().record_checkpoint(record)
 
     # -- an instance that lost its input session, or waits paused too long -----------------
 
@@ -416,11 +413,7 @@ class Executor:
         delay = 0.2
         while instance.state == "detached":
             try:
-                record = await self._bus().request(
-                    topics.STATESTORE_REQUESTS,
-                    {"op": "get_service", "service": instance.service},
-                    self.config.broker.request_timeout,
-                )
+                record = await self._statestore().get_service(instance.service)
             except (RemoteError, BusError) as exc:
                 log.info("%s: cannot ask who owns %s yet: %s", self.node, instance.service, exc)
                 await asyncio.sleep(delay)
@@ -476,25 +469,16 @@ class Executor:
 
     async def _resume_abandoned(self, instance: Instance) -> None:
         try:
-            record = await self._bus().request(
-                topics.STATESTORE_REQUESTS,
-                {"op": "get_service", "service": instance.service},
-                self.config.broker.request_timeout,
-            )
+            record = await self._statestore().get_service(instance.service)
             if (
                 record.get("instance") != instance.instance_id
                 or record.get("status") != "migrating"
             ):
                 return
             claimed = {k: v for k, v in record.items() if k != "time"}
-            await self._bus().request(
-                topics.STATESTORE_REQUESTS,
-                {
-                    "op": "put_service",
-                    "record": {**claimed, "status": "serving"},
-                    "expect": {"instance": instance.instance_id, "status": "migrating"},
-                },
-                self.config.broker.request_timeout,
+            await self._statestore().put_service(
+                {**claimed, "status": "serving"},
+                expect={"instance": instance.instance_id, "status": "migrating"},
             )
         except (RemoteError, BusError) as exc:
             log.warning("%s: cannot claim %s back yet: %s", self.node, instance.service, exc)
@@ -584,6 +568,9 @@ class Executor:
         """A guest died on its own: tell the scheduler and operators through the node status."""
         self.metrics.guest_failures.labels(self.node).inc()
         self._in_background(self.publish_status_quietly())
+
+    def _statestore(self) -> StatestoreClient:
+        return StatestoreClient(self._bus(), self.config.broker.request_timeout)
 
     def _bus(self) -> Bus:
         assert self.bus is not None
