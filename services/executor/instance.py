@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import orjson
 
 from services.common import contract, topics
+from services.common.blobstore import BlobRef
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import BrokerConfig
 from services.executor import guest_log
@@ -78,14 +79,14 @@ class CheckpointPolicy:
 class Keeper(Protocol):
     """Where checkpoints go: the executor uploads to S3 and records with the statestore."""
 
-    async def upload(self, instance: Instance, document: bytes, migration: str | None) -> Any:
+    async def upload(self, instance: Instance, document: bytes, migration: str | None) -> BlobRef:
         """Store the document; returns its blob reference."""
         ...
 
     async def record(
         self,
         instance: Instance,
-        ref: Any,
+        ref: BlobRef,
         watermark: dict[str, int],
         taken_at: float,
         migration: str | None,
@@ -655,7 +656,7 @@ class Instance:
         await self._keeper.record(self, ref, _watermark_of(document), taken_at, None)
         self.acknowledge(covers)
         self._durability.taken += 1
-        self._durability.last_ref = ref.to_dict() if hasattr(ref, "to_dict") else None
+        self._durability.last_ref = ref.to_dict()
         return self._durability.last_ref
 
 
