@@ -374,7 +374,7 @@ class MigrationRunner:
                 raise MigrationFailed("commit", CommitRefused(exc.message)) from exc
         except BusError as exc:
             raise MigrationFailed("commit", exc) from exc
-        if plan.source and plan.source_instance and not self.liveness.online(plan.source):
+        if plan.source and plan.source_instance and self._gone(plan.source):
             # A recovery from a node that is gone: nobody to tell. If it comes back, its copy
             # finds the record naming another instance and stops itself (fenced).
             detail["source_stop_error"] = f"node {plan.source} is offline"
