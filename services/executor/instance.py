@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 24 * 3600
 DRAIN_TIMEOUT = 10.0
+SLOW_STAGE = 1.0  # seconds; a slower stage of stopping is logged
 #: Inputs the broker may deliver before the first is acknowledged (MQTT 5 Receive Maximum):
 #: room for a checkpoint interval of input (checkpoint_inputs triggers at half of it), and small
 #: enough that what a next owner gets redelivered at once does not swamp it.
@@ -367,19 +368,29 @@ class Instance:
             return
         self._stopping = True
         await self._let_go()
-        if self.guest is not None:
-            if self.guest.channel.alive:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.guest.channel.stop(), 2.0)
-            await self.runtime.terminate(self.guest)
-        else:
-            await self.runtime.unprepare(self.spec)
-        with contextlib.suppress(TimeoutError):
+        with self._timed("ending the guest"):
+            if self.guest is not None:
+                if self.guest.channel.alive:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.guest.channel.stop(), 2.0)
+                await self.runtime.terminate(self.guest)
+            else:
+                await self.runtime.unprepare(self.spec)
+        with self._timed("sending the last outputs"), contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.outputs.wait_confirmed(), 5.0)
         await self.outputs.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.state = "stopped"
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        """Log a stage of stopping that took long: a stop must fit the scheduler's timeout."""
+        started = time.monotonic()
+        yield
+        took = time.monotonic() - started
+        if took > SLOW_STAGE:
+            log.warning("%s: %s took %.1f s", self.instance_id, stage, took)
 
     def _require(self, state: str) -> Guest:
         if self.state != state or self.guest is None:
@@ -451,11 +462,16 @@ class Instance:
         """Stop forwarding and checkpointing and leave the session (unacked input stays)."""
         if self._durable_task is not None:
             self._durable_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with (
+                self._timed("ending periodic checkpoints"),
+                contextlib.suppress(asyncio.CancelledError),
+            ):
                 await self._durable_task
             self._durable_task = None
-        await self._stop_forwarding()
-        await self._close_session()
+        with self._timed("draining in-flight input"):
+            await self._stop_forwarding()
+        with self._timed("closing the input session"):
+            await self._close_session()
 
     async def _forward_input(self, session: Bus) -> None:
         assert self.guest is not None
