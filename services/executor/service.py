@@ -29,6 +29,7 @@ from services.common.blobstore import (
     LocalFileError,
 )
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
+from services.common.clients import StatestoreClient
 from services.common.config import FerryConfig
 from services.common.metrics import metrics_port
 from services.executor.channel import ChannelError, GuestError
@@ -37,7 +38,6 @@ from services.executor.instance import CheckpointPolicy, Instance, InstanceError
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runtime import GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
-from services.scheduler.clients import StatestoreClient
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, now_ms
-from services.scheduler.clients import ExecutorClient, StatestoreClient
+from services.common.clients import ExecutorClient, StatestoreClient
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
 

@@ -25,9 +25,9 @@ from services.common import images, names, topics
 from services.common import params as app_params
 from services.common.blobstore import BlobError, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
+from services.common.clients import ExecutorClient, StatestoreClient
 from services.common.config import FerryConfig
 from services.common.metrics import metrics_port
-from services.scheduler.clients import ExecutorClient, StatestoreClient
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migration import MigrationRunner, Plan, new_migration_id

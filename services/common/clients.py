@@ -1,4 +1,4 @@
-"""Typed request helpers for the two services the scheduler drives: executors and the statestore."""
+"""Typed request helpers for executors and the statestore: the scheduler and executors use them."""
 
 from __future__ import annotations
 
