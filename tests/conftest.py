@@ -16,12 +16,16 @@ from pathlib import Path
 import pytest
 
 import services.common.config as config_module
+import services.stack.mqtt as stack_mqtt
 import services.stack.stack as stack_module
+from services.common import images, topics
+from services.common.blobstore import BlobStore
 from services.common.bus import Bus
 from services.common.config import FerryConfig, load_config
 from services.stack.process import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_NODES = ("edge-a", "edge-b", "edge-c", "edge-x", "edge-y")
 
 # Hygiene: a user's `ferry up` state in the checkout (.ferry/ferry.toml: its ports, its dir) must
 # never reach a test, and nothing a test starts may outlive a test run killed from outside.
@@ -136,7 +140,35 @@ def stack_config(infra: FerryConfig, directory: Path, **overrides: str) -> tuple
     config = load_config(env=env)
     path = directory / "ferry.toml"
     path.write_text(config.to_toml())
+    # Test stacks share the session broker: a cordon another module left retained must not
+    # keep this stack's nodes empty.
+    stack_mqtt.clear_retained(
+        infra.broker.host, infra.broker.port, [topics.node_cordon(n) for n in TEST_NODES]
+    )
     return load_config(path, env={}), path
+
+
+async def start_system(
+    config: FerryConfig,
+    procs: ServiceProcesses,
+    builds: Path,
+    apps: tuple[str, ...] = ("counter",),
+    nodes: tuple[str, ...] = ("edge-a", "edge-b"),
+) -> None:
+    """Push ``apps``, start the statestore, the scheduler and an executor per node as real
+    processes, and return once every one of them says online: the e2e modules' system."""
+    store = BlobStore(config.s3)
+    for app in apps:
+        await images.push(store, app, builds)
+    procs.start("statestore")
+    procs.start("scheduler")
+    for node in nodes:
+        procs.start(f"executor@{node}", "--node", node)
+    await wait_online(
+        config,
+        [topics.component_status("statestore"), topics.component_status("scheduler")]
+        + [topics.node_status(n) for n in nodes],
+    )
 
 
 @pytest.fixture

@@ -156,10 +156,11 @@ def test_every_request_and_only_requests_have_a_reply() -> None:
 
 
 def test_the_scheduler_subscribes_to_neither_heartbeats_nor_service_state() -> None:
-    """The spec once listed both; the scheduler reads node status, mobility and its commands."""
+    """The spec once listed both; the scheduler reads node status, its own retained cordons,
+    mobility and its commands."""
     ops = {(op.action, op.channel) for op in operations() if op.component == "scheduler"}
     receives = {channel for action, channel in ops if action == "receive"}
-    assert receives == {"schedulerCommands", "nodeStatus", "mobility"}
+    assert receives == {"schedulerCommands", "nodeStatus", "nodeCordon", "mobility"}
 
 
 def _node() -> str:
@@ -406,6 +407,8 @@ async def test_each_component_does_what_its_operations_declare(
         assert (await ops.move("migrate", service, "edge-b"))["phase"] == "committed"
         assert (await ops.move("suspend", service))["phase"] == "committed"
         assert (await ops.move("resume", service, "edge-a"))["phase"] == "committed"
+        await ops.command("cordon", node="edge-b", reason="asyncapi check")
+        await ops.command("uncordon", node="edge-b")
         await asyncio.to_thread(publish_mobility, live.broker, device, "edge-b")
         await asyncio.sleep(1)
         # Malformed messages: each receiver reports them on ferry/v1/errors, and the executor

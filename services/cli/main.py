@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import orjson
 from rich.table import Table
 
+from services.cli.drain import drain
 from services.cli.operator import Operator
 from services.cli.output import console, err, format_detail
 from services.common import checkpoint_blob, contract, images, params, topics
@@ -44,6 +45,13 @@ def name_arg(value: str) -> str:
             f"{value!r} is not a valid name: 1-63 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
         )
+    return value
+
+
+def reason_arg(value: str) -> str:
+    """A cordon's reason: one line of at most 200 characters (node-cordon.schema.json)."""
+    if len(value) > 200 or "\n" in value:
+        raise argparse.ArgumentTypeError("a reason is one line of at most 200 characters")
     return value
 
 
@@ -270,18 +278,36 @@ async def cmd_services(config: FerryConfig, args: argparse.Namespace) -> int:
 async def cmd_nodes(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
         nodes = (await ops.query("list_nodes"))["nodes"]
-    table = Table("node", "status", "runtimes", "accel", "instances")
+    table = Table("node", "status", "runtimes", "accel", "instances", "cordoned")
     for doc in nodes:
         accel = doc.get("accel") or {}
+        cordon = doc.get("cordon")
         table.add_row(
             doc["node"],
             doc.get("status", "?"),
             ", ".join(doc.get("runtimes", [])),
             accel.get("mode", "-"),
-            str(len(doc.get("instances", []))),
+            f"{len(doc.get('instances', []))}/{doc.get('capacity', '?')}",
+            f"yes: {cordon.get('reason') or '-'}" if cordon else "no",
         )
     console.print(table)
     return 0
+
+
+async def cmd_cordon(config: FerryConfig, args: argparse.Namespace) -> int:
+    async with Operator(config) as ops:
+        if args.command == "cordon":
+            await ops.command("cordon", node=args.node, reason=args.reason)
+            console.print(f"cordoned {args.node}: no new placements until `ferry uncordon`")
+        else:
+            await ops.command("uncordon", node=args.node)
+            console.print(f"uncordoned {args.node}")
+    return 0
+
+
+async def cmd_drain(config: FerryConfig, args: argparse.Namespace) -> int:
+    async with Operator(config) as ops:
+        return await drain(ops, args.node, args.reason)
 
 
 async def cmd_migrations(config: FerryConfig, args: argparse.Namespace) -> int:
@@ -618,6 +644,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("services", cmd_services, "list services")
     add("nodes", cmd_nodes, "list edge nodes")
+    p = add("cordon", cmd_cordon, "keep new services off a node (what runs there stays)")
+    p.add_argument("node", type=name_arg)
+    p.add_argument("--reason", type=reason_arg, help="shown by `ferry nodes`")
+    p = add("uncordon", cmd_cordon, "let new services onto a cordoned node again")
+    p.add_argument("node", type=name_arg)
+    p = add("drain", cmd_drain, "cordon a node and move every service on it elsewhere")
+    p.add_argument("node", type=name_arg)
+    p.add_argument("--reason", type=reason_arg, help="shown by `ferry nodes`")
     p = add("migrations", cmd_migrations, "list migrations, newest first")
     p.add_argument("--limit", type=limit_arg, default=20, help="1 to 10000")
 

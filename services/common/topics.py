@@ -21,6 +21,11 @@ def node_commands(node: str) -> str:
     return f"{PREFIX}/nodes/{node}/commands"
 
 
+def node_cordon(node: str) -> str:
+    """Retained by the scheduler: whether new placements are kept off the node."""
+    return f"{PREFIX}/nodes/{node}/cordon"
+
+
 def component_status(component: str) -> str:
     return f"{PREFIX}/components/{component}/status"
 
@@ -62,6 +67,7 @@ TEMPLATES = (
     node_status("{node}"),
     node_heartbeat("{node}"),
     node_commands("{node}"),
+    node_cordon("{node}"),
     component_status("{component}"),
     replies("{login}", "{client}"),
     app_input("{service}"),

@@ -76,6 +76,7 @@ class Scheduler:
         self.liveness = Liveness()
         self.nodes: dict[str, dict[str, Any]] = self.liveness.nodes
         self._offline_timers: dict[str, asyncio.Task[None]] = {}
+        self.cordons: dict[str, dict[str, Any]] = {}  # node -> its retained cordon (cordoned only)
         self.busy: dict[str, str] = {}
         self._device_moves: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -101,6 +102,7 @@ class Scheduler:
                 topics.SCHEDULER_COMMANDS,
                 topics.mobility("+"),
                 topics.node_status("+"),
+                topics.node_cordon("+"),  # our own, retained: a restart keeps the cordons
             ):
                 await bus.subscribe(topic_filter)
             self._spawn(self._recover_in_flight())
@@ -137,6 +139,8 @@ class Scheduler:
                 self._spawn(self._answer(bus, message))
             elif message.topic.startswith(f"{topics.PREFIX}/mobility/"):
                 self._on_mobility(message.payload)
+            elif message.topic == topics.node_cordon(message.payload["node"]):
+                self._on_cordon(message.payload)
             else:
                 await self._on_node_status(message.payload)
 
@@ -168,18 +172,26 @@ class Scheduler:
             raise
 
     def _require_online(self, node: str) -> None:
-        status = self.nodes.get(node)
-        if status is None:
-            known = ", ".join(sorted(self.nodes)) or "none"
-            raise RemoteError("unknown_node", f"no node named {node!r} (known: {known})")
-        if status.get("status") != "online":
+        self._require_known(node)
+        if self.nodes[node].get("status") != "online":
             raise RemoteError("node_offline", f"node {node} is offline")
+
+    def _require_placeable(self, node: str) -> None:
+        """A new instance may go to ``node``: it is online and not cordoned."""
+        self._require_online(node)
+        cordon = self.cordons.get(node)
+        if cordon is not None:
+            raise RemoteError(
+                "node_cordoned",
+                f"node {node} is cordoned ({cordon.get('reason') or 'no reason given'}): new "
+                f"placements are kept off it; `ferry uncordon {node}` lets them back",
+            )
 
     async def _cmd_deploy(self, command: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None and self.executors is not None
         name, node = command["service"], command["node"]
         runtime = command.get("runtime", "microvm")
-        self._require_online(node)
+        self._require_placeable(node)
         epoch = 1
         try:
             existing = await self.store.get_service(name)
@@ -284,7 +296,7 @@ class Scheduler:
         record = await self._service(command["service"])
         target = command["node"]
         if record.get("status") == "failed":
-            self._require_online(target)
+            self._require_placeable(target)
             return await self._launch(self._recovery_plan(record, target, trigger))
         if record.get("status") != "serving":
             raise RemoteError(
@@ -292,7 +304,7 @@ class Scheduler:
             )
         if record.get("node") == target:
             raise RemoteError("same_node", f"{record['service']} already runs on {target}")
-        self._require_online(target)
+        self._require_placeable(target)
         epoch = int(record["epoch"]) + 1
         plan = Plan(
             id=new_migration_id(),
@@ -315,7 +327,10 @@ class Scheduler:
         if record.get("status") != "serving":
             raise RemoteError("not_serving", f"{service} is {record.get('status')}, not serving")
         target = command.get("node") or record["node"]
-        self._require_online(target)
+        if target == record["node"]:
+            self._require_online(target)  # in place: nothing new lands on a cordoned node
+        else:
+            self._require_placeable(target)
         if record["runtime"] not in self.nodes[target].get("runtimes", []):
             raise RemoteError("runtime_unavailable", f"{target} cannot run {record['runtime']}")
         try:
@@ -381,13 +396,13 @@ class Scheduler:
         record = await self._service(command["service"])
         if record.get("status") == "failed":
             # A failed service resumes from its latest durable checkpoint, like a recovery.
-            self._require_online(command["node"])
+            self._require_placeable(command["node"])
             return await self._launch(self._recovery_plan(record, command["node"], "operator"))
         if record.get("status") != "suspended":
             raise RemoteError(
                 "not_suspended", f"{record['service']} is {record.get('status')}, not suspended"
             )
-        self._require_online(command["node"])
+        self._require_placeable(command["node"])
         epoch = int(record["epoch"]) + 1
         plan = Plan(
             id=new_migration_id(),
@@ -402,6 +417,106 @@ class Scheduler:
             record=_service_fields(record),
         )
         return await self._launch(plan)
+
+    # -- cordon and drain -------------------------------------------------------------------
+
+    async def _cmd_cordon(self, command: dict[str, Any]) -> dict[str, Any]:
+        node = command["node"]
+        self._require_known(node)
+        await self._set_cordon(node, command.get("reason") or "cordoned by the operator")
+        return {"node": node, "cordoned": True}
+
+    async def _cmd_uncordon(self, command: dict[str, Any]) -> dict[str, Any]:
+        node = command["node"]
+        self._require_known(node)
+        await self._set_cordon(node, None)
+        return {"node": node, "cordoned": False}
+
+    async def _cmd_drain(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Cordon ``node``, then move every service on it to the least loaded node with room.
+
+        Returns at once with the migrations started (each then runs like any migration, within
+        the node slots) and the services that could not be moved, each with the reason.
+        """
+        assert self.store is not None
+        node = command["node"]
+        self._require_known(node)
+        await self._set_cordon(node, command.get("reason") or "drained by the operator")
+        on_node = [s for s in await self.store.list_services() if s.get("node") == node]
+        planned: dict[str, set[str]] = {}
+        migrations: list[dict[str, Any]] = []
+        refused: list[dict[str, Any]] = []
+        for record in sorted(on_node, key=lambda r: str(r["service"])):
+            service = record["service"]
+            if record.get("status") not in ("serving", "failed"):
+                refused.append({"service": service, "error": f"it is {record.get('status')}"})
+                continue
+            target = self._placement(record, away_from=node, elsewhere_only=True, planned=planned)
+            if target is None:
+                error = f"no online, uncordoned node with room offers {record['runtime']}"
+                refused.append({"service": service, "error": f"{error} ({self._loads(planned)})"})
+                continue
+            try:
+                started = await self._cmd_migrate({"service": service, "node": target}, "drain")
+            except (RemoteError, BusError) as exc:
+                refused.append({"service": service, "error": str(exc)})
+                continue
+            planned.setdefault(target, set()).add(service)
+            migrations.append({"service": service, "target": target, **started})
+        return {"node": node, "cordoned": True, "migrations": migrations, "refused": refused}
+
+    def _loads(self, planned: dict[str, set[str]]) -> str:
+        """Each node's instances/capacity as placement counts them, e.g. ``edge-b 3/3``."""
+        return ", ".join(
+            f"{node} {_load(status, planned.get(node, set()))}/{status.get('capacity', '?')}"
+            + (" cordoned" if node in self.cordons else "")
+            + ("" if status.get("status") == "online" else " offline")
+            for node, status in sorted(self.liveness.nodes.items())
+        )
+
+    def _require_known(self, node: str) -> None:
+        if node not in self.nodes:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            raise RemoteError("unknown_node", f"no node named {node!r} (known: {known})")
+
+    async def _set_cordon(self, node: str, reason: str | None) -> None:
+        """Cordon (``reason`` given) or uncordon ``node``; retained, so it outlives a restart."""
+        assert self.bus is not None
+        doc: dict[str, Any] = {"node": node, "cordoned": reason is not None, "time": now_ms()}
+        if reason is not None:
+            doc["reason"] = reason
+        await self.bus.publish(topics.node_cordon(node), doc, retain=True)
+        self._on_cordon(doc)
+
+    def _on_cordon(self, doc: dict[str, Any]) -> None:
+        if doc["cordoned"]:
+            self.cordons[doc["node"]] = doc
+        else:
+            self.cordons.pop(doc["node"], None)
+
+    def _placement(
+        self,
+        record: dict[str, Any],
+        away_from: str | None,
+        elsewhere_only: bool,
+        planned: dict[str, set[str]] | None = None,
+    ) -> str | None:
+        """Where a new instance of ``record`` goes: an online, uncordoned node that offers its
+        runtime and has room (its capacity, counting the services ``planned`` onto it);
+        another node than ``away_from`` first (only, if ``elsewhere_only``), least loaded first."""
+        candidates = []
+        for node, status in self.liveness.nodes.items():
+            if status.get("status") != "online" or node in self.cordons:
+                continue
+            if record.get("runtime") not in status.get("runtimes", []):
+                continue
+            if elsewhere_only and node == away_from:
+                continue
+            load = _load(status, (planned or {}).get(node, set()))
+            if load >= int(status.get("capacity", load + 1)):
+                continue
+            candidates.append((node != away_from, -load, node))
+        return max(candidates)[2] if candidates else None
 
     def _claim(self, service: str, migration: str) -> None:
         if service in self.busy:
@@ -561,15 +676,8 @@ class Scheduler:
             await self._launch(self._recovery_plan(record, target, "recovery"))
 
     def _recovery_target(self, record: dict[str, Any]) -> str | None:
-        """An online node offering the service's runtime; another node than the lost one if
-        possible, the least loaded first."""
-        candidates = [
-            (node != record.get("node"), -len(status.get("instances", [])), node)
-            for node, status in self.liveness.nodes.items()
-            if status.get("status") == "online"
-            and record.get("runtime") in status.get("runtimes", [])
-        ]
-        return max(candidates)[2] if candidates else None
+        """Another node than the lost one if possible (see ``_placement``)."""
+        return self._placement(record, away_from=record.get("node"), elsewhere_only=False)
 
     def _recovery_plan(self, record: dict[str, Any], target: str, trigger: str) -> Plan:
         epoch = int(record["epoch"]) + 1
@@ -620,6 +728,13 @@ class Scheduler:
                 await self.runner.recover(plan, phase)
             finally:
                 self.busy.pop(plan.service, None)
+
+
+def _load(status: dict[str, Any], planned: set[str]) -> int:
+    """A node's instances, with the services planned onto it that its status does not list
+    yet (a target reports its pre-booted instance as soon as it boots, or a moment later)."""
+    instances = status.get("instances", [])
+    return len(instances) + len(planned - {i.get("service") for i in instances})
 
 
 def _older(version: str | None, than: str | None) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # One script per schema version; a database at version n runs scripts n+1.. on open.
 _SCHEMA: dict[int, str] = {
@@ -122,6 +122,13 @@ _SCHEMA: dict[int, str] = {
     ALTER TABLE services ADD COLUMN version TEXT;       -- the app version it runs, if known
     ALTER TABLE migrations ADD COLUMN from_version TEXT; -- an upgrade's versions
     ALTER TABLE migrations ADD COLUMN to_version TEXT;
+    """,
+    4: """
+    CREATE TABLE cordons (
+        node      TEXT PRIMARY KEY,
+        doc       TEXT NOT NULL,            -- the last node-cordon document, verbatim
+        time      INTEGER NOT NULL
+    );
     """,
 }
 
@@ -228,10 +235,31 @@ class Database:
             )
             return cursor.rowcount > 0
 
+    def put_cordon(self, doc: dict[str, Any]) -> bool:
+        """Store a node-cordon document unless a newer one is stored; True if it was stored."""
+        with self._tx() as conn:
+            cursor = conn.execute(
+                "INSERT INTO cordons (node, doc, time) VALUES (?, ?, ?) "
+                "ON CONFLICT (node) DO UPDATE SET doc = excluded.doc, time = excluded.time "
+                "WHERE excluded.time >= cordons.time",
+                (doc["node"], _dumps(doc), doc["time"]),
+            )
+            return cursor.rowcount > 0
+
     def list_nodes(self) -> list[dict[str, Any]]:
-        """Every node's last status document, by name."""
-        rows = self.conn.execute("SELECT doc FROM nodes ORDER BY name").fetchall()
-        return [orjson.loads(row["doc"]) for row in rows]
+        """Every node's last status document, by name, with its cordon if it is cordoned."""
+        rows = self.conn.execute(
+            "SELECT nodes.doc AS doc, cordons.doc AS cordon FROM nodes "
+            "LEFT JOIN cordons ON cordons.node = nodes.name ORDER BY nodes.name"
+        ).fetchall()
+        nodes = []
+        for row in rows:
+            doc = orjson.loads(row["doc"])
+            cordon = orjson.loads(row["cordon"]) if row["cordon"] else None
+            if cordon is not None and cordon["cordoned"]:
+                doc["cordon"] = cordon
+            nodes.append(doc)
+        return nodes
 
     # -- services ----------------------------------------------------------------------------
 

@@ -120,6 +120,7 @@ class StatestoreService:
                 self.bus = bus
                 await bus.subscribe(topics.STATESTORE_REQUESTS)
                 await bus.subscribe(topics.node_status("+"))
+                await bus.subscribe(topics.node_cordon("+"))
                 await bus.subscribe(topics.migration_events("+"))
                 await self._republish_states()
                 # Again after every reconnect: a broker restart loses it (or fires the will).
@@ -185,6 +186,10 @@ class StatestoreService:
                     await self._answer(bus, message)
                 elif message.topic.endswith("/events"):
                     await self._on_event(bus, message)
+                elif message.topic == topics.node_cordon(message.payload["node"]):
+                    await self._write_then_ack(
+                        bus, message, self._database().put_cordon, message.payload
+                    )
                 else:
                     await self._on_node_status(bus, message)
             except Exception:

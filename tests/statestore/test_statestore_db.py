@@ -200,7 +200,7 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     db = Database(tmp_path / "s.db")
-    assert db.schema_version() == SCHEMA_VERSION == 3
+    assert db.schema_version() == SCHEMA_VERSION == 4
     assert db.latest_checkpoint("svc")["checkpoint"]["key"] == "old"
     db.record_checkpoint(checkpoint("svc", 2), keep=1, due=0)
     assert db.due_garbage(now=0) == [("ferry", "old")]
