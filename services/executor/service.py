@@ -371,9 +371,9 @@ class Executor:
         if instance.runtime.whole_image:
             raise RemoteError(
                 "whole_image_runtime",
-                f"{service} runs on {instance.runtime.name}, whose checkpoint is the whole guest "
-                "image, taken only when it moves (suspend, migrate): it has no fresh checkpoint "
-                "to show; an app-level runtime (unix, microvm) has",
+                f"{service} runs on {instance.runtime.name}, which checkpoints the whole guest "
+                "image, and only when the service moves (suspend, migrate): there is no fresh "
+                "checkpoint to take; the app-level runtimes (unix, microvm) take them",
             )
         if instance.state != "serving":
             raise RemoteError(

@@ -26,7 +26,7 @@ from typing import Any
 from services.common import images, names, topics
 from services.common import params as app_params
 from services.common.blobstore import BlobError, BlobStore
-from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
+from services.common.bus import Bus, BusError, Inbound, RemoteError, RequestTimeout, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
 from services.common.config import FerryConfig
 from services.common.metrics import metrics_port
@@ -304,8 +304,17 @@ class Scheduler:
             taken = await self.executors.call(
                 node, "checkpoint_now", service=name, instance=instance
             )
+        except RequestTimeout:
+            # Either the node is gone or the guest has not reached a step boundary: the
+            # checkpoint, if it comes, is still recorded (it is one like the periodic ones).
+            raise RemoteError(
+                "checkpoint_timeout",
+                f"{node} took no checkpoint of {name} within {self.executors.timeout:g} s "
+                "(scheduler.phase_timeout): is its guest stuck in a step, or the node gone? "
+                "See `ferry nodes` and `ferry watch errors`",
+            ) from None
         except BusError as exc:
-            raise RemoteError("node_unreachable", f"{node} did not answer: {exc}") from exc
+            raise RemoteError("node_unreachable", f"cannot reach {node}: {exc}") from exc
         return {"service": name, "node": node, **taken}
 
     async def _cmd_bind(self, command: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 NODE = "edge-a"
 INPUTS = 25
+PHASE_TIMEOUT = 6
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ async def system(
         FERRY_EXECUTOR__CHECKPOINT_INTERVAL="3600",
         FERRY_EXECUTOR__CHECKPOINT_INPUTS="100000",
         FERRY_SCHEDULER__RECOVERY_GRACE="0.5",
+        FERRY_SCHEDULER__PHASE_TIMEOUT=str(PHASE_TIMEOUT),
     )
     await images.push(BlobStore(config.s3), "counter", unikernel_builds)
     procs.start("statestore")
@@ -171,12 +173,16 @@ async def instance_summary(
             await asyncio.sleep(0.1)
 
 
+def guest_pid(system: FerryConfig, instance: str) -> int:
+    workdir = system.stack.dir / "nodes" / NODE / "instances" / instance
+    pid: int = orjson.loads((workdir / "instance.json").read_bytes())["pid"]
+    return pid
+
+
 async def kill_guest_and_wait_recovered(
     system: FerryConfig, ops: Operator, service: str, instance: str
 ) -> None:
-    workdir = system.stack.dir / "nodes" / NODE / "instances" / instance
-    pid = orjson.loads((workdir / "instance.json").read_bytes())["pid"]
-    os.kill(pid, signal.SIGKILL)
+    os.kill(guest_pid(system, instance), signal.SIGKILL)
     async with asyncio.timeout(30):
         while True:
             record = await ops.query("get_service", service=service)
@@ -227,5 +233,29 @@ async def test_fresh_refuses_a_whole_image_runtime_and_it_keeps_serving(
     assert refused.returncode == 1
     assert "whole_image_runtime" in refused.stderr and "microvm-snapshot" in refused.stderr
     assert await send(system, service, "dev-3", range(1, 3)) == [1, 2]  # undisturbed
+    assert ferry(system, "stop", service).returncode == 0
+    assert ferry(system, "rm", service).returncode == 0
+
+
+async def test_a_guest_that_cannot_checkpoint_gives_a_clear_error_then_serves_on(
+    system: FerryConfig, ops: Operator
+) -> None:
+    service = name("stuck")
+    await ops.command("deploy", service=service, app="counter", node=NODE, runtime="unix")
+    record = await ops.wait_serving(service)
+    await send(system, service, "dev-4", range(1, 6))
+    pid = guest_pid(system, record["instance"])
+    os.kill(pid, signal.SIGSTOP)  # a guest that never reaches its next step boundary
+    try:
+        stuck = await asyncio.to_thread(ferry, system, "checkpoint", "show", service, "--fresh")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert stuck.returncode == 1, stuck.stdout
+    assert "checkpoint_timeout" in stuck.stderr and f"within {PHASE_TIMEOUT} s" in stuck.stderr
+    # Thawed, it answers the pending request and serves on; a fresh one then has everything.
+    assert await send(system, service, "dev-4", range(6, 8)) == [6, 7]
+    fresh = ferry(system, "checkpoint", "show", service, "--fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    assert shown_document(fresh.stdout)["watermark"] == {"dev-4": 7}
     assert ferry(system, "stop", service).returncode == 0
     assert ferry(system, "rm", service).returncode == 0
