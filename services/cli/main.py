@@ -336,17 +336,38 @@ async def cmd_migrations(config: FerryConfig, args: argparse.Namespace) -> int:
 
 async def cmd_checkpoint_show(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
-        try:
-            latest = await ops.query("latest_checkpoint", service=args.service)
-        except RemoteError as exc:
-            if exc.code != "no_checkpoint":
-                raise
-            err.print(
-                f"error: {args.service} has no checkpoint yet (a serving service takes its "
-                "first one within executor.checkpoint_interval of its first input)"
-            )
-            return 1
-    ref = BlobRef.from_dict(latest["checkpoint"])
+        if args.fresh:
+            # Operators command only the scheduler; it asks the node serving the service.
+            taken = await ops.command("checkpoint_now", service=args.service)
+            ref = BlobRef.from_dict(taken["checkpoint"])
+            origin = f"fresh, taken now on {taken['node']} by {taken['instance']}"
+        else:
+            try:
+                latest = await ops.query("latest_checkpoint", service=args.service)
+            except RemoteError as exc:
+                if exc.code != "no_checkpoint":
+                    raise
+                err.print(
+                    f"error: {args.service} has no checkpoint yet (a serving service takes its "
+                    "first one within executor.checkpoint_interval of its first input; "
+                    f"`ferry checkpoint show {args.service} --fresh` takes one now)",
+                    markup=False,
+                )
+                return 1
+            ref = BlobRef.from_dict(latest["checkpoint"])
+            taken_at = time.strftime("%H:%M:%S", time.localtime(latest["time"] / 1000))
+            origin = f"latest durable, taken at {taken_at}"
+            if latest.get("migration"):
+                origin += f" for {latest['migration']}"
+    head = f"s3://{ref.bucket}/{ref.key}  {ref.size} bytes  sha256 {ref.sha256[:16]}…  ({origin})"
+    if ref.key.endswith(".img"):
+        console.print(head, markup=False)
+        err.print(
+            "error: a whole-image checkpoint (podman or microvm-snapshot: the guest itself, "
+            "taken when the service moved), not a Ferry document: nothing to decode",
+            markup=False,
+        )
+        return 1
     document = orjson.loads(
         checkpoint_blob.unpack(
             await BlobStore(config.s3).get_bytes(ref),
@@ -356,7 +377,7 @@ async def cmd_checkpoint_show(config: FerryConfig, args: argparse.Namespace) -> 
             allow_unsealed=True,
         )
     )
-    console.print(f"s3://{ref.bucket}/{ref.key}  {ref.size} bytes  sha256 {ref.sha256[:16]}…")
+    console.print(head, markup=False)
     console.print_json(orjson.dumps(document).decode())
     return 0
 
@@ -668,9 +689,21 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_sub = checkpoint.add_subparsers(
         dest="checkpoint_command", required=True, metavar="COMMAND"
     )
-    p = checkpoint_sub.add_parser("show", help="decoded latest checkpoint of a service")
+    p = checkpoint_sub.add_parser(
+        "show",
+        help="decoded latest checkpoint of a service (or a fresh one)",
+        description="Show a service's latest durable checkpoint, decoded (vars: the app's store, "
+        "params, watermark), or with --fresh one its node takes now while it serves.",
+    )
     p.set_defaults(handler=cmd_checkpoint_show)
     service(p)
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="have the serving node take one now (without pausing the service) and show it; "
+        "it is recorded like a periodic one and becomes the recovery point. Only a serving "
+        "service on an app-level runtime (unix, microvm) has one",
+    )
 
     image = sub.add_parser("image", help="app images in the S3 store")
     image_sub = image.add_subparsers(dest="image_command", required=True, metavar="COMMAND")

@@ -358,6 +358,39 @@ class Executor:
             },
         }
 
+    async def _cmd_checkpoint_now(self, command: dict[str, Any]) -> dict[str, Any]:
+        """A fresh checkpoint of a serving instance, for an operator (``ferry checkpoint show
+        --fresh``): taken without pausing, stored, recorded with the statestore (which refuses
+        a fenced copy) and acknowledged like a periodic one, so it is also the recovery point.
+
+        Whole-image runtimes are refused: their checkpoint is the whole guest (CRIU, a VM
+        snapshot), taken only when the service moves, and it is nothing ``show`` could decode.
+        """
+        instance = self._instance(command)
+        service = instance.service
+        if instance.runtime.whole_image:
+            raise RemoteError(
+                "whole_image_runtime",
+                f"{service} runs on {instance.runtime.name}, which checkpoints the whole guest "
+                "image, and only when the service moves (suspend, migrate): there is no fresh "
+                "checkpoint to take; the app-level runtimes (unix, microvm) take them",
+            )
+        if instance.state != "serving":
+            raise RemoteError(
+                "not_serving",
+                f"{service}'s instance {instance.instance_id} on {self.node} is {instance.state}, "
+                "not serving (is it being moved?): ask again once it serves",
+            )
+        taken_at = time.time() * 1000
+        ref = await instance.checkpoint_now()
+        if ref is None:
+            raise RemoteError(
+                "not_serving",
+                f"{service}'s instance {instance.instance_id} on {self.node} stopped serving "
+                f"({instance.state}) before its checkpoint was taken",
+            )
+        return {"checkpoint": ref, "instance": instance.instance_id, "taken_at": taken_at}
+
     async def _release_after_reply(self, instance: Instance, covers: int, record: Any) -> None:
         async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
             await instance.release(covers, record)

@@ -12,6 +12,8 @@
 - Recovery: a service whose instance is lost (its guest died, its executor restarted, or its node
   stayed offline longer than ``recovery_grace``) is restored on a healthy node from its latest
   durable checkpoint (a ``recover`` plan); the record's instance fences the old copy.
+- Inspect: ``checkpoint_now`` has the node serving a service take a fresh checkpoint, recorded
+  like a periodic one (operators may not command executors themselves).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from services.common import images, names, topics
 from services.common import params as app_params
 from services.common.blobstore import BlobError, BlobStore
-from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
+from services.common.bus import Bus, BusError, Inbound, RemoteError, RequestTimeout, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
 from services.common.config import FerryConfig
 from services.common.metrics import metrics_port
@@ -283,6 +285,49 @@ class Scheduler:
         finally:
             self.busy.pop(name, None)
         return {"service": name, "removed": True}
+
+    async def _cmd_checkpoint_now(self, command: dict[str, Any]) -> dict[str, Any]:
+        """A fresh checkpoint of a serving service, taken by the node that serves it (operators
+        command only the scheduler); the reply carries its blob reference.
+
+        It does not claim the service: the executor already serialises it with a move's
+        commands, and a claim would make a mobility move that arrives meanwhile fail.
+        """
+        assert self.executors is not None
+        record = await self._service(command["service"])
+        name, status = record["service"], record.get("status")
+        if name in self.busy:
+            raise RemoteError(
+                "migration_in_progress",
+                f"{name} is being moved ({self.busy[name]}): ask again once it serves",
+            )
+        if status != "serving" or not record.get("node") or not record.get("instance"):
+            latest = (
+                f"; `ferry checkpoint show {name}` shows its latest durable checkpoint"
+                if status in ("suspended", "failed", "migrating", "recovering")
+                else ""
+            )
+            raise RemoteError(
+                "not_serving", f"{name} is {status}, not serving: nothing to checkpoint{latest}"
+            )
+        node, instance = record["node"], record["instance"]
+        self._require_online(node)
+        try:
+            taken = await self.executors.call(
+                node, "checkpoint_now", service=name, instance=instance
+            )
+        except RequestTimeout:
+            # Either the node is gone or the guest has not reached a step boundary: the
+            # checkpoint, if it comes, is still recorded (it is one like the periodic ones).
+            raise RemoteError(
+                "checkpoint_timeout",
+                f"{node} took no checkpoint of {name} within {self.executors.timeout:g} s "
+                "(scheduler.phase_timeout): is its guest stuck in a step, or the node gone? "
+                "See `ferry nodes` and `ferry watch errors`",
+            ) from None
+        except BusError as exc:
+            raise RemoteError("node_unreachable", f"cannot reach {node}: {exc}") from exc
+        return {"service": name, "node": node, **taken}
 
     async def _cmd_bind(self, command: dict[str, Any]) -> dict[str, Any]:
         assert self.store is not None

@@ -54,7 +54,11 @@ REFUSED: dict[str, list[tuple[list[str], str]]] = {
         (["--limit", "10001"], "--limit"),
     ],
     "watch": [(["a/#/b"], "filter"), (["apps/x+/out"], "filter"), ([""], "filter")],
-    "checkpoint show": [([BAD], "service")],
+    "checkpoint show": [
+        ([BAD], "service"),
+        ([BAD, "--fresh"], "service"),
+        (["svc", "--fresh", "now"], "unrecognized"),
+    ],
     "image push": [([BAD], "apps"), ([], "apps"), (["counter", "--build", BAD], "--build")],
     "image show": [(["../etc"], "app")],
     "simulate": [
