@@ -47,6 +47,9 @@ REFUSED: dict[str, list[tuple[list[str], str]]] = {
     "bind": [([BAD, "dev-1"], "service"), (["svc", BAD], "device")],
     "services": [(["extra"], "unrecognized")],
     "nodes": [(["extra"], "unrecognized")],
+    "cordon": [([BAD], "node"), ([], "node"), (["edge-a", "--reason", "x" * 201], "--reason")],
+    "uncordon": [([BAD], "node"), (["edge-a", "--reason", "r"], "unrecognized")],
+    "drain": [([BAD], "node"), (["edge-a", "--reason", "two\nlines"], "--reason")],
     "migrations": [
         (["--limit", "0"], "--limit"),
         (["--limit", "-3"], "--limit"),
