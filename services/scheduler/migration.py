@@ -32,6 +32,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,12 +112,16 @@ class MigrationRunner:
         store: StatestoreClient,
         liveness: Liveness | None = None,
         metrics: SchedulerMetrics | None = None,
+        on_serving: Callable[[Plan], None] | None = None,
     ) -> None:
         self.bus = bus
         self.executors = executors
         self.store = store
         self.liveness = liveness or Liveness()
         self.metrics = metrics
+        # Called once the target serves: what is left (stop the source, commit) is bookkeeping
+        # and must not hold the node slots the next migration waits for.
+        self.on_serving = on_serving
 
     async def emit(
         self,
@@ -139,6 +144,8 @@ class MigrationRunner:
         }
         if detail:
             event["detail"] = detail
+        if phase == "target_serving" and self.on_serving is not None:
+            self.on_serving(plan)
         if self.metrics is not None:
             self.metrics.on_event(event)
         await self.bus.publish(topics.migration_events(plan.id), event)

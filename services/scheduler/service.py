@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from services.common import images, names, topics
@@ -52,18 +53,25 @@ class NodeSlots:
     def would_wait(self, nodes: list[str]) -> bool:
         return any(self._slot(n).locked() for n in nodes)
 
-    @contextlib.asynccontextmanager
-    async def hold(self, nodes: list[str]) -> Any:
+    async def take(self, nodes: list[str]) -> Callable[[], None]:
+        """Wait for a slot on each node (in name order, so two plans never deadlock); returns
+        the release, which may be called early (when the target serves) and again at the end."""
         taken: list[asyncio.Semaphore] = []
         try:
             for node in sorted(set(nodes)):
                 slot = self._slot(node)
                 await slot.acquire()
                 taken.append(slot)
-            yield
-        finally:
+        except BaseException:
             for slot in taken:
                 slot.release()
+            raise
+
+        def release() -> None:
+            while taken:
+                taken.pop().release()
+
+        return release
 
 
 class Scheduler:
@@ -80,6 +88,7 @@ class Scheduler:
         self._offline_timers: dict[str, asyncio.Task[None]] = {}
         self.cordons: dict[str, dict[str, Any]] = {}  # node -> its retained cordon (cordoned only)
         self.busy: dict[str, str] = {}
+        self._slot_releases: dict[str, Callable[[], None]] = {}  # plan id -> its slots' release
         self._device_moves: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.bus: Bus | None = None
@@ -96,7 +105,7 @@ class Scheduler:
             self.store = StatestoreClient(bus, timeout)
             self.executors = ExecutorClient(bus, timeout)
             self.runner = MigrationRunner(
-                bus, self.executors, self.store, self.liveness, self.metrics
+                bus, self.executors, self.store, self.liveness, self.metrics, self._free_slots
             )
             port = metrics_port(self.config, "scheduler", self._metrics_port)
             self.metrics.start(self, self.config.metrics.host, port)
@@ -600,8 +609,12 @@ class Scheduler:
         try:
             if self.slots.would_wait(nodes):
                 await self.runner.emit(plan, "queued")
-            async with self.slots.hold(nodes):
+            release = self._slot_releases[plan.id] = await self.slots.take(nodes)
+            try:
                 outcome = await self.runner.run(plan)
+            finally:
+                self._slot_releases.pop(plan.id, None)
+                release()
         except Exception as exc:
             log.exception("%s: %s failed unexpectedly", plan.id, plan.kind)
             # Never leave it open: undo it (or finish it, if the target already serves).
@@ -616,6 +629,12 @@ class Scheduler:
             self.busy.pop(plan.service, None)
         if outcome.get("outcome_status") == "failed":
             self._spawn(self._recover_later(plan.service, "its move failed and left it failed"))
+
+    def _free_slots(self, plan: Plan) -> None:
+        """The target serves: free the plan's node slots before the commit bookkeeping."""
+        release = self._slot_releases.pop(plan.id, None)
+        if release is not None:
+            release()
 
     # -- mobility and nodes -----------------------------------------------------------------
 
