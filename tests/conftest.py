@@ -154,16 +154,18 @@ async def start_system(
     builds: Path,
     apps: tuple[str, ...] = ("counter",),
     nodes: tuple[str, ...] = ("edge-a", "edge-b"),
+    node_args: dict[str, list[str]] | None = None,
 ) -> None:
-    """Push ``apps``, start the statestore, the scheduler and an executor per node as real
-    processes, and return once every one of them says online: the e2e modules' system."""
+    """Push ``apps``, start the statestore, the scheduler and an executor per node (with its
+    ``node_args``) as real processes, and return once every one of them says online: the
+    system of the end-to-end modules."""
     store = BlobStore(config.s3)
     for app in apps:
         await images.push(store, app, builds)
     procs.start("statestore")
     procs.start("scheduler")
     for node in nodes:
-        procs.start(f"executor@{node}", "--node", node)
+        procs.start(f"executor@{node}", "--node", node, *(node_args or {}).get(node, []))
     await wait_online(
         config,
         [topics.component_status("statestore"), topics.component_status("scheduler")]

@@ -20,12 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.cli.operator import Operator
 from services.cli.simulate import connect_paho
-from services.common import images, topics
-from services.common.blobstore import BlobStore
+from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig, load_config
 from services.stack.ports import free_ports
-from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tests.conftest import ServiceProcesses, stack_config, start_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -69,16 +68,8 @@ async def system(
         FERRY_EXECUTOR__CHECKPOINT_INTERVAL="0.2",
         FERRY_SCHEDULER__PHASE_TIMEOUT="3",
     )
-    await images.push(BlobStore(config.s3), "counter", unikernel_builds)
-    procs.start("statestore")
-    procs.start("scheduler")
-    for node in NODES:
-        procs.start(f"executor@{node}", "--node", node, "--metrics-port", str(ports[node]))
-    await wait_online(
-        config,
-        [topics.component_status("statestore"), topics.component_status("scheduler")]
-        + [topics.node_status(n) for n in NODES],
-    )
+    node_args = {node: ["--metrics-port", str(ports[node])] for node in NODES}
+    await start_system(config, procs, unikernel_builds, nodes=NODES, node_args=node_args)
     yield config
 
 

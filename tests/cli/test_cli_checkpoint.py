@@ -21,11 +21,10 @@ import orjson
 import pytest
 
 from services.cli.operator import Operator
-from services.common import images, topics
-from services.common.blobstore import BlobStore
+from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig
-from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tests.conftest import ServiceProcesses, stack_config, start_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -59,18 +58,7 @@ async def system(
         FERRY_SCHEDULER__RECOVERY_GRACE="0.5",
         FERRY_SCHEDULER__PHASE_TIMEOUT=str(PHASE_TIMEOUT),
     )
-    await images.push(BlobStore(config.s3), "counter", unikernel_builds)
-    procs.start("statestore")
-    procs.start("scheduler")
-    procs.start(f"executor@{NODE}", "--node", NODE)
-    await wait_online(
-        config,
-        [
-            topics.component_status("statestore"),
-            topics.component_status("scheduler"),
-            topics.node_status(NODE),
-        ],
-    )
+    await start_system(config, procs, unikernel_builds, nodes=(NODE,))
     yield config
 
 

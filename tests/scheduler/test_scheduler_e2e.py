@@ -18,11 +18,10 @@ import pytest
 
 from services.cli.operator import Operator
 from services.cli.simulate import Simulator, publish_mobility
-from services.common import images, topics
-from services.common.blobstore import BlobStore
+from services.common import topics
 from services.common.bus import Bus, now_ms
 from services.common.config import FerryConfig
-from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tests.conftest import ServiceProcesses, stack_config, start_system, wait_online
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -42,11 +41,6 @@ def procs(system_dir: Path) -> Iterator[ServiceProcesses]:
     procs.stop_all()
 
 
-def start_all(procs: ServiceProcesses, only: tuple[str, ...] = ("statestore", "scheduler")) -> None:
-    for name in only:
-        procs.start(name)
-
-
 @pytest.fixture(scope="module")
 async def system(
     infra: FerryConfig, system_dir: Path, procs: ServiceProcesses, unikernel_builds: Path
@@ -58,17 +52,7 @@ async def system(
         FERRY_SCHEDULER__PHASE_TIMEOUT="8",
         FERRY_SCHEDULER__MOBILITY_HYSTERESIS="1.0",
     )
-    store = BlobStore(config.s3)
-    for app in ("counter", "aggregator"):
-        await images.push(store, app, unikernel_builds)
-    start_all(procs)
-    for node in NODES:
-        procs.start(f"executor@{node}", "--node", node)
-    await wait_online(
-        config,
-        [topics.component_status("statestore"), topics.component_status("scheduler")]
-        + [topics.node_status(n) for n in NODES],
-    )
+    await start_system(config, procs, unikernel_builds, ("counter", "aggregator"), NODES)
     yield config
 
 

@@ -21,7 +21,7 @@ from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus, RemoteError
 from services.common.config import FerryConfig
-from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tests.conftest import ServiceProcesses, stack_config, start_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -48,16 +48,8 @@ async def system(
     config, _ = stack_config(infra, system_dir, FERRY_SCHEDULER__PHASE_TIMEOUT="15")
     store = BlobStore(config.s3)
     await images.push(store, "counter", unikernel_builds, "counter_v2")  # 2.0.0 is pushed …
-    await images.push(store, "counter", unikernel_builds)  # … 1.0.0 is the latest
-    for name in ("statestore", "scheduler"):
-        procs.start(name)
-    for node in NODES:
-        procs.start(f"executor@{node}", "--node", node)
-    await wait_online(
-        config,
-        [topics.component_status("statestore"), topics.component_status("scheduler")]
-        + [topics.node_status(n) for n in NODES],
-    )
+    # … and 1.0.0 is the latest
+    await start_system(config, procs, unikernel_builds, apps=("counter",), nodes=NODES)
     yield config
 
 
