@@ -31,6 +31,7 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
+from services.cli.main import publish_one
 from services.cli.operator import Operator
 from services.cli.simulate import Simulator, connect_paho, publish_mobility
 from services.common import contract, images, topics
@@ -407,6 +408,8 @@ async def test_each_component_does_what_its_operations_declare(
         assert (await ops.move("migrate", service, "edge-b"))["phase"] == "committed"
         assert (await ops.move("suspend", service))["phase"] == "committed"
         assert (await ops.move("resume", service, "edge-a"))["phase"] == "committed"
+        one = orjson.dumps({"producer": "by-hand", "seq": 1, "data": {}})
+        await asyncio.to_thread(publish_one, live.broker, topics.app_input(service), one)
         await ops.command("cordon", node="edge-b", reason="asyncapi check")
         await ops.command("uncordon", node="edge-b")
         await asyncio.to_thread(publish_mobility, live.broker, device, "edge-b")

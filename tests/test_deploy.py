@@ -303,7 +303,10 @@ async def test_a_migration_runs_with_one_login_per_component(
 ) -> None:
     service = f"acl-{uuid.uuid4().hex[:5]}"
     devices = Simulator(
-        as_user(acl_system, secrets, "devices", acl_broker).broker, service, rate=50
+        as_user(acl_system, secrets, "devices", acl_broker).broker,
+        service,
+        rate=50,
+        producers=["devices"],  # the login: its ACL lets it write only in/devices
     )
     async with Operator(as_user(acl_system, secrets, "operator")) as ops:
         await ops.command("deploy", service=service, app="counter", node="edge-a", runtime="unix")
@@ -398,6 +401,7 @@ async def test_a_device_login_cannot_hijack_a_session_read_replies_or_report_err
         Operator(operator) as ops,
     ):
         await owner.subscribe(topics.app_input(service))
+        await owner.subscribe(topics.app_input_from(service, "+"))
         await observer.subscribe(topics.ERRORS)
         await observer.subscribe(topics.mobility("+"))
         await observer.subscribe(f"{topics.PREFIX}/replies/#")
@@ -417,9 +421,15 @@ async def test_a_device_login_cannot_hijack_a_session_read_replies_or_report_err
         try:
             device.subscribe(f"{topics.PREFIX}/replies/#", qos=1)
             device.subscribe(f"{topics.replies('scheduler', 'ferry-scheduler')}", qos=1)
+            # (d) a device writes input only on its own topic (in/<its login>): not on the
+            # shared one, not on another producer's
+            for topic in (topics.app_input(service), topics.app_input_from(service, "dev-1")):
+                reading = {"producer": "dev-1", "seq": 99, "data": {"device": "dev-1"}}
+                device.publish(topic, orjson.dumps(reading), qos=1).wait_for_publish(10)
             for seq in (1, 2, 3):
-                reading = {"producer": "dev-1", "seq": seq, "data": {"device": "dev-1"}}
-                device.publish(topics.app_input(service), orjson.dumps(reading), qos=1)
+                reading = {"producer": "devices", "seq": seq, "data": {"device": "devices"}}
+                own_topic = topics.app_input_from(service, "devices")
+                device.publish(own_topic, orjson.dumps(reading), qos=1)
             # (c) no error report and no other device's mobility event from a device
             report = {"source": "forged", "topic": "x", "reason": "forged", "time": 1}
             device.publish(topics.ERRORS, orjson.dumps(report), qos=1).wait_for_publish(10)
@@ -473,3 +483,48 @@ async def test_a_device_login_cannot_hijack_a_session_read_replies_or_report_err
             while message.topic != topics.ERRORS:
                 message = await anext(observer.messages())
         assert message.payload["source"] == "edge-a"
+
+
+@on_session_loop
+async def test_no_login_can_speak_for_another_producer_or_poison_its_watermark(
+    acl_system: FerryConfig, acl_broker: BrokerPorts, secrets: Path
+) -> None:
+    """Issue 12: one input with seq 2^53-1 under producer `victim`, sent by another login, made
+    every later genuine input of `victim` be dropped as a repeat. Now the broker lets a device
+    write only its own input topic, and the executor applies what arrives there only under the
+    producer that topic names: a forged producer is dead-lettered, the victim unharmed."""
+    operator = as_user(acl_system, secrets, "operator")
+    device_broker = as_user(acl_system, secrets, "devices", acl_broker).broker
+    service = f"poison-{uuid.uuid4().hex[:5]}"
+    async with Operator(operator) as ops, Bus(operator.broker, f"test-{service}") as watcher:
+        await watcher.subscribe(topics.app_output(service))
+        await watcher.subscribe(topics.app_dead_letters(service))
+        await ops.command("deploy", service=service, app="counter", node="edge-a", runtime="unix")
+        await ops.wait_serving(service)
+        device = connect_paho(device_broker, "any")
+        try:
+            forged = {"producer": "victim", "seq": 2**53 - 1, "data": {}}
+            own = topics.app_input_from(service, "devices")
+            device.publish(own, orjson.dumps(forged), qos=1).wait_for_publish(10)
+            mine = {"producer": "devices", "seq": 1, "data": {}}
+            device.publish(own, orjson.dumps(mine), qos=1).wait_for_publish(10)
+        finally:
+            device.disconnect()
+            device.loop_stop()
+        for seq in (1, 2, 3):  # the genuine victim, through a login allowed the shared topic
+            genuine = {"producer": "victim", "seq": seq, "data": {}}
+            await ops.bus.publish(topics.app_input(service), genuine)
+        outputs: list[tuple[str, int]] = []
+        letters: list[dict[str, Any]] = []
+        async with asyncio.timeout(20):
+            async for message in watcher.messages():
+                if message.topic == topics.app_dead_letters(service):
+                    letters.append(message.payload)
+                else:
+                    outputs.append((message.payload["producer"], message.payload["seq"]))
+                if len(outputs) == 4 and letters:
+                    break
+        assert sorted(outputs) == [("devices", 1), ("victim", 1), ("victim", 2), ("victim", 3)]
+        assert [(d["producer"], d["seq"]) for d in letters] == [("victim", 2**53 - 1)]
+        assert "only 'devices' may use" in letters[0]["reason"]
+        await ops.command("stop", service=service)

@@ -228,9 +228,10 @@ async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
         lines.append(f"# the password is broker.password in {config.source}")
     reading = '{"producer": "dev-1", "seq": 1, "data": {"value": 21.5}}'
     lines += [
-        "# send one reading to SERVICE (seq must grow per producer; see docs/writing-an-app.md):",
+        "# send one reading to SERVICE as device dev-1, on its own input topic (seq must grow",
+        "# per producer; a device login may write only in/<its login>: docs/writing-an-app.md):",
         f"#   mosquitto_pub -h {broker.host} -p {broker.port}{login} -q 1 "
-        f"-t {topics.app_input('SERVICE')} -m '{reading}'",
+        f"-t {topics.app_input_from('SERVICE', 'dev-1')} -m '{reading}'",
         "# and read its answers:",
         f"#   mosquitto_sub -h {broker.host} -p {broker.port}{login} -q 1 "
         f"-t {topics.app_output('SERVICE')}",
@@ -510,7 +511,7 @@ def publish_one(broker: BrokerConfig, topic: str, body: bytes, timeout: float = 
 
     from services.cli.simulate import connect_paho
 
-    client = connect_paho(broker, f"ferry-publish-{uuid.uuid4().hex[:8]}")
+    client = connect_paho(broker, f"ferry-cli-publish-{uuid.uuid4().hex[:8]}")
     refused: list[Any] = []
     client.on_publish = lambda c, u, mid, reason, props: refused.extend(
         [reason] if reason.is_failure else []

@@ -100,6 +100,7 @@ class Simulator:
         prefix: str = "dev",
         expect_outputs: bool = True,
         start_sending: bool = True,
+        producers: list[str] | None = None,
     ) -> None:
         self.service = service
         self.expect_outputs = expect_outputs
@@ -109,7 +110,8 @@ class Simulator:
         self._counted = threading.Event()
         self._start_sending = start_sending
         self.rate = rate
-        self.producers = [f"{prefix}-{i + 1}" for i in range(devices)]
+        # Named like a device login when playing one (its ACL lets it write only in/<login>).
+        self.producers = producers or [f"{prefix}-{i + 1}" for i in range(devices)]
         self._sent: dict[str, int] = dict.fromkeys(self.producers, 0)
         self._answers: Counter[tuple[str, int]] = Counter()
         self._answer_times: list[float] = []
@@ -158,7 +160,9 @@ class Simulator:
             {"producer": producer, "seq": seq, "data": reading, "sent": time.time_ns() // 10**6}
         )
         assert self._client is not None, "start() first"
-        return self._client.publish(topics.app_input(self.service), body, qos=1)
+        # Each device on its own input topic, as real devices do (asyncapi.yaml appInputFrom).
+        topic = topics.app_input_from(self.service, producer)
+        return self._client.publish(topic, body, qos=1)
 
     def _publish_loop(self) -> None:
         if self.rate <= 0:

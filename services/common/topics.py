@@ -39,6 +39,18 @@ def app_input(service: str) -> str:
     return f"{PREFIX}/apps/{service}/in"
 
 
+def app_input_from(service: str, producer: str) -> str:
+    """One producer's own input topic: the device ACL lets a login write only the one named
+    after it (``%u``), and the executor applies what arrives there as that producer's only."""
+    return f"{PREFIX}/apps/{service}/in/{producer}"
+
+
+def producer_of_topic(topic: str) -> str | None:
+    """The producer an input topic names (``.../in/<producer>``), None for the shared ``.../in``."""
+    head, _, producer = topic.rpartition("/")
+    return producer if head.endswith("/in") and head.startswith(f"{PREFIX}/apps/") else None
+
+
 def app_output(service: str) -> str:
     return f"{PREFIX}/apps/{service}/out"
 
@@ -71,6 +83,7 @@ TEMPLATES = (
     component_status("{component}"),
     replies("{login}", "{client}"),
     app_input("{service}"),
+    app_input_from("{service}", "{producer}"),
     app_output("{service}"),
     app_dead_letters("{service}"),
     mobility("{device}"),

@@ -418,6 +418,7 @@ class Instance:
             await session.__aenter__()
             try:
                 await session.subscribe(topics.app_input(self.service), qos=1)
+                await session.subscribe(topics.app_input_from(self.service, "+"), qos=1)
                 break
             except BusError:
                 # Taken from us between connect and subscribe (another client with the same
@@ -476,9 +477,8 @@ class Instance:
     async def _forward_input(self, session: Bus) -> None:
         assert self.guest is not None
         channel = self.guest.channel
-        topic = topics.app_input(self.service)
         async for message in session.messages():
-            refusal = self._refusal(topic, message)
+            refusal = self._refusal(message)
             if refusal is not None:
                 await self._dead_letter(session, message, refusal)
                 continue
@@ -504,14 +504,20 @@ class Instance:
             ):
                 self._durability.wake.set()
 
-    def _refusal(self, topic: str, message: Inbound) -> str | None:
+    def _refusal(self, message: Inbound) -> str | None:
         """Why this input must not reach the guest, or None."""
         if message.size > self._max_input_bytes:
             return f"input of {message.size} bytes exceeds the limit of {self._max_input_bytes}"
         try:
-            contract.validate(topic, message.payload)
+            contract.validate(message.topic, message.payload)
         except contract.ContractError as exc:
             return str(exc)
+        allowed = topics.producer_of_topic(message.topic)
+        if allowed is not None and message.payload["producer"] != allowed:
+            return (
+                f"producer {message.payload['producer']!r} sent on {message.topic}, which only "
+                f"{allowed!r} may use: a publisher speaks only for the producer its topic names"
+            )
         return None
 
     async def _dead_letter(self, session: Bus, message: Inbound, reason: str) -> None:
@@ -533,7 +539,7 @@ class Instance:
             letter["input"] = payload
         report = {
             "source": f"ferry-executor-{self.node}",
-            "topic": topics.app_input(self.service),
+            "topic": message.topic,
             "reason": f"{self.service}: input refused: {reason}",
             "service": self.service,
             "producer": producer,
