@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 SESSION_EXPIRY = 7 * 24 * 3600
 DRAIN_TIMEOUT = 10.0
 SLOW_STAGE = 1.0  # seconds; a slower stage of stopping is logged
+# A stop (10 + 2 for the guest + 3 s) answers well within the scheduler's phase timeout (30 s).
+LEAVE_TIMEOUT = 10.0
+LAST_OUTPUTS_TIMEOUT = 3.0
 #: Inputs the broker may deliver before the first is acknowledged (MQTT 5 Receive Maximum):
 #: room for a checkpoint interval of input (checkpoint_inputs triggers at half of it), and small
 #: enough that what a next owner gets redelivered at once does not swamp it.
@@ -367,7 +370,15 @@ class Instance:
         if self.state == "stopped":
             return
         self._stopping = True
-        await self._let_go()
+        try:  # bounded: the whole stop must answer within the scheduler's request timeout
+            await asyncio.wait_for(self._let_go(), LEAVE_TIMEOUT)
+        except TimeoutError:
+            log.error(
+                "%s: leaving the input session took over %g s; stopping the guest anyway "
+                "(its unacknowledged input stays with the broker)",
+                self.instance_id,
+                LEAVE_TIMEOUT,
+            )
         with self._timed("ending the guest"):
             if self.guest is not None:
                 if self.guest.channel.alive:
@@ -377,7 +388,7 @@ class Instance:
             else:
                 await self.runtime.unprepare(self.spec)
         with self._timed("sending the last outputs"), contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.outputs.wait_confirmed(), 5.0)
+            await asyncio.wait_for(self.outputs.wait_confirmed(), LAST_OUTPUTS_TIMEOUT)
         await self.outputs.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
