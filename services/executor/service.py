@@ -15,8 +15,9 @@ import shutil
 import signal
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -200,7 +201,7 @@ class Executor:
         service = command["service"]
         async with self._service_locks.setdefault(service, asyncio.Lock()):
             try:
-                result = await getattr(self, f"_cmd_{name}")(command)
+                result = await self.COMMANDS[name](self, command)
             except InstanceError as exc:
                 raise RemoteError(exc.code, str(exc)) from exc
             except GuestRuntimeError as exc:
@@ -608,6 +609,18 @@ class Executor:
     def _bus(self) -> Bus:
         assert self.bus is not None
         return self.bus
+
+    #: Every command but `status` (answered by `execute`), named as executor-command.schema.json.
+    COMMANDS: ClassVar[
+        dict[str, Callable[[Executor, dict[str, Any]], Awaitable[dict[str, Any]]]]
+    ] = {
+        "start": _cmd_start,
+        "checkpoint": _cmd_checkpoint,
+        "checkpoint_now": _cmd_checkpoint_now,
+        "restore": _cmd_restore,
+        "resume": _cmd_resume,
+        "stop": _cmd_stop,
+    }
 
 
 # -- leftovers of an earlier executor process ---------------------------------------------------

@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
 
 from services.common import images, names, topics
 from services.common import params as app_params
@@ -169,9 +169,7 @@ class Scheduler:
     # -- commands ---------------------------------------------------------------------------
 
     async def execute(self, command: dict[str, Any]) -> dict[str, Any]:
-        handler = getattr(self, f"_cmd_{command['command']}")
-        result: dict[str, Any] = await handler(command)
-        return result
+        return await self.COMMANDS[command["command"]](self, command)
 
     async def _service(self, name: str) -> dict[str, Any]:
         assert self.store is not None
@@ -792,6 +790,24 @@ class Scheduler:
                 await self.runner.recover(plan, phase)
             finally:
                 self.busy.pop(plan.service, None)
+
+    #: Every operator command, as scheduler-command.schema.json names them.
+    COMMANDS: ClassVar[
+        dict[str, Callable[[Scheduler, dict[str, Any]], Awaitable[dict[str, Any]]]]
+    ] = {
+        "deploy": _cmd_deploy,
+        "migrate": _cmd_migrate,
+        "stop": _cmd_stop,
+        "suspend": _cmd_suspend,
+        "resume": _cmd_resume,
+        "bind": _cmd_bind,
+        "rm": _cmd_rm,
+        "upgrade": _cmd_upgrade,
+        "checkpoint_now": _cmd_checkpoint_now,
+        "cordon": _cmd_cordon,
+        "uncordon": _cmd_uncordon,
+        "drain": _cmd_drain,
+    }
 
 
 def _load(status: dict[str, Any], planned: set[str]) -> int:

@@ -25,10 +25,10 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from services.common import contract, topics
 from services.common.blobstore import BlobError, BlobNotFound, BlobStore
@@ -366,11 +366,11 @@ class StatestoreService:
 
     async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
         """Carry out one schema-valid request; raise RemoteError with a clear code on failure."""
-        handler = getattr(self, f"_op_{request['op']}", None)
+        handler = self.OPS.get(request["op"])
         if handler is None:
             raise RemoteError("unknown_op", f"op {request['op']!r} is not implemented")
         try:
-            result: dict[str, Any] = await handler(request)
+            result = await handler(self, request)
         except NotFound as exc:
             raise RemoteError(exc.code, str(exc)) from exc
         except Conflict as exc:
@@ -446,3 +446,21 @@ class StatestoreService:
 
     async def _op_open_migrations(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"migrations": await self._call(self._database().open_migrations)}
+
+    #: Every op, as statestore-request.schema.json names them.
+    OPS: ClassVar[
+        dict[str, Callable[[StatestoreService, dict[str, Any]], Awaitable[dict[str, Any]]]]
+    ] = {
+        "list_nodes": _op_list_nodes,
+        "list_services": _op_list_services,
+        "get_service": _op_get_service,
+        "put_service": _op_put_service,
+        "delete_service": _op_delete_service,
+        "record_checkpoint": _op_record_checkpoint,
+        "latest_checkpoint": _op_latest_checkpoint,
+        "list_checkpoints": _op_list_checkpoints,
+        "put_migration": _op_put_migration,
+        "get_migration": _op_get_migration,
+        "list_migrations": _op_list_migrations,
+        "open_migrations": _op_open_migrations,
+    }
