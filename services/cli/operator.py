@@ -14,7 +14,7 @@ from typing import Any
 from services.common import topics
 from services.common.bus import Bus, RemoteError
 from services.common.config import FerryConfig
-from services.scheduler.migration import FINAL_PHASES
+from services.common.states import FINAL_PHASES
 
 COMMAND_TIMEOUT = 120.0
 CONNECT_TIMEOUT = 3.0

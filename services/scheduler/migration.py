@@ -39,12 +39,11 @@ from typing import Any
 from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
+from services.common.states import Phase, ServiceStatus
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger(__name__)
-
-FINAL_PHASES = ("committed", "rolled_back", "failed")
 
 
 def new_migration_id() -> str:
@@ -144,7 +143,7 @@ class MigrationRunner:
         }
         if detail:
             event["detail"] = detail
-        if phase == "target_serving" and self.on_serving is not None:
+        if phase == Phase.TARGET_SERVING and self.on_serving is not None:
             self.on_serving(plan)
         if self.metrics is not None:
             self.metrics.on_event(event)
@@ -164,7 +163,7 @@ class MigrationRunner:
                 **plan.versions(),
             }
         )
-        await self.emit(plan, "planned", detail=plan.versions() or None)
+        await self.emit(plan, Phase.PLANNED, detail=plan.versions() or None)
 
     # -- the three flows --------------------------------------------------------------------
 
@@ -230,7 +229,7 @@ class MigrationRunner:
             ),
             (plan.target, None),
         )
-        await self.emit(plan, "target_ready", plan.target, detail=ready.get("timings"))
+        await self.emit(plan, Phase.TARGET_READY, plan.target, detail=ready.get("timings"))
 
     async def _checkpoint(self, plan: Plan, stop_after: bool) -> dict[str, Any]:
         assert plan.source and plan.source_instance
@@ -251,10 +250,10 @@ class MigrationRunner:
         the checkpoint itself, before it acknowledges the input the checkpoint covers)."""
         assert plan.source
         ref = checkpoint["checkpoint"]
-        await self.emit(plan, "source_paused", plan.source, at=checkpoint["paused_at"])
+        await self.emit(plan, Phase.SOURCE_PAUSED, plan.source, at=checkpoint["paused_at"])
         await self.emit(
             plan,
-            "checkpoint_stored",
+            Phase.CHECKPOINT_STORED,
             plan.source,
             detail={"bytes": ref["size"], "key": ref["key"], **checkpoint.get("timings", {})},
         )
@@ -277,7 +276,7 @@ class MigrationRunner:
 
     async def _announce_serving(self, plan: Plan, restored: dict[str, Any]) -> None:
         at = restored["resumed_at"]
-        await self.emit(plan, "target_serving", plan.target, at=at, detail=restored["timings"])
+        await self.emit(plan, Phase.TARGET_SERVING, plan.target, at=at, detail=restored["timings"])
 
     async def _migrate(self, plan: Plan) -> dict[str, Any]:
         assert plan.source and plan.target
@@ -298,12 +297,12 @@ class MigrationRunner:
     async def _suspend(self, plan: Plan) -> dict[str, Any]:
         checkpoint = await self._checkpoint(plan, stop_after=True)
         await self._record_checkpoint(plan, checkpoint)
-        await self.emit(plan, "source_stopped", plan.source)
+        await self.emit(plan, Phase.SOURCE_STOPPED, plan.source)
         await self.store.put_service(
-            {**plan.record, "node": None, "instance": None, "status": "suspended"}
+            {**plan.record, "node": None, "instance": None, "status": ServiceStatus.SUSPENDED}
         )
         detail = {"bytes_moved": checkpoint["checkpoint"]["size"]}
-        await self.emit(plan, "committed", detail={**detail, "total_ms": self._total_ms(plan)})
+        await self.emit(plan, Phase.COMMITTED, detail={**detail, "total_ms": self._total_ms(plan)})
         return detail
 
     async def _resume(self, plan: Plan) -> dict[str, Any]:
@@ -335,8 +334,8 @@ class MigrationRunner:
                 ),
                 (plan.target, None),
             )
-            await self.emit(plan, "target_ready", plan.target, detail=started.get("timings"))
-            await self.emit(plan, "target_serving", plan.target)
+            await self.emit(plan, Phase.TARGET_READY, plan.target, detail=started.get("timings"))
+            await self.emit(plan, Phase.TARGET_SERVING, plan.target)
             return await self._commit(plan, {"bytes_moved": 0, "from_checkpoint": None})
         checkpoint = latest["checkpoint"]
         await self._preboot(plan)
@@ -351,10 +350,10 @@ class MigrationRunner:
     def _commit_expects(self, plan: Plan) -> dict[str, Any]:
         """What the service record must still say for this plan's commit to win."""
         if plan.kind in ("migrate", "upgrade"):
-            return {"instance": plan.source_instance, "status": "migrating"}
+            return {"instance": plan.source_instance, "status": ServiceStatus.MIGRATING}
         if plan.kind == "recover":
             return {"instance": plan.source_instance}
-        return {"status": plan.record.get("status", "suspended")}
+        return {"status": plan.record.get("status", ServiceStatus.SUSPENDED)}
 
     async def _commit(self, plan: Plan, detail: dict[str, Any]) -> dict[str, Any]:
         """The target serves: record it, then (only then) stop the source for good."""
@@ -370,7 +369,7 @@ class MigrationRunner:
                     "node": plan.target,
                     "instance": plan.target_instance,
                     "epoch": plan.epoch,
-                    "status": "serving",
+                    "status": ServiceStatus.SERVING,
                 },
                 expect=self._commit_expects(plan),
             )
@@ -388,13 +387,13 @@ class MigrationRunner:
         elif plan.source and plan.source_instance:
             try:
                 await self.executors.stop(plan.source, plan.service, plan.source_instance)
-                await self.emit(plan, "source_stopped", plan.source)
+                await self.emit(plan, Phase.SOURCE_STOPPED, plan.source)
             except (RemoteError, BusError) as exc:
                 # The target serves and owns the input session; a source we cannot reach holds
                 # nothing that matters. Note it in the record rather than undo a good migration.
                 detail["source_stop_error"] = str(exc)
         detail["total_ms"] = self._total_ms(plan)
-        await self.emit(plan, "committed", detail=detail)
+        await self.emit(plan, Phase.COMMITTED, detail=detail)
         return detail
 
     # -- failure ----------------------------------------------------------------------------
@@ -417,7 +416,7 @@ class MigrationRunner:
         if forward and plan.kind != "suspend" and await self.target_serving(plan):
             log.warning("%s: target already serving; rolling forward", plan.id)
             return await self._commit(plan, {"rolled_forward": reason})
-        await self.emit(plan, "rolling_back", detail={"error": reason})
+        await self.emit(plan, Phase.ROLLING_BACK, detail={"error": reason})
         notes: dict[str, Any] = {"error": reason, **plan.versions()}
         if plan.target and plan.target_instance and self._gone(plan.target):
             # Nobody to tell; a restarted executor ends what it ran (reported lost), and a copy
@@ -428,9 +427,11 @@ class MigrationRunner:
                 await self.executors.stop(plan.target, plan.service, plan.target_instance)
             except (RemoteError, BusError) as exc:
                 notes["target_stop_error"] = str(exc)
-        status = {"resume": "suspended", "recover": "failed"}.get(plan.kind, "serving")
+        status = {"resume": ServiceStatus.SUSPENDED, "recover": ServiceStatus.FAILED}.get(
+            plan.kind, ServiceStatus.SERVING
+        )
         if plan.kind == "resume":
-            status = str(plan.record.get("status") or "suspended")
+            status = ServiceStatus(plan.record.get("status") or ServiceStatus.SUSPENDED)
         if (
             plan.source
             and plan.source_instance
@@ -438,13 +439,15 @@ class MigrationRunner:
             and self._gone(plan.source)
         ):
             notes["source_resume_error"] = f"node {plan.source} is offline"
-            status = "failed"  # and the scheduler recovers it from its latest checkpoint
+            status = (
+                ServiceStatus.FAILED
+            )  # and the scheduler recovers it from its latest checkpoint
         elif plan.source and plan.source_instance and plan.kind != "recover":
             try:
                 await self.executors.resume(plan.source, plan.service, plan.source_instance)
             except (RemoteError, BusError) as exc:
                 notes["source_resume_error"] = str(exc)
-                status = "failed"
+                status = ServiceStatus.FAILED
         with contextlib.suppress(RemoteError, BusError):
             # Only while the record still names the source: a source that claimed its service
             # back on its own, or a later plan, has already written what is true.
@@ -454,20 +457,20 @@ class MigrationRunner:
             )
         notes["outcome_status"] = status
         notes["total_ms"] = self._total_ms(plan)
-        await self.emit(plan, "rolled_back", detail=notes)
+        await self.emit(plan, Phase.ROLLED_BACK, detail=notes)
         return notes
 
     async def recover(self, plan: Plan, phase: str) -> dict[str, Any]:
         """Finish or undo a plan a previous scheduler process left at ``phase``."""
         reason = f"scheduler restarted during phase {phase}"
-        if plan.kind == "suspend" and phase in ("checkpoint_stored", "source_stopped"):
+        if plan.kind == "suspend" and phase in (Phase.CHECKPOINT_STORED, Phase.SOURCE_STOPPED):
             with contextlib.suppress(RemoteError, BusError):
                 assert plan.source and plan.source_instance
                 await self.executors.stop(plan.source, plan.service, plan.source_instance)
             await self.store.put_service(
-                {**plan.record, "node": None, "instance": None, "status": "suspended"}
+                {**plan.record, "node": None, "instance": None, "status": ServiceStatus.SUSPENDED}
             )
-            await self.emit(plan, "committed", detail={"recovered": reason})
+            await self.emit(plan, Phase.COMMITTED, detail={"recovered": reason})
             return {"recovered": reason}
         try:
             return await self.roll_back(plan, reason)

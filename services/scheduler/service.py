@@ -31,6 +31,7 @@ from services.common.bus import Bus, BusError, Inbound, RemoteError, RequestTime
 from services.common.clients import ExecutorClient, StatestoreClient
 from services.common.config import FerryConfig
 from services.common.metrics import metrics_port
+from services.common.states import Phase, ServiceStatus
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migration import MigrationRunner, Plan, new_migration_id
@@ -208,7 +209,7 @@ class Scheduler:
             if exc.code != "unknown_service":
                 raise
         else:
-            if existing.get("status") not in ("stopped", "failed"):
+            if existing.get("status") not in (ServiceStatus.STOPPED, ServiceStatus.FAILED):
                 raise RemoteError(
                     "service_exists", f"{name} already exists ({existing.get('status')})"
                 )
@@ -235,7 +236,7 @@ class Scheduler:
             "node": node,
             "instance": names.instance_id(name, epoch),
             "epoch": epoch,
-            "status": "deploying",
+            "status": ServiceStatus.DEPLOYING,
             "device": command.get("device"),
             "params": command.get("params") or {},
             "image": image.to_dict(),
@@ -254,9 +255,9 @@ class Scheduler:
                 mode="fresh",
             )
         except (RemoteError, BusError) as exc:
-            await self.store.put_service({**record, "status": "failed"})
+            await self.store.put_service({**record, "status": ServiceStatus.FAILED})
             raise RemoteError("deploy_failed", f"{name} on {node}: {exc}") from exc
-        await self.store.put_service({**record, "status": "serving"})
+        await self.store.put_service({**record, "status": ServiceStatus.SERVING})
         return {"service": name, "node": node, "instance": record["instance"], **started}
 
     async def _cmd_stop(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -267,18 +268,18 @@ class Scheduler:
             if record.get("node") and record.get("instance"):
                 await self.executors.stop(record["node"], record["service"], record["instance"])
             await self.store.put_service(
-                {**record, "status": "stopped", "node": None, "instance": None}
+                {**record, "status": ServiceStatus.STOPPED, "node": None, "instance": None}
             )
         finally:
             self.busy.pop(record["service"], None)
-        return {"service": record["service"], "status": "stopped"}
+        return {"service": record["service"], "status": ServiceStatus.STOPPED}
 
     async def _cmd_rm(self, command: dict[str, Any]) -> dict[str, Any]:
         """Forget a stopped or failed service; a live one must be stopped first (its state)."""
         assert self.store is not None and self.executors is not None
         record = await self._service(command["service"])
         name, status = record["service"], record.get("status")
-        if status not in ("stopped", "failed"):
+        if status not in (ServiceStatus.STOPPED, ServiceStatus.FAILED):
             raise RemoteError(
                 "service_active", f"{name} is {status}: stop it first (`ferry stop {name}`)"
             )
@@ -308,10 +309,16 @@ class Scheduler:
                 "migration_in_progress",
                 f"{name} is being moved ({self.busy[name]}): ask again once it serves",
             )
-        if status != "serving" or not record.get("node") or not record.get("instance"):
+        if status != ServiceStatus.SERVING or not record.get("node") or not record.get("instance"):
             latest = (
                 f"; `ferry checkpoint show {name}` shows its latest durable checkpoint"
-                if status in ("suspended", "failed", "migrating", "recovering")
+                if status
+                in (
+                    ServiceStatus.SUSPENDED,
+                    ServiceStatus.FAILED,
+                    ServiceStatus.MIGRATING,
+                    ServiceStatus.RECOVERING,
+                )
                 else ""
             )
             raise RemoteError(
@@ -347,10 +354,10 @@ class Scheduler:
     ) -> dict[str, Any]:
         record = await self._service(command["service"])
         target = command["node"]
-        if record.get("status") == "failed":
+        if record.get("status") == ServiceStatus.FAILED:
             self._require_placeable(target)
             return await self._launch(self._recovery_plan(record, target, trigger))
-        if record.get("status") != "serving":
+        if record.get("status") != ServiceStatus.SERVING:
             raise RemoteError(
                 "not_serving", f"{record['service']} is {record.get('status')}, not serving"
             )
@@ -376,7 +383,7 @@ class Scheduler:
         """Move a serving service into another pushed version of its app (see the docstring)."""
         record = await self._service(command["service"])
         service, app = record["service"], record["app"]
-        if record.get("status") != "serving":
+        if record.get("status") != ServiceStatus.SERVING:
             raise RemoteError("not_serving", f"{service} is {record.get('status')}, not serving")
         target = command.get("node") or record["node"]
         if target == record["node"]:
@@ -426,7 +433,7 @@ class Scheduler:
 
     async def _cmd_suspend(self, command: dict[str, Any]) -> dict[str, Any]:
         record = await self._service(command["service"])
-        if record.get("status") != "serving":
+        if record.get("status") != ServiceStatus.SERVING:
             raise RemoteError(
                 "not_serving", f"{record['service']} is {record.get('status')}, not serving"
             )
@@ -446,11 +453,11 @@ class Scheduler:
 
     async def _cmd_resume(self, command: dict[str, Any]) -> dict[str, Any]:
         record = await self._service(command["service"])
-        if record.get("status") == "failed":
+        if record.get("status") == ServiceStatus.FAILED:
             # A failed service resumes from its latest durable checkpoint, like a recovery.
             self._require_placeable(command["node"])
             return await self._launch(self._recovery_plan(record, command["node"], "operator"))
-        if record.get("status") != "suspended":
+        if record.get("status") != ServiceStatus.SUSPENDED:
             raise RemoteError(
                 "not_suspended", f"{record['service']} is {record.get('status')}, not suspended"
             )
@@ -500,7 +507,7 @@ class Scheduler:
         refused: list[dict[str, Any]] = []
         for record in sorted(on_node, key=lambda r: str(r["service"])):
             service = record["service"]
-            if record.get("status") not in ("serving", "failed"):
+            if record.get("status") not in (ServiceStatus.SERVING, ServiceStatus.FAILED):
                 refused.append({"service": service, "error": f"it is {record.get('status')}"})
                 continue
             target = self._placement(record, away_from=node, elsewhere_only=True, planned=planned)
@@ -589,14 +596,14 @@ class Scheduler:
         if plan.kind in ("migrate", "suspend", "upgrade"):
             try:
                 await self.store.put_service(
-                    {**plan.record, "status": "migrating"},
-                    expect={"instance": plan.source_instance, "status": "serving"},
+                    {**plan.record, "status": ServiceStatus.MIGRATING},
+                    expect={"instance": plan.source_instance, "status": ServiceStatus.SERVING},
                 )
             except (RemoteError, BusError) as exc:
                 # Recorded as planned: close it now rather than leave it open.
                 self.busy.pop(plan.service, None)
                 with contextlib.suppress(Exception):
-                    await self.runner.emit(plan, "rolled_back", detail={"error": str(exc)})
+                    await self.runner.emit(plan, Phase.ROLLED_BACK, detail={"error": str(exc)})
                 raise RemoteError("not_started", f"{plan.id} not started: {exc}") from exc
         self._spawn(self._drive(plan))
         return {"migration": plan.id, "service": plan.service, "kind": plan.kind}
@@ -606,7 +613,7 @@ class Scheduler:
         nodes = [n for n in (plan.source, plan.target) if n]
         try:
             if self.slots.would_wait(nodes):
-                await self.runner.emit(plan, "queued")
+                await self.runner.emit(plan, Phase.QUEUED)
             release = self._slot_releases[plan.id] = await self.slots.take(nodes)
             try:
                 outcome = await self.runner.run(plan)
@@ -622,7 +629,7 @@ class Scheduler:
                 log.exception("%s: rolling back failed too", plan.id)
                 outcome = {"outcome_status": "failed"}
                 with contextlib.suppress(Exception):
-                    await self.runner.emit(plan, "failed", detail={"error": str(again)})
+                    await self.runner.emit(plan, Phase.FAILED, detail={"error": str(again)})
         finally:
             self.busy.pop(plan.service, None)
         if outcome.get("outcome_status") == "failed":
@@ -706,7 +713,7 @@ class Scheduler:
             record = await self.store.get_service(service)
         except (RemoteError, BusError):
             return
-        if record.get("status") == "failed" and record.get("instance"):
+        if record.get("status") == ServiceStatus.FAILED and record.get("instance"):
             await self._recover(service, record["instance"], reason)
 
     async def _recover(self, service: str, lost_instance: str, reason: str) -> None:
@@ -719,14 +726,16 @@ class Scheduler:
         except (RemoteError, BusError):
             return
         if record.get("instance") != lost_instance or record.get("status") not in (
-            "serving",
-            "failed",
-            "recovering",
+            ServiceStatus.SERVING,
+            ServiceStatus.FAILED,
+            ServiceStatus.RECOVERING,
         ):
             return
         target = self._recovery_target(record)
         if target is None:
-            await self.store.put_service({**_service_fields(record), "status": "failed"})
+            await self.store.put_service(
+                {**_service_fields(record), "status": ServiceStatus.FAILED}
+            )
             await self._report(
                 record.get("node") or "?", f"{service}: {reason}; no node can take it over yet"
             )
@@ -781,7 +790,7 @@ class Scheduler:
                 log.error("migration %s has no recorded plan; cannot recover it", record["id"])
                 continue
             plan = Plan.from_record(record["plan"])
-            phase = str(record.get("phase") or "planned")
+            phase = str(record.get("phase") or Phase.PLANNED)
             log.warning(
                 "recovering %s %s of %s (left at %s)", plan.kind, plan.id, plan.service, phase
             )
