@@ -45,7 +45,7 @@ from tests.conftest import ServiceProcesses, stack_config, wait_online
 NODE_TOOLS = Path(__file__).resolve().parent / "asyncapi"  # package.json + check.mjs
 NODE_MODULES = NODE_TOOLS / "node_modules"
 ASYNCAPI_3_0_SCHEMA = NODE_MODULES / "@asyncapi" / "specs" / "schemas" / "3.0.0.json"
-REQUEST_CHANNELS = ("nodeCommands", "schedulerCommands", "statestoreRequests")
+REQUEST_CHANNELS = ("nodeCommands", "schedulerCommands", "statestoreRequests", "statestoreQueries")
 NODES = ("edge-a", "edge-b")
 
 # Operations the live test does not exercise, each with the reason.

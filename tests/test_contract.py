@@ -171,3 +171,13 @@ def test_a_huge_offending_value_is_quoted_short() -> None:
     with pytest.raises(contract.ContractError) as caught:
         contract.validate(topics.app_input("s1"), {"producer": "p" * 5000, "seq": 1, "data": {}})
     assert len(str(caught.value)) < 400
+
+
+def test_the_query_topic_takes_reads_only() -> None:
+    """The operator's login writes only statestore/queries: a write op there is no query."""
+    contract.validate(topics.STATESTORE_QUERIES, {"op": "get_service", "service": "s1"})
+    with pytest.raises(contract.ContractError, match="put_service"):
+        contract.validate(topics.STATESTORE_QUERIES, {"op": "put_service", "record": {}})
+    with pytest.raises(contract.ContractError, match="service"):
+        contract.validate(topics.STATESTORE_QUERIES, {"op": "get_service"})  # as for requests
+    contract.validate(topics.STATESTORE_REQUESTS, {"op": "delete_service", "service": "s1"})

@@ -29,8 +29,9 @@ from services.cli.operator import Operator
 from services.cli.simulate import Simulator, connect_paho
 from services.common import images, topics
 from services.common.blobstore import BlobStore
-from services.common.bus import Bus, BusError, RemoteError
+from services.common.bus import Bus, BusError, RemoteError, RequestTimeout
 from services.common.config import FerryConfig, load_config
+from services.common.contract import ContractError
 from services.stack.ports import free_ports
 from tests.conftest import REPO, ServiceProcesses, stack_config, wait_online
 
@@ -365,6 +366,19 @@ async def test_acl_refuses_what_a_component_must_not_do(
         assert observer.pending() >= 1
         await asyncio.sleep(0.5)
         assert spy.pending() == 0
+
+        # The operator reads the registry but cannot write it: not on statestore/requests (the
+        # broker drops it: no answer) and not as a "query" (no such query: refused before it
+        # is sent, and by the statestore's own check of the same schema if sent anyway).
+        record = await ops.query("get_service", service=legit)
+        forged = {**record, "node": "edge-a", "instance": f"{legit}.9", "epoch": 9}
+        with pytest.raises(RequestTimeout):
+            await ops.bus.request(
+                topics.STATESTORE_REQUESTS, {"op": "put_service", "record": forged}, timeout=2
+            )
+        with pytest.raises(ContractError, match="put_service"):
+            await ops.query("put_service", record=forged)
+        assert (await ops.query("get_service", service=legit))["epoch"] == record["epoch"]
         await ops.command("stop", service=legit)
 
 

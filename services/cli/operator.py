@@ -61,7 +61,7 @@ class Operator:
 
     async def query(self, op: str, **args: Any) -> dict[str, Any]:
         payload = {"op": op, **{k: v for k, v in args.items() if v is not None}}
-        return await self.bus.request(topics.STATESTORE_REQUESTS, payload, COMMAND_TIMEOUT)
+        return await self.bus.request(topics.STATESTORE_QUERIES, payload, COMMAND_TIMEOUT)
 
     async def follow(
         self,

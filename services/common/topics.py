@@ -5,7 +5,8 @@ from __future__ import annotations
 PREFIX = "ferry/v1"
 ERRORS = f"{PREFIX}/errors"
 SCHEDULER_COMMANDS = f"{PREFIX}/scheduler/commands"
-STATESTORE_REQUESTS = f"{PREFIX}/statestore/requests"
+STATESTORE_REQUESTS = f"{PREFIX}/statestore/requests"  # reads and writes, components only
+STATESTORE_QUERIES = f"{PREFIX}/statestore/queries"  # reads only: what the operator may send
 ALL = f"{PREFIX}/#"
 
 
@@ -76,6 +77,7 @@ TEMPLATES = (
     ERRORS,
     SCHEDULER_COMMANDS,
     STATESTORE_REQUESTS,
+    STATESTORE_QUERIES,
     node_status("{node}"),
     node_heartbeat("{node}"),
     node_commands("{node}"),

@@ -119,6 +119,7 @@ class StatestoreService:
             ) as bus:
                 self.bus = bus
                 await bus.subscribe(topics.STATESTORE_REQUESTS)
+                await bus.subscribe(topics.STATESTORE_QUERIES)
                 await bus.subscribe(topics.node_status("+"))
                 await bus.subscribe(topics.node_cordon("+"))
                 await bus.subscribe(topics.migration_events("+"))
@@ -182,7 +183,7 @@ class StatestoreService:
     async def _serve(self, bus: Bus) -> None:
         async for message in bus.messages():
             try:
-                if message.topic == topics.STATESTORE_REQUESTS:
+                if message.topic in (topics.STATESTORE_REQUESTS, topics.STATESTORE_QUERIES):
                     await self._answer(bus, message)
                 elif message.topic.endswith("/events"):
                     await self._on_event(bus, message)
