@@ -38,6 +38,12 @@ NAME = re.compile(_COMMON["name"]["pattern"])
 RUNTIMES: list[str] = _COMMON["runtime"]["enum"]
 
 
+PURGE_HELP = (
+    "also forget it now: its record, checkpoints, input session (and the input queued there) "
+    "and retained state, instead of after statestore.stopped_grace"
+)
+
+
 def name_arg(value: str) -> str:
     """A service, node, app or device name (common.schema.json#/$defs/name)."""
     if not NAME.fullmatch(value):
@@ -200,16 +206,25 @@ async def cmd_upgrade(config: FerryConfig, args: argparse.Namespace) -> int:
 
 async def cmd_stop(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
-        await ops.command("stop", service=args.service)
-    console.print(f"stopped {args.service}")
+        done = await ops.command("stop", service=args.service, purge=args.purge or None)
+    console.print(f"stopped {args.service}{_purged(done)}")
     return 0
 
 
 async def cmd_rm(config: FerryConfig, args: argparse.Namespace) -> int:
     async with Operator(config) as ops:
-        await ops.command("rm", service=args.service)
-    console.print(f"removed {args.service}")
+        done = await ops.command("rm", service=args.service, purge=args.purge or None)
+    console.print(f"removed {args.service}{_purged(done)}")
     return 0
+
+
+def _purged(done: dict[str, Any]) -> str:
+    if not done.get("purged"):
+        return ""
+    return (
+        f"; purged: {done.get('checkpoints', 0)} checkpoint(s), its input session with the "
+        "input queued in it, and its retained state"
+    )
 
 
 async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
@@ -656,9 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("stop", cmd_stop, "stop a service for good")
     service(p)
+    p.add_argument("--purge", action="store_true", help=PURGE_HELP)
 
     p = add("rm", cmd_rm, "remove a stopped or failed service from the list")
     service(p)
+    p.add_argument("--purge", action="store_true", help=PURGE_HELP)
 
     p = add("bind", cmd_bind, "make a service follow a device's mobility events")
     service(p)

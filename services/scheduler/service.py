@@ -270,9 +270,16 @@ class Scheduler:
             await self.store.put_service(
                 {**record, "status": ServiceStatus.STOPPED, "node": None, "instance": None}
             )
+            purged = await self._purge(record["service"]) if command.get("purge") else {}
         finally:
             self.busy.pop(record["service"], None)
-        return {"service": record["service"], "status": ServiceStatus.STOPPED}
+        return {"service": record["service"], "status": ServiceStatus.STOPPED, **purged}
+
+    async def _purge(self, service: str) -> dict[str, Any]:
+        """Forget a stopped service now, with everything the statestore keeps of it."""
+        assert self.store is not None
+        done = await self.store.call("delete_service", service=service, purge=True)
+        return {"purged": True, "checkpoints": done.get("checkpoints", 0)}
 
     async def _cmd_rm(self, command: dict[str, Any]) -> dict[str, Any]:
         """Forget a stopped or failed service; a live one must be stopped first (its state)."""
@@ -289,10 +296,14 @@ class Scheduler:
                 # A failed guest's instance may still be listed on its node: end it there too.
                 with contextlib.suppress(RemoteError, BusError):
                     await self.executors.stop(record["node"], name, record["instance"])
-            await self.store.call("delete_service", service=name)
+            if command.get("purge"):
+                purged = await self._purge(name)
+            else:
+                purged = {}
+                await self.store.call("delete_service", service=name)
         finally:
             self.busy.pop(name, None)
-        return {"service": name, "removed": True}
+        return {"service": name, "removed": True, **purged}
 
     async def _cmd_checkpoint_now(self, command: dict[str, Any]) -> dict[str, Any]:
         """A fresh checkpoint of a serving service, taken by the node that serves it (operators

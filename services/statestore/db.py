@@ -331,11 +331,12 @@ class Database:
 
     def delete_service(self, name: str, now: int = 0) -> bool:
         """Forget a service; True if it existed. Its migrations stay as history (until the
-        retention period), its checkpoints until ``collect`` retires them after a grace."""
+        retention period), its checkpoints until ``collect`` retires them after a grace
+        counted from ``now`` (0: the next sweep, as a purge wants)."""
         with self._tx() as conn:
             conn.execute(
                 "INSERT INTO retired (service, since) VALUES (?, ?) ON CONFLICT (service) "
-                "DO NOTHING",
+                "DO UPDATE SET since = MIN(since, excluded.since)",
                 (name, now),
             )
             return conn.execute("DELETE FROM services WHERE name = ?", (name,)).rowcount > 0

@@ -406,12 +406,19 @@ class StatestoreService:
         return doc
 
     async def _op_delete_service(self, request: dict[str, Any]) -> dict[str, Any]:
-        service = request["service"]
-        existed = await self._call(self._database().delete_service, service, now_ms())
+        """Forget a service; with ``purge``, retire its checkpoints and end its input session
+        now (one sweep) instead of after ``statestore.stopped_grace``."""
+        service, purge = request["service"], bool(request.get("purge"))
+        since = 0 if purge else now_ms()
+        existed = await self._call(self._database().delete_service, service, since)
         assert self.bus is not None
         # Cleared even if it was not stored: a retained state left over is worse than none.
         await self.bus.publish(topics.service_state(service), None, retain=True)
-        return {"service": service, "deleted": existed}
+        if not purge:
+            return {"service": service, "deleted": existed}
+        swept = await self.sweep()
+        self._collect_now.set()  # its blobs go as soon as checkpoint_grace allows
+        return {"service": service, "deleted": existed, "checkpoints": swept["checkpoints"]}
 
     async def _op_record_checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
         # The record's shape is checked by the bus (statestore-request.schema.json).

@@ -19,7 +19,7 @@ import pytest
 from services.cli.operator import Operator
 from services.cli.simulate import Simulator, publish_mobility
 from services.common import topics
-from services.common.bus import Bus, now_ms
+from services.common.bus import Bus, RemoteError, now_ms
 from services.common.config import FerryConfig
 from tests.conftest import ServiceProcesses, stack_config, start_system, wait_online
 
@@ -345,3 +345,23 @@ async def test_a_guest_that_dies_is_recovered_from_its_checkpoint_with_nothing_l
     recovered = await ops.query("get_service", service=service)
     assert recovered["instance"] == f"{service}.2"
     await ops.command("stop", service=service)
+
+
+async def test_stop_purge_forgets_the_service_and_its_checkpoints_at_once(
+    system: FerryConfig, ops: Operator
+) -> None:
+    service = name("purge")
+    await deploy(ops, service)
+    simulator = Simulator(system.broker, service, devices=1, rate=50)
+    simulator.start()
+    await asyncio.sleep(1.5)  # periodic checkpoints: one a second
+    await asyncio.to_thread(simulator.finish)
+    assert (await ops.query("list_checkpoints", service=service))["checkpoints"]
+    stopped = ferry(system, "stop", service, "--purge")
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped {service}; purged:" in stopped.stdout and "checkpoint(s)" in stopped.stdout
+    with pytest.raises(RemoteError) as unknown:
+        await ops.query("get_service", service=service)
+    assert unknown.value.code == "unknown_service"
+    assert (await ops.query("list_checkpoints", service=service))["checkpoints"] == []
+    assert service not in ferry(system, "services").stdout

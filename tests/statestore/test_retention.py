@@ -210,6 +210,38 @@ async def test_a_stopped_service_loses_checkpoints_record_and_retained_state_aft
     assert await blobs.list_keys(f"checkpoints/{serving}/") == [f"checkpoints/{serving}/1.json"]
 
 
+async def test_a_purge_forgets_a_service_now_not_after_the_grace(
+    infra: FerryConfig, start: Callable[[FerryConfig], Awaitable[Any]], client: Bus
+) -> None:
+    """`ferry stop --purge`: with a day of stopped_grace, everything goes at once anyway."""
+    await start(retention(infra, stopped_grace=86400.0, collect_interval=3600.0))
+    blobs = BlobStore(infra.s3)
+    purged, kept = name("purged"), name("kept")
+    record = {"app": "counter", "runtime": "unix", "epoch": 1, "status": "stopped"}
+    for service in (purged, kept):
+        await ask(client, "put_service", record={"service": service, **record})
+        await checkpoint(client, blobs, service, 1)
+        await checkpoint(client, blobs, service, 2)
+        async with Bus(infra.broker, session_client_id(service), session_expiry=3600) as owner:
+            await owner.subscribe(topics.app_input(service))
+        await client.publish(topics.app_input(service), {"producer": "d", "seq": 1, "data": {}})
+    done = await ask(client, "delete_service", service=purged, purge=True)
+    assert done == {"service": purged, "deleted": True, "checkpoints": 2}
+    with pytest.raises(RemoteError) as info:
+        await ask(client, "latest_checkpoint", service=purged)
+    assert info.value.code == "no_checkpoint"
+    assert await queued_inputs(infra, purged) == []
+
+    async def gone() -> bool:
+        return not await blobs.list_keys(f"checkpoints/{purged}/")
+
+    await until(gone, "the purged service's objects deleted")  # checkpoint_grace is 0 here
+    # The other stopped service waits out its grace with everything it had.
+    assert (await ask(client, "get_service", service=kept))["status"] == "stopped"
+    assert len(await blobs.list_keys(f"checkpoints/{kept}/")) == 2
+    assert await queued_inputs(infra, kept) == [1]
+
+
 async def queued_inputs(infra: FerryConfig, service: str) -> list[int]:
     """Resume the service's input session (subscribing to nothing) and collect what the broker
     delivers from it: the inputs it queued, if the session still exists."""
