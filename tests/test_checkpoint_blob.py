@@ -120,3 +120,81 @@ def test_a_bad_key_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(checkpoint_blob.BlobSealError, match="cannot read"):
         checkpoint_blob.Keyring.load(tmp_path / "absent.keys")
     assert checkpoint_blob.Keyring.configured("") is None
+
+
+# -- whole-image checkpoints, sealed as streams --------------------------------------------------
+
+
+def image(tmp_path: Path, size: int = 3 * 1024 * 1024 + 17) -> tuple[Path, bytes]:
+    """A stand-in for a podman/microvm image: readable text (so plaintext would show) of a few
+    MB, more than one chunk."""
+    content = (b"STATE counter=42 producer=dev-1 " * (size // 32 + 1))[:size]
+    path = tmp_path / "image.img"
+    path.write_bytes(content)
+    return path, content
+
+
+def test_a_sealed_image_shows_no_state_and_opens_for_its_service_and_key_only(
+    tmp_path: Path, keyring: checkpoint_blob.Keyring
+) -> None:
+    source, content = image(tmp_path)
+    sealed, opened = tmp_path / "sealed", tmp_path / "opened"
+    checkpoint_blob.seal_file(source, sealed, keyring, "svc", "checkpoints/svc/m-1/1.json.img")
+    data = sealed.read_bytes()
+    assert data.startswith(checkpoint_blob.SEAL_MAGIC) and b"STATE" not in data
+    assert (
+        len(data)
+        == len(content)
+        + len(checkpoint_blob.SEAL_MAGIC)
+        + 1
+        + len(keyring.current)
+        + checkpoint_blob.NONCE_BYTES
+        + checkpoint_blob.TAG_BYTES
+    )
+    for service, key in (("other", "checkpoints/svc/m-1/1.json.img"), ("svc", "elsewhere.img")):
+        with pytest.raises(checkpoint_blob.BlobSealError, match="does not open"):
+            checkpoint_blob.open_file(
+                sealed, opened, keyring=keyring, service=service, object_key=key
+            )
+        assert not opened.exists() and not list(tmp_path.glob("*.partial"))
+    checkpoint_blob.open_file(
+        sealed, opened, keyring=keyring, service="svc", object_key="checkpoints/svc/m-1/1.json.img"
+    )
+    assert opened.read_bytes() == content
+
+
+def test_an_altered_or_truncated_image_does_not_open(
+    tmp_path: Path, keyring: checkpoint_blob.Keyring
+) -> None:
+    source, _ = image(tmp_path)
+    sealed, opened = tmp_path / "sealed", tmp_path / "opened"
+    checkpoint_blob.seal_file(source, sealed, keyring, "svc", "k.img")
+    data = bytearray(sealed.read_bytes())
+    data[len(data) // 2] ^= 1
+    sealed.write_bytes(bytes(data))
+    with pytest.raises(checkpoint_blob.BlobSealError, match="altered"):
+        checkpoint_blob.open_file(
+            sealed, opened, keyring=keyring, service="svc", object_key="k.img"
+        )
+    sealed.write_bytes(bytes(data[:20]))
+    with pytest.raises(checkpoint_blob.BlobSealError, match="truncated"):
+        checkpoint_blob.open_file(
+            sealed, opened, keyring=keyring, service="svc", object_key="k.img"
+        )
+    assert not opened.exists()
+
+
+def test_an_image_sealed_under_an_unknown_key_or_unsealed_is_refused_clearly(
+    tmp_path: Path, keyring: checkpoint_blob.Keyring
+) -> None:
+    source, content = image(tmp_path, 1000)
+    sealed, opened = tmp_path / "sealed", tmp_path / "opened"
+    checkpoint_blob.seal_file(source, sealed, keyring, "svc", "k.img")
+    with pytest.raises(checkpoint_blob.SealKeyMissing, match=keyring.current):
+        checkpoint_blob.open_file(sealed, opened, keyring=None, service="svc", object_key="k.img")
+    with pytest.raises(checkpoint_blob.BlobSealError, match="not sealed"):
+        checkpoint_blob.open_file(source, opened, keyring=keyring, service="svc", object_key="k")
+    checkpoint_blob.open_file(
+        source, opened, keyring=keyring, service="svc", object_key="k", allow_unsealed=True
+    )
+    assert opened.read_bytes() == content

@@ -14,6 +14,10 @@ Sealed blobs (when a keyring is given): the packed blob encrypted and authentica
 The associated data binds the blob to its service and its S3 key: a blob of service P restored
 into service V, or copied to another key, does not open. A reader of the bucket sees ciphertext.
 Layout: ``SEAL_MAGIC | len(key id) | key id | 12-byte nonce | ciphertext+tag``.
+
+Whole-image checkpoints (podman, microvm-snapshot: files of MBs to GBs) are sealed the same way,
+in the same layout, but streamed in chunks (``seal_file`` / ``open_file``): AES-GCM is the same
+cipher whether fed at once or in pieces, so a sealed image is as bound to its service and key.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import zstandard
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 COMPRESS_ABOVE = 1024
@@ -36,6 +41,8 @@ MAX_DOCUMENT = 64 * 1024 * 1024  # far above the 16 MiB channel frame: a bound, 
 
 SEAL_MAGIC = b"FERRYSEAL1"
 NONCE_BYTES = 12
+TAG_BYTES = 16
+FILE_CHUNK = 1024 * 1024
 
 
 class BlobFormatError(ValueError):
@@ -188,3 +195,78 @@ def _compressed_document(blob: bytes) -> bytes:
         return zstandard.ZstdDecompressor().decompress(blob, max_output_size=MAX_DOCUMENT)
     except zstandard.ZstdError as exc:
         raise BlobFormatError(f"checkpoint blob is not a valid zstd frame: {exc}") from exc
+
+
+def seal_file(source: Path, target: Path, keyring: Keyring, service: str, object_key: str) -> None:
+    """Write ``source`` (a whole-image checkpoint) sealed to ``target``, in ``pack``'s layout."""
+    key_id = keyring.current.encode()
+    header = SEAL_MAGIC + bytes([len(key_id)]) + key_id
+    nonce = os.urandom(NONCE_BYTES)
+    encryptor = Cipher(algorithms.AES(keyring.keys[keyring.current]), modes.GCM(nonce)).encryptor()
+    encryptor.authenticate_additional_data(_associated_data(header, service, object_key))
+    with source.open("rb") as plain, target.open("wb") as out:
+        out.write(header + nonce)
+        while chunk := plain.read(FILE_CHUNK):
+            out.write(encryptor.update(chunk))
+        out.write(encryptor.finalize() + encryptor.tag)
+
+
+def open_file(
+    source: Path,
+    target: Path,
+    *,
+    keyring: Keyring | None,
+    service: str,
+    object_key: str,
+    allow_unsealed: bool = False,
+) -> None:
+    """Write the image sealed in ``source`` to ``target``; nothing is left at ``target`` unless
+    it opened (right key, service and S3 key, not altered). Unsealed: as ``unpack`` decides."""
+    with source.open("rb") as sealed:
+        head = sealed.read(len(SEAL_MAGIC) + 1)
+        if not head.startswith(SEAL_MAGIC):
+            if keyring is not None and not allow_unsealed:
+                raise BlobSealError(
+                    "checkpoint image is not sealed, and this executor accepts sealed blobs only "
+                    "(executor.allow_unsealed_checkpoints)"
+                )
+            source.replace(target)
+            return
+        key_id_bytes = sealed.read(head[-1])
+        key_id = key_id_bytes.decode("ascii", "replace")
+        nonce = sealed.read(NONCE_BYTES)
+        body_start = sealed.tell()
+        body_end = sealed.seek(0, os.SEEK_END) - TAG_BYTES
+        if len(nonce) != NONCE_BYTES or body_end < body_start:
+            raise BlobSealError("sealed checkpoint image is truncated")
+        if keyring is None:
+            raise SealKeyMissing(key_id, "this process (no executor.checkpoint_key_file)")
+        key = keyring.keys.get(key_id)
+        if key is None:
+            raise SealKeyMissing(key_id, keyring.source)
+        sealed.seek(body_end)
+        tag = sealed.read(TAG_BYTES)
+        decryptor = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
+        decryptor.authenticate_additional_data(
+            _associated_data(head + key_id_bytes, service, object_key)
+        )
+        partial = target.with_name(target.name + ".partial")
+        sealed.seek(body_start)
+        try:
+            with partial.open("wb") as out:
+                left = body_end - body_start
+                while left > 0:
+                    chunk = sealed.read(min(FILE_CHUNK, left))
+                    left -= len(chunk)
+                    out.write(decryptor.update(chunk))
+                out.write(decryptor.finalize())
+        except InvalidTag:
+            partial.unlink(missing_ok=True)
+            raise BlobSealError(
+                f"sealed checkpoint image does not open for service {service!r} at "
+                f"{object_key!r}: it was sealed for another service or S3 key, or has been altered"
+            ) from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    partial.replace(target)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -322,8 +323,8 @@ class Executor:
         bound = min(self.config.s3.timeout, self.config.executor.pause_timeout / 2)
         try:
             if checkpoint.image_file is not None:
-                key = self._checkpoint_key(instance, migration)
-                upload = self.store.put_file(f"{key}.img", checkpoint.image_file)
+                key = f"{self._checkpoint_key(instance, migration)}.img"
+                upload = self._upload_image(instance, key, checkpoint.image_file)
             else:
                 assert checkpoint.document is not None
                 upload = self.upload(instance, checkpoint.document, migration)
@@ -549,13 +550,47 @@ class Executor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _upload_image(self, instance: Instance, key: str, image_file: Path) -> BlobRef:
+        """Store a whole-image checkpoint, sealed (streamed through AES-GCM) when the node
+        holds checkpoint keys, like every document checkpoint."""
+        if self.keyring is None:
+            return await self.store.put_file(key, image_file)
+        sealed = image_file.with_name(image_file.name + ".sealed")
+        try:
+            await asyncio.to_thread(
+                checkpoint_blob.seal_file, image_file, sealed, self.keyring, instance.service, key
+            )
+            return await self.store.put_file(key, sealed)
+        finally:
+            sealed.unlink(missing_ok=True)
+
+    async def _fetch_image(self, instance: Instance, ref: BlobRef) -> Path:
+        """Fetch a whole-image checkpoint and open its seal; returns the image file."""
+        image_file = instance.spec.workdir / "incoming.img"
+        fetched = image_file.with_name(image_file.name + ".sealed")
+        await self.store.get_file(ref, fetched)
+        try:
+            await asyncio.to_thread(
+                functools.partial(
+                    checkpoint_blob.open_file,
+                    fetched,
+                    image_file,
+                    keyring=self.keyring,
+                    service=instance.service,
+                    object_key=ref.key,
+                    allow_unsealed=self.config.executor.allow_unsealed_checkpoints,
+                )
+            )
+        finally:
+            fetched.unlink(missing_ok=True)
+        return image_file
+
     async def _cmd_restore(self, command: dict[str, Any]) -> dict[str, Any]:
         instance = self._instance(command)
         ref = BlobRef.from_dict(command["checkpoint"])
         started = time.perf_counter()
         if instance.runtime.whole_image:
-            image_file = instance.spec.workdir / "incoming.img"
-            await self.store.get_file(ref, image_file)
+            image_file = await self._fetch_image(instance, ref)
             fetched = time.perf_counter()
             fetched_at = time.time() * 1000
             resumed_at = await instance.restore_image(image_file)

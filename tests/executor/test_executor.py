@@ -166,6 +166,10 @@ async def test_steady_input_during_migration_loses_and_duplicates_nothing(
     assert report.sent >= 500
     assert report.lost == [] and report.duplicated == []
     assert set(report.nodes) == {"edge-a", "edge-b"}
+    # What S3 holds is sealed, a whole image (podman, microvm-snapshot) as much as a document.
+    stored = await BlobStore(config.s3).get_bytes(BlobRef.from_dict(checkpoint["checkpoint"]))
+    assert stored.startswith(checkpoint_blob.SEAL_MAGIC)
+    assert b"dev-1" not in stored
 
 
 async def test_corrupt_or_missing_blob_and_unknown_instance_leave_the_source_resumable(
