@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 
-from services.common import topics
+from services.common import tls, topics
 from services.common.config import BrokerConfig
 
 
@@ -332,15 +332,24 @@ def connect_paho(
         answered.set()
 
     client.on_connect = on_connect
+    context = tls.broker_context(broker)
+    if context is not None:
+        client.tls_set_context(context)
     where = f"MQTT broker {broker.host}:{broker.port}"
     login = broker.username or "anonymous"
     try:
         client.connect(broker.host, broker.port, keepalive=30)
     except OSError as exc:
+        if tls.is_tls_failure(str(exc)):
+            raise ConnectionError(
+                f"TLS with {where} failed: {exc}; check broker.tls_ca and broker.tls_cert/tls_key"
+            ) from exc
         raise ConnectionError(f"{where} unreachable: {exc}") from exc
     client.loop_start()
     if not answered.wait(timeout) or reasons[0].is_failure:
         client.loop_stop()
         reason = reasons[0] if reasons else f"no answer in {timeout:g} s"
+        if not reasons and context is not None:
+            reason = f"{reason} (a broker requiring a client certificate drops one it refuses)"
         raise ConnectionError(f"{where} refused {client_id!r} logging in as {login!r}: {reason}")
     return client

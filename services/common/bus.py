@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from services.common import contract, topics
+from services.common import contract, tls, topics
 from services.common.config import BrokerConfig
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,8 @@ class Bus:
         self._background: set[asyncio.Task[None]] = set()
         #: PUBACKs ``publish_many`` waits for on the current connection, by message id.
         self._acks: dict[int, tuple[_Batch, int]] = {}
+        #: Built once (TLSError here names the bad file before any connection is tried).
+        self._tls = tls.broker_context(broker)
 
     async def __aenter__(self) -> Bus:
         await self._connect()
@@ -203,6 +205,7 @@ class Bus:
             # paho leaves Nagle on: a reply queued behind an unacknowledged segment would wait
             # for the broker's delayed ACK (~40 ms), straight into a migration's downtime.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            tls_context=self._tls,
         )
         # Many requests in flight at once is normal here (16 parallel migrations): not a warning.
         client.pending_calls_threshold = 1000
@@ -230,7 +233,9 @@ class Bus:
     async def _connect(self) -> None:
         retrying = AsyncRetrying(
             retry=retry_if_exception(
-                lambda exc: isinstance(exc, aiomqtt.MqttError) and not _login_refused(exc)
+                lambda exc: isinstance(exc, aiomqtt.MqttError)
+                and not _login_refused(exc)
+                and not tls.is_tls_failure(str(exc))
             ),
             wait=wait_exponential(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self._connect_timeout),
@@ -248,6 +253,12 @@ class Bus:
                 raise BusError(
                     f"MQTT broker {self.broker.host}:{self.broker.port} refused {self.client_id!r} "
                     f"logging in as {user!r}: {exc}; check broker.username and broker.password"
+                ) from exc
+            if tls.is_tls_failure(str(exc)):
+                raise BusError(
+                    f"TLS with MQTT broker {self.broker.host}:{self.broker.port} failed for "
+                    f"{self.client_id!r}: {exc}; check broker.tls_ca (the broker's CA) and "
+                    "broker.tls_cert/tls_key (a client certificate the broker's CA signed)"
                 ) from exc
             raise BusError(
                 f"cannot connect to MQTT broker {self.broker.host}:{self.broker.port} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+from dataclasses import dataclass
 from pathlib import Path
 
 # Why these limits (README "Broker durability" has the measurements):
@@ -31,6 +32,25 @@ AUTOSAVE_ON_CHANGES = True
 AUTOSAVE_INTERVAL = 100
 
 
+@dataclass(frozen=True)
+class ListenerTLS:
+    """The listener's certificate and key, and the CA its clients' certificates must chain to
+    (``require_certificate``: mutual TLS, a client without one is refused in the handshake)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = True
+
+    def lines(self) -> str:
+        return (
+            f"cafile {self.cafile}\n"
+            f"certfile {self.certfile}\n"
+            f"keyfile {self.keyfile}\n"
+            f"require_certificate {'true' if self.require_certificate else 'false'}\n"
+        )
+
+
 def write_config(
     conf_dir: Path,
     host: str,
@@ -39,6 +59,7 @@ def write_config(
     *,
     autosave_on_changes: bool = AUTOSAVE_ON_CHANGES,
     autosave_interval: int = AUTOSAVE_INTERVAL,
+    tls: ListenerTLS | None = None,
 ) -> Path:
     """Write ``mosquitto.conf`` with persistence under ``conf_dir``; returns its path.
 
@@ -46,6 +67,7 @@ def write_config(
     block-buffers stdout); give it the file its stdout goes to, so start-up errors printed
     before the log is opened land in the same place. ``autosave_interval`` comes from
     ``stack.broker_autosave``; ``bench/broker_persistence.py`` measures the alternatives.
+    With ``tls`` the one listener serves MQTT over TLS only (no plaintext port at all).
     """
     data = conf_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -53,7 +75,8 @@ def write_config(
     conf.write_text(
         "# Written by `ferry up`; rewritten on every start.\n"
         f"listener {port} {host}\n"
-        "allow_anonymous true\n"
+        + (tls.lines() if tls is not None else "")
+        + "allow_anonymous true\n"
         "persistence true\n"
         f"persistence_location {data}\n"
         f"autosave_on_changes {'true' if autosave_on_changes else 'false'}\n"

@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.common import checkpoint_blob
+from services.common import checkpoint_blob, tls
 from services.common import config as config_module
 from services.common.config import FerryConfig
-from services.stack import memcached, mosquitto, mqtt, state, swift
+from services.stack import memcached, mosquitto, mqtt, pki, state, swift
 from services.stack.errors import StackError
 from services.stack.ferry_services import ServiceSpec, default_services
 from services.stack.ports import free_ports, port_is_free, split_endpoint
@@ -45,6 +45,10 @@ PORT_NAMES = ("memcached", "swift-account", "swift-container", "swift-object", "
 POLL_INTERVAL = 0.1
 #: Prometheus file_sd targets (``file_sd_configs``) of the Ferry services, written by ``up``.
 METRICS_TARGETS = "prometheus-targets.json"
+#: Under the stack's dir: the local CA, the server pair and a client pair per component.
+TLS_DIR = "tls"
+#: The client certificate of ``ferry.toml`` itself: the CLI, the simulator, the stack's checks.
+OPERATOR = "operator"
 
 #: ``Stack(die_with_parent=None)`` means this; the test suite sets it so no test stack outlives
 #: a killed test run.
@@ -140,6 +144,10 @@ class Stack:
             self._refuse_if_running()
             ports = self._choose_ports()
             resolved = self._resolve(ports)
+            if resolved.stack.tls:
+                started_pki = time.monotonic()
+                self._pki(resolved, [OPERATOR])
+                say(f"tls: certificates ready in {time.monotonic() - started_pki:.2f} s")
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.config_path.write_text(resolved.to_toml())
             record = StackState(started_at=_now(), ports=ports)
@@ -205,8 +213,18 @@ class Stack:
         chosen = dict(zip(wanted, free_ports(host, len(wanted)), strict=True))
         return {name: fixed.get(name) or chosen[name] for name in PORT_NAMES}
 
+    def _pki(self, cfg: FerryConfig, clients: Sequence[str]) -> pki.LocalPKI:
+        """The stack's CA, server pair and the named client pairs, made where missing."""
+        return pki.ensure(self._dir / TLS_DIR, [cfg.stack.host], clients)
+
+    def _tls_paths(self, client: str) -> tuple[str, str, str]:
+        """CA, certificate and key file of ``client`` (``pki.ensure`` makes them there)."""
+        pair = pki.pair(self._dir / TLS_DIR, client)
+        return str(pki.ca_path(self._dir / TLS_DIR)), str(pair.cert), str(pair.key)
+
     def _resolve(self, ports: Mapping[str, int]) -> FerryConfig:
-        """The configuration as the running stack sees it: absolute dir, chosen ports."""
+        """The configuration as the running stack sees it: absolute dir, chosen ports, and
+        the TLS files (``stack.tls``) or plaintext everywhere."""
         cfg = self._config
         host = cfg.stack.host
         s3_host = f"[{host}]" if ":" in host else host
@@ -218,12 +236,24 @@ class Stack:
                 self._dir.mkdir(parents=True, exist_ok=True)
                 checkpoint_blob.Keyring.create(keys)
             executor = dataclasses.replace(executor, checkpoint_key_file=str(keys))
+        if cfg.stack.tls:
+            ca, cert, key = self._tls_paths(OPERATOR)
+            broker_tls: dict[str, Any] = {
+                "tls": True,
+                "tls_ca": ca,
+                "tls_cert": cert,
+                "tls_key": key,
+            }
+            s3_tls: dict[str, Any] = {"secure": True, "ca": ca}
+        else:
+            broker_tls = {"tls": False, "tls_ca": "", "tls_cert": "", "tls_key": ""}
+            s3_tls = {"secure": False, "ca": ""}
         return dataclasses.replace(
             cfg,
             executor=executor,
             stack=dataclasses.replace(cfg.stack, dir=self._dir),
-            broker=dataclasses.replace(cfg.broker, host=host, port=ports["broker"]),
-            s3=dataclasses.replace(cfg.s3, endpoint=f"{s3_host}:{ports['s3']}"),
+            broker=dataclasses.replace(cfg.broker, host=host, port=ports["broker"], **broker_tls),
+            s3=dataclasses.replace(cfg.s3, endpoint=f"{s3_host}:{ports['s3']}", **s3_tls),
             source=self.config_path,
         )
 
@@ -257,8 +287,16 @@ class Stack:
         host = cfg.stack.host
         swift_dir = self._dir / "swift"
         swift_dir.mkdir(parents=True, exist_ok=True)
+        server: pki.Pair | None = None
+        listener: mosquitto.ListenerTLS | None = None
+        if cfg.stack.tls:
+            made = self._pki(cfg, [])
+            server = made.server
+            # Mutual TLS: the broker refuses, in the handshake, any client without a
+            # certificate from this CA (S3 keeps its logins: Swift's proxy cannot ask for one).
+            listener = mosquitto.ListenerTLS(made.ca, made.server.cert, made.server.key)
         confs = swift.write_configs(
-            swift_dir, host, _swift_ports(ports), f"{host}:{ports['memcached']}", cfg.s3
+            swift_dir, host, _swift_ports(ports), f"{host}:{ports['memcached']}", cfg.s3, server
         )
         broker_conf = mosquitto.write_config(
             self._dir / "mosquitto",
@@ -266,6 +304,7 @@ class Stack:
             ports["broker"],
             self.log_dir / "mosquitto.log",
             autosave_interval=max(1, cfg.stack.broker_autosave),
+            tls=listener,
         )
         probes = self._infra_probes(cfg, ports, create_bucket=True)
         parts = [
@@ -291,13 +330,16 @@ class Stack:
         self, cfg: FerryConfig, ports: Mapping[str, int], create_bucket: bool
     ) -> dict[str, Prober]:
         host = cfg.stack.host
+        broker_tls = tls.broker_context(cfg.broker)
 
         def storage(name: str) -> Prober:
             return lambda: swift.probe_storage(host, ports[name])
 
         probes: dict[str, Prober] = {
             "memcached": lambda: memcached.probe(host, ports["memcached"]),
-            "mosquitto": lambda: asyncio.to_thread(mqtt.round_trip, host, ports["broker"]),
+            "mosquitto": lambda: asyncio.to_thread(
+                mqtt.round_trip, host, ports["broker"], tls=broker_tls
+            ),
             "swift-proxy": lambda: swift.probe_proxy(host, ports["s3"], cfg.s3, create_bucket),
         }
         probes.update({name: storage(name) for name in SWIFT_PARTS if name != "swift-proxy"})
@@ -319,9 +361,10 @@ class Stack:
         topics = [spec.status_topic for spec in specs]
         record.status_topics.update({spec.name: spec.status_topic for spec in specs})
         broker = (cfg.broker.host, cfg.broker.port)
-        watcher = mqtt.StatusWatcher(*broker, topics)
+        context = tls.broker_context(cfg.broker)
+        watcher = mqtt.StatusWatcher(*broker, topics, tls=context)
         try:
-            await asyncio.to_thread(mqtt.clear_retained, *broker, topics)
+            await asyncio.to_thread(mqtt.clear_retained, *broker, topics, tls=context)
             await watcher.start()
         except (OSError, TimeoutError) as exc:
             await watcher.close()
@@ -330,11 +373,11 @@ class Stack:
                 "mosquitto", f"lost the broker before services started ({exc!r})", log, tail(log)
             ) from exc
         try:
-            env = {"PYTHONUNBUFFERED": "1"}
             waits: list[asyncio.Task[ComponentStatus]] = []
             try:
                 for spec in specs:
                     probe = _status_probe(watcher, spec.status_topic)
+                    env = {"PYTHONUNBUFFERED": "1", **self._client_cert_env(cfg, spec.name)}
                     part = _Part(spec.name, list(spec.argv), probe, env)
                     waits.append(self._start_part(part, record, say))
             except BaseException:
@@ -343,6 +386,17 @@ class Stack:
             return await _all_or_first_error(waits)
         finally:
             await watcher.close()
+
+    def _client_cert_env(self, cfg: FerryConfig, component: str) -> dict[str, str]:
+        """A component's own client certificate (its CN is the component's name), given as
+        the environment overrides of ``broker.tls_cert``/``tls_key`` over ``ferry.toml``."""
+        if not cfg.stack.tls:
+            return {}
+        pair = self._pki(cfg, [component]).clients[component]
+        return {
+            f"{config_module.ENV_PREFIX}BROKER__TLS_CERT": str(pair.cert),
+            f"{config_module.ENV_PREFIX}BROKER__TLS_KEY": str(pair.key),
+        }
 
     def _with_metrics(
         self, cfg: FerryConfig, specs: list[ServiceSpec], record: StackState, say: Progress
@@ -513,7 +567,12 @@ class Stack:
         watcher: mqtt.StatusWatcher | None = None
         topics = list(record.status_topics.values())
         if topics:
-            watcher = mqtt.StatusWatcher(resolved.broker.host, resolved.broker.port, topics)
+            watcher = mqtt.StatusWatcher(
+                resolved.broker.host,
+                resolved.broker.port,
+                topics,
+                tls=tls.broker_context(resolved.broker),
+            )
             try:
                 await watcher.start(timeout=2.0)
                 await _settle(watcher, topics)

@@ -1,0 +1,92 @@
+"""TLS contexts for the broker link (MQTT over TLS, optionally mutual) and the S3 link (https).
+
+Why one module: the bus (aiomqtt), every paho client (CLI, simulator, the stack's own checks)
+and the minio client must verify the same CA and present the same client certificate, and a
+missing or unreadable file must be one clear ``TLSError`` naming the config key, raised before
+any connection is tried, not a traceback from inside a library.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+from services.common.config import BrokerConfig, ConfigError, S3Config
+
+
+class TLSError(ConfigError):
+    """A CA, certificate or key named by the configuration is missing or unusable."""
+
+
+def broker_context(broker: BrokerConfig) -> ssl.SSLContext | None:
+    """The client context for ``broker`` (None: plaintext MQTT).
+
+    ``tls_ca`` empty means the system's CA store; ``tls_cert``/``tls_key`` are this process's
+    certificate for a broker that requires one (mutual TLS).
+    """
+    if not broker.tls:
+        if broker.tls_cert or broker.tls_key:
+            raise TLSError("broker.tls_cert/tls_key are set but broker.tls is false")
+        return None
+    return client_context(
+        broker.tls_ca, broker.tls_cert, broker.tls_key, keys=("broker.tls_ca", "broker.tls_cert")
+    )
+
+
+def s3_context(s3: S3Config) -> ssl.SSLContext | None:
+    """The client context for the S3 store (None: plain http)."""
+    if not s3.secure:
+        if s3.ca:
+            raise TLSError("s3.ca is set but s3.secure is false")
+        return None
+    return client_context(s3.ca, "", "", keys=("s3.ca", ""))
+
+
+def urllib3_options(s3: S3Config) -> dict[str, Any]:
+    """Keyword arguments for the ``urllib3.PoolManager`` of a minio client: verified https
+    with ``s3.ca`` when ``s3.secure`` (pooled keep-alive connections as before)."""
+    context = s3_context(s3)
+    if context is None:
+        return {}
+    return {"cert_reqs": "CERT_REQUIRED", "ssl_context": context}
+
+
+def client_context(
+    ca: str, cert: str, key: str, *, keys: tuple[str, str] = ("ca", "cert")
+) -> ssl.SSLContext:
+    """A verifying client context (hostname checked, TLS 1.2 at least)."""
+    ca_key, cert_key = keys
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca:
+        _readable(ca, ca_key)
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise TLSError(f"{ca_key} = {ca!r}: not a PEM CA certificate ({exc.reason})") from None
+    if cert or key:
+        if not (cert and key):
+            raise TLSError(f"{cert_key} and its key must be given together (got only one)")
+        _readable(cert, cert_key)
+        _readable(key, cert_key.replace("cert", "key"))
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise TLSError(
+                f"{cert_key} = {cert!r} with key {key!r}: unusable ({exc.reason or exc})"
+            ) from None
+    return context
+
+
+def _readable(path: str, key: str) -> None:
+    try:
+        Path(path).read_bytes()
+    except OSError as exc:
+        raise TLSError(f"{key} = {path!r}: cannot read it ({exc.strerror or exc})") from None
+
+
+def is_tls_failure(text: str) -> bool:
+    """Whether an error message (aiomqtt keeps only the text) is a TLS failure no retry fixes:
+    a certificate that does not verify, an alert from a peer that refused ours."""
+    return "[SSL" in text or "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower()
