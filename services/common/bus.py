@@ -233,9 +233,11 @@ class Bus:
     async def _connect(self) -> None:
         retrying = AsyncRetrying(
             retry=retry_if_exception(
-                lambda exc: isinstance(exc, aiomqtt.MqttError)
-                and not _login_refused(exc)
-                and not tls.is_tls_failure(str(exc))
+                lambda exc: (
+                    isinstance(exc, aiomqtt.MqttError)
+                    and not _login_refused(exc)
+                    and not tls.is_tls_failure(str(exc))
+                )
             ),
             wait=wait_exponential(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self._connect_timeout),
