@@ -30,6 +30,7 @@ from typing import Any
 import aiomqtt
 import orjson
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_LOG_ERR
 from paho.mqtt.client import error_string as mqtt_error
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -228,6 +229,16 @@ class Bus:
                 aiomqtt_on_publish(paho, userdata, mid, reason, props)
 
         client._client.on_publish = on_publish
+        loop = asyncio.get_running_loop()
+
+        def on_log(paho: Any, userdata: Any, level: int, text: str) -> None:
+            # A broker that refuses our certificate (TLS 1.3: after the handshake) or a TLS
+            # listener reading our plaintext drops the connection before CONNACK; aiomqtt would
+            # only time out. Fail the connect now, saying why. Removed once connected.
+            if level == MQTT_LOG_ERR and text.startswith("failed to receive on socket"):
+                loop.call_soon_threadsafe(_fail_connect, client, text)
+
+        client._client.on_log = on_log
         return client
 
     async def _connect(self) -> None:
@@ -248,6 +259,7 @@ class Bus:
                 with attempt:
                     client = self._new_client()
                     await client.__aenter__()
+                    client._client.on_log = None  # paho formats every debug line for it
                     _speed_up(client)
         except aiomqtt.MqttError as exc:
             if _login_refused(exc):
@@ -718,6 +730,21 @@ def _speed_up(client: aiomqtt.Client) -> None:
         and hasattr(socket, "TCP_CORK")
     ):
         paho._sock = _FastSocket(sock, asyncio.get_running_loop())
+
+
+def _fail_connect(client: aiomqtt.Client, text: str) -> None:
+    """End a connect that lost its connection before CONNACK, with paho's reason."""
+    if client._connected.done():
+        return
+    reason = text.removeprefix("failed to receive on socket: ")
+    if tls.is_tls_failure(reason):
+        message = f"the broker refused the TLS handshake: {reason}"
+    else:
+        message = (
+            f"connection lost before CONNACK ({reason}); a TLS-only listener drops a plaintext "
+            "client (broker.tls)"
+        )
+    client._connected.set_exception(aiomqtt.MqttError(message))
 
 
 def _login_refused(exc: BaseException) -> bool:
