@@ -43,11 +43,15 @@ class ListenerTLS:
     require_certificate: bool = True
 
     def lines(self) -> str:
+        # With client certificates, the certificate's CN is the client's username: an identity
+        # the client cannot choose (an ACL's %u can rely on it), and the log names who connected.
+        mutual = "true" if self.require_certificate else "false"
         return (
             f"cafile {self.cafile}\n"
             f"certfile {self.certfile}\n"
             f"keyfile {self.keyfile}\n"
-            f"require_certificate {'true' if self.require_certificate else 'false'}\n"
+            f"require_certificate {mutual}\n"
+            f"use_identity_as_username {mutual}\n"
         )
 
 
