@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,3 +228,26 @@ def _write(pair: Pair, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) 
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python services/stack/pki.py DIR --host H ... --client NAME ...``: the same PKI for a
+    deployment (``deploy/mosquitto/credentials.sh`` calls it); prints what it wrote."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="pki.py", description=__doc__)
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--host", action="append", default=[], help="a name of the server")
+    parser.add_argument("--client", action="append", default=[], help="a client certificate")
+    args = parser.parse_args(argv)
+    try:
+        made = ensure(args.dir, args.host, args.client)
+    except (OSError, ValueError) as exc:
+        print(f"pki: {exc}", file=sys.stderr)
+        return 1
+    print(f"pki: CA {made.ca}, server {made.server.cert}, {len(made.clients)} client certificates")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
