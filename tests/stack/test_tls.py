@@ -260,3 +260,25 @@ def test_pki_keeps_what_is_valid_and_reissues_what_is_missing_or_expiring(
     new_ca = x509.load_pem_x509_certificate(first.ca.read_bytes())
     leaf = x509.load_pem_x509_certificate(first.clients["scheduler"].cert.read_bytes())
     leaf.verify_directly_issued_by(new_ca)
+
+
+def test_one_context_per_set_of_files_until_they_change(tmp_path: Path) -> None:
+    """Building a context costs tens of ms (an executor builds a Bus per instance, inside a
+    migration's downtime): clients naming the same unchanged files share one."""
+    from services.common import tls
+
+    made = pki.ensure(tmp_path, [], ["scheduler"])
+    pair = made.clients["scheduler"]
+    broker = load_config(
+        env={
+            "FERRY_BROKER__TLS": "true",
+            "FERRY_BROKER__TLS_CA": str(made.ca),
+            "FERRY_BROKER__TLS_CERT": str(pair.cert),
+            "FERRY_BROKER__TLS_KEY": str(pair.key),
+        }
+    ).broker
+    first = tls.broker_context(broker)
+    assert first is not None and tls.broker_context(broker) is first
+    pair.cert.unlink()
+    pki.ensure(tmp_path, [], ["scheduler"])  # re-issued: a new key and certificate
+    assert tls.broker_context(broker) is not first
