@@ -260,6 +260,10 @@ class Bus:
                     client = self._new_client()
                     await client.__aenter__()
                     client._client.on_log = None  # paho formats every debug line for it
+                    if isinstance(self._tls, tls.ResumingContext):
+                        # CONNACK came after the server's session ticket: the next connect
+                        # (the next instance's input session) resumes this session.
+                        self._tls.remember(client._client._sock)
                     _speed_up(client)
         except aiomqtt.MqttError as exc:
             if _login_refused(exc):

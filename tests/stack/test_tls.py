@@ -100,6 +100,23 @@ async def test_each_component_logs_in_with_a_certificate_of_its_own(tls_stack: S
         assert f"u'{component}'" in log, component
 
 
+async def test_a_reconnect_resumes_the_tls_session_and_keeps_its_identity(
+    tls_stack: StackInfo,
+) -> None:
+    """An executor connects once per instance it starts (inside a migration's downtime): the
+    second connection of a process resumes the first one's session (about half the cost of a
+    full handshake) and the broker still knows it by its certificate."""
+    broker = tls_stack.config.broker
+    async with Bus(broker, "test-first"):
+        pass
+    second = f"test-second-{uuid.uuid4().hex[:5]}"
+    async with Bus(broker, second) as bus:
+        assert bus._client is not None
+        assert bus._client._client._sock.session_reused
+    log = (tls_stack.dir / "logs" / "mosquitto.log").read_text()
+    assert f"as {second} (p5, c1, k30, u'operator')" in log
+
+
 # -- the broker refuses what it must -----------------------------------------------------------
 
 
