@@ -82,4 +82,13 @@ for host in ${FERRY_TLS_HOSTS:-}; do hosts+=(--host "$host"); done
 clients=()
 for user in $(users_of "$here/acl") $(users_of "$here/acl-devices"); do clients+=(--client "$user"); done
 "$python" "$here/../../services/stack/pki.py" "$out/tls" "${hosts[@]}" "${clients[@]}"
+# Certificates are public; keys stay 0600. Mosquitto drops root right after reading its config,
+# before it opens the listeners' files, so the broker image's user (mosquitto, uid 1883) must
+# own the server key (MinIO's container runs as root and reads it anyway).
+chmod 644 "$out"/tls/*.pem
+if [[ $(id -u) == 0 ]]; then
+  chown 1883:1883 "$out/tls/server.key"
+else
+  echo "credentials: run as root, or chown 1883 $out/tls/server.key for the Mosquitto image"
+fi
 echo "credentials: wrote $out ($(ls "$out" | wc -l) files)"
