@@ -236,7 +236,7 @@ class Bus:
             # listener reading our plaintext drops the connection before CONNACK; aiomqtt would
             # only time out. Fail the connect now, saying why. Removed once connected.
             if level == MQTT_LOG_ERR and text.startswith("failed to receive on socket"):
-                loop.call_soon_threadsafe(_fail_connect, client, text)
+                loop.call_soon_threadsafe(_fail_connect, client, text, self._tls is not None)
 
         client._client.on_log = on_log
         return client
@@ -736,13 +736,15 @@ def _speed_up(client: aiomqtt.Client) -> None:
         paho._sock = _FastSocket(sock, asyncio.get_running_loop())
 
 
-def _fail_connect(client: aiomqtt.Client, text: str) -> None:
+def _fail_connect(client: aiomqtt.Client, text: str, over_tls: bool) -> None:
     """End a connect that lost its connection before CONNACK, with paho's reason."""
     if client._connected.done():
         return
     reason = text.removeprefix("failed to receive on socket: ")
     if tls.is_tls_failure(reason):
         message = f"the broker refused the TLS handshake: {reason}"
+    elif over_tls:
+        message = f"connection lost before CONNACK ({reason})"
     else:
         message = (
             f"connection lost before CONNACK ({reason}); a TLS-only listener drops a plaintext "
