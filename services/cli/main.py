@@ -572,14 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="tls",
         action="store_false",
         default=None,
-        help="plaintext MQTT and S3, no certificates (debugging only; kept in the stack's "
-        "ferry.toml until `ferry up --tls`)",
+        help="plaintext MQTT and S3, no certificates, logins or ACL (debugging only; kept in "
+        "the stack's ferry.toml until `ferry up --tls`)",
     )
     tls_choice.add_argument(
         "--tls",
         dest="tls",
         action="store_true",
-        help="MQTT over mutual TLS and S3 over https from the stack's own CA (the default)",
+        help="MQTT over mutual TLS (a login per component, the production ACL) and S3 over "
+        "https, from the stack's own CA (the default)",
     )
     add("down", cmd_stack, "stop the local stack")
     add("status", cmd_stack, "health of each part of the local stack, and the broker's address")

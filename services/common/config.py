@@ -30,8 +30,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Changes per snapshot of `ferry up`'s Mosquitto (1 = after every change; README
         # "Broker durability": what each costs and what a kill -9 of the broker can lose).
         "broker_autosave": 100,
-        # `ferry up` serves MQTT over TLS and S3 over https from a local CA under `dir`, and
-        # requires a client certificate of every component (`ferry up --insecure`: plaintext).
+        # `ferry up` serves MQTT over TLS and S3 over https from a local CA under `dir`,
+        # requires a client certificate (its login) of every component and applies the
+        # production ACL (`ferry up --insecure`: plaintext and anonymous).
         "tls": True,
     },
     "broker": {

@@ -41,6 +41,8 @@ class ListenerTLS:
     certfile: Path
     keyfile: Path
     require_certificate: bool = True
+    #: The topic ACL (``acl``) the identities are held to; None: every client may do anything.
+    acl_file: Path | None = None
 
     def lines(self) -> str:
         # With client certificates, the certificate's CN is the client's username: an identity
@@ -52,7 +54,70 @@ class ListenerTLS:
             f"keyfile {self.keyfile}\n"
             f"require_certificate {mutual}\n"
             f"use_identity_as_username {mutual}\n"
+            + (f"acl_file {self.acl_file}\n" if self.acl_file is not None else "")
         )
+
+
+#: The login of the stack's own checks (readiness round trip, clearing and watching statuses).
+STACK_LOGIN = "stack"
+
+
+def acl(nodes: list[str]) -> str:
+    """deploy/mosquitto/acl (the production ACL) for ``nodes``, plus the stack's own login.
+
+    Logins are certificate CNs here (``use_identity_as_username``): statestore, scheduler,
+    operator, one per node (its name), and ``stack``. tests/stack/test_tls.py checks that for
+    edge-a and edge-b this is the deploy file's ACL.
+    """
+    replies = "".join(f"topic write ferry/v1/replies/{node}/#\n" for node in nodes)
+    node_blocks = "".join(
+        f"user {node}\n"
+        f"topic read ferry/v1/nodes/{node}/commands\n"
+        f"topic write ferry/v1/nodes/{node}/status\n"
+        f"topic write ferry/v1/nodes/{node}/heartbeat\n"
+        "topic read ferry/v1/apps/+/in\n"
+        "topic write ferry/v1/apps/+/out\n"
+        "topic write ferry/v1/apps/+/dead\n"
+        "topic write ferry/v1/statestore/requests\n"
+        "topic write ferry/v1/errors\n"
+        "topic write ferry/v1/replies/scheduler/#\n\n"
+        for node in nodes
+    )
+    return (
+        "# Written by `ferry up` (deploy/mosquitto/acl for its nodes); rewritten on every start.\n"
+        "pattern read ferry/v1/replies/%u/#\n\n"
+        "user scheduler\n"
+        "topic read ferry/v1/scheduler/commands\n"
+        "topic read ferry/v1/mobility/+\n"
+        "topic read ferry/v1/nodes/+/status\n"
+        "topic write ferry/v1/nodes/+/commands\n"
+        "topic write ferry/v1/statestore/requests\n"
+        "topic write ferry/v1/migrations/+/events\n"
+        "topic write ferry/v1/components/scheduler/status\n"
+        "topic write ferry/v1/errors\n"
+        "topic write ferry/v1/replies/operator/#\n\n"
+        "user statestore\n"
+        "topic read ferry/v1/statestore/requests\n"
+        "topic read ferry/v1/nodes/+/status\n"
+        "topic read ferry/v1/migrations/+/events\n"
+        "topic readwrite ferry/v1/services/+/state\n"
+        "topic write ferry/v1/components/statestore/status\n"
+        "topic write ferry/v1/errors\n"
+        "topic write ferry/v1/replies/scheduler/#\n"
+        "topic write ferry/v1/replies/operator/#\n"
+        f"{replies}\n"
+        f"{node_blocks}"
+        "user operator\n"
+        "topic read ferry/v1/#\n"
+        "topic write ferry/v1/scheduler/commands\n"
+        "topic write ferry/v1/statestore/requests\n"
+        "topic write ferry/v1/apps/+/in\n"
+        "topic write ferry/v1/mobility/+\n\n"
+        f"user {STACK_LOGIN}\n"
+        "topic readwrite ferry-stack/#\n"
+        "topic readwrite ferry/v1/components/+/status\n"
+        "topic readwrite ferry/v1/nodes/+/status\n"
+    )
 
 
 def write_config(

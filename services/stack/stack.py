@@ -49,6 +49,8 @@ METRICS_TARGETS = "prometheus-targets.json"
 TLS_DIR = "tls"
 #: The client certificate of ``ferry.toml`` itself: the CLI, the simulator, the stack's checks.
 OPERATOR = "operator"
+#: Logins (certificate CNs) that are not nodes; a node is its own login (the ACL's user).
+RESERVED_LOGINS = frozenset({"statestore", "scheduler", OPERATOR, "stack", "server", "ca"})
 
 #: ``Stack(die_with_parent=None)`` means this; the test suite sets it so no test stack outlives
 #: a killed test run.
@@ -145,8 +147,14 @@ class Stack:
             ports = self._choose_ports()
             resolved = self._resolve(ports)
             if resolved.stack.tls:
+                taken = sorted(set(resolved.stack.nodes) & RESERVED_LOGINS)
+                if taken:
+                    raise StackError(
+                        "stack",
+                        f"node name {taken[0]!r} is also a component's broker login; rename it",
+                    )
                 started_pki = time.monotonic()
-                self._pki(resolved, [OPERATOR])
+                self._pki(resolved, [OPERATOR, mosquitto.STACK_LOGIN])
                 say(f"tls: certificates ready in {time.monotonic() - started_pki:.2f} s")
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.config_path.write_text(resolved.to_toml())
@@ -243,6 +251,10 @@ class Stack:
                 "tls_ca": ca,
                 "tls_cert": cert,
                 "tls_key": key,
+                # The broker takes the username from the certificate; the bus keys its reply
+                # topic by it, so it must know it too.
+                "username": OPERATOR,
+                "password": "",
             }
             s3_tls: dict[str, Any] = {"secure": True, "ca": ca}
         else:
@@ -294,7 +306,13 @@ class Stack:
             server = made.server
             # Mutual TLS: the broker refuses, in the handshake, any client without a
             # certificate from this CA (S3 keeps its logins: Swift's proxy cannot ask for one).
-            listener = mosquitto.ListenerTLS(made.ca, made.server.cert, made.server.key)
+            # Each login is held to the production ACL (deploy/mosquitto/acl) for our nodes.
+            acl_file = self._dir / "mosquitto" / "acl"
+            acl_file.parent.mkdir(parents=True, exist_ok=True)
+            acl_file.write_text(mosquitto.acl(list(cfg.stack.nodes)))
+            listener = mosquitto.ListenerTLS(
+                made.ca, made.server.cert, made.server.key, acl_file=acl_file
+            )
         confs = swift.write_configs(
             swift_dir, host, _swift_ports(ports), f"{host}:{ports['memcached']}", cfg.s3, server
         )
@@ -330,7 +348,7 @@ class Stack:
         self, cfg: FerryConfig, ports: Mapping[str, int], create_bucket: bool
     ) -> dict[str, Prober]:
         host = cfg.stack.host
-        broker_tls = tls.broker_context(cfg.broker)
+        broker_tls = tls.broker_context(self._stack_broker(cfg).broker)
 
         def storage(name: str) -> Prober:
             return lambda: swift.probe_storage(host, ports[name])
@@ -361,7 +379,7 @@ class Stack:
         topics = [spec.status_topic for spec in specs]
         record.status_topics.update({spec.name: spec.status_topic for spec in specs})
         broker = (cfg.broker.host, cfg.broker.port)
-        context = tls.broker_context(cfg.broker)
+        context = tls.broker_context(self._stack_broker(cfg).broker)
         watcher = mqtt.StatusWatcher(*broker, topics, tls=context)
         try:
             await asyncio.to_thread(mqtt.clear_retained, *broker, topics, tls=context)
@@ -388,15 +406,28 @@ class Stack:
             await watcher.close()
 
     def _client_cert_env(self, cfg: FerryConfig, component: str) -> dict[str, str]:
-        """A component's own client certificate (its CN is the component's name), given as
-        the environment overrides of ``broker.tls_cert``/``tls_key`` over ``ferry.toml``."""
+        """A component's own login: its client certificate, whose CN the broker takes as its
+        username (the component's name; an executor's is its node's, as in the ACL), given as
+        environment overrides of ``broker.tls_cert``/``tls_key``/``username``."""
         if not cfg.stack.tls:
             return {}
-        pair = self._pki(cfg, [component]).clients[component]
+        login = component.removeprefix("executor-")
+        pair = self._pki(cfg, [login]).clients[login]
         return {
             f"{config_module.ENV_PREFIX}BROKER__TLS_CERT": str(pair.cert),
             f"{config_module.ENV_PREFIX}BROKER__TLS_KEY": str(pair.key),
+            f"{config_module.ENV_PREFIX}BROKER__USERNAME": login,
         }
+
+    def _stack_broker(self, cfg: FerryConfig) -> FerryConfig:
+        """``cfg`` as the stack's own checks connect: with the ``stack`` login (TLS)."""
+        if not cfg.stack.tls:
+            return cfg
+        _, cert, key = self._tls_paths(mosquitto.STACK_LOGIN)
+        broker = dataclasses.replace(
+            cfg.broker, tls_cert=cert, tls_key=key, username=mosquitto.STACK_LOGIN
+        )
+        return dataclasses.replace(cfg, broker=broker)
 
     def _with_metrics(
         self, cfg: FerryConfig, specs: list[ServiceSpec], record: StackState, say: Progress
@@ -571,7 +602,7 @@ class Stack:
                 resolved.broker.host,
                 resolved.broker.port,
                 topics,
-                tls=tls.broker_context(resolved.broker),
+                tls=tls.broker_context(self._stack_broker(resolved).broker),
             )
             try:
                 await watcher.start(timeout=2.0)

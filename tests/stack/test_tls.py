@@ -18,20 +18,23 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 from cryptography import x509
 
 from services.cli.operator import Operator
 from services.cli.simulate import Simulator, connect_paho
-from services.common import images
+from services.common import images, topics
 from services.common.blobstore import BlobError, BlobStore
-from services.common.bus import Bus, BusError
+from services.common.bus import Bus, BusError, RemoteError
 from services.common.config import FerryConfig, load_config
 from services.common.tls import TLSError
 from services.stack import Stack, StackInfo, pki
+from tests.conftest import REPO
 
 NODES = ("edge-a", "edge-b")
-COMPONENTS = ("statestore", "scheduler", *(f"executor-{node}" for node in NODES))
+#: The broker logins of the components (certificate CNs): an executor's is its node's name.
+LOGINS = ("statestore", "scheduler", *NODES)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +99,75 @@ async def test_each_component_logs_in_with_a_certificate_of_its_own(tls_stack: S
     """The broker takes the username from the client certificate's CN: the log shows each
     component connected as itself, not with a certificate they share."""
     log = (tls_stack.dir / "logs" / "mosquitto.log").read_text()
-    for component in (*COMPONENTS, "operator"):
-        assert f"u'{component}'" in log, component
+    for login in (*LOGINS, "stack"):
+        assert f"u'{login}'" in log, login
+
+
+def acl_rules(text: str) -> dict[str, set[str]]:
+    """An ACL file as {user (or "" for the patterns before any user): its rule lines}."""
+    rules: dict[str, set[str]] = {"": set()}
+    user = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("user "):
+            user = line.split()[1]
+            rules[user] = set()
+        else:
+            rules[user].add(line)
+    return rules
+
+
+async def test_ferry_up_holds_each_login_to_the_production_acl(tls_stack: StackInfo) -> None:
+    """The ACL is deploy/mosquitto/acl for the stack's nodes (plus the stack's own login), and
+    the identity it applies is the certificate's: edge-a's certificate claiming the operator's
+    username can neither command the scheduler nor read edge-b's commands."""
+    shipped = acl_rules((REPO / "deploy" / "mosquitto" / "acl").read_text())
+    local = acl_rules((tls_stack.dir / "mosquitto" / "acl").read_text())
+    assert set(local) - set(shipped) == {"stack"}
+    assert all(local[user] == rules for user, rules in shipped.items())
+
+    config = tls_stack.config
+    tls_dir = tls_stack.dir / "tls"
+    edge_a = dataclasses.replace(
+        config.broker,
+        tls_cert=str(tls_dir / "edge-a.pem"),
+        tls_key=str(tls_dir / "edge-a.key"),
+        username="operator",  # claimed; the broker takes edge-a from the certificate
+    )
+    intruder, legit = f"acl-x-{uuid.uuid4().hex[:5]}", f"acl-ok-{uuid.uuid4().hex[:5]}"
+    async with (
+        Bus(edge_a, f"test-spy-{uuid.uuid4().hex[:5]}") as spy,
+        Bus(config.broker, f"test-observer-{uuid.uuid4().hex[:5]}") as observer,
+        Operator(config) as ops,
+    ):
+        await spy.subscribe(topics.node_commands("edge-b"))
+        await observer.subscribe(topics.node_commands("edge-b"))
+        client = await asyncio.to_thread(connect_paho, edge_a, "test-forged", None, 5.0)
+        try:
+            command = {
+                "command": "deploy",
+                "request_id": uuid.uuid4().hex,
+                "service": intruder,
+                "app": "counter",
+                "node": "edge-b",
+                "runtime": "unix",
+            }
+            info = client.publish(topics.SCHEDULER_COMMANDS, orjson.dumps(command), qos=1)
+            info.wait_for_publish(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        await ops.command("deploy", service=legit, app="counter", node="edge-b", runtime="unix")
+        await ops.wait_serving(legit)
+        with pytest.raises(RemoteError) as refused:
+            await ops.query("get_service", service=intruder)
+        assert refused.value.code == "unknown_service"
+        assert observer.pending() >= 1
+        await asyncio.sleep(0.5)
+        assert spy.pending() == 0
+        await ops.command("stop", service=legit)
 
 
 async def test_a_reconnect_resumes_the_tls_session_and_keeps_its_identity(
