@@ -41,6 +41,7 @@ from typing import Any
 from bench.headline import PARALLEL_N, PARALLEL_RATE_MBIT
 from bench.netlab import NetLab, unavailable_reason
 from bench.records import METHODS, RATE_TARGETS, SCHEMA, RunRecord, records_of
+from services.stack.stack import login_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -255,7 +256,12 @@ class Bench:
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Its own login on a TLS stack (the ACL lets a node's login alone speak for it).
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                **({} if self.args.insecure else login_env(self.work / "stack", edge)),
+            },
         )
         log.close()
         return proc

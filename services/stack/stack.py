@@ -154,7 +154,9 @@ class Stack:
                         f"node name {taken[0]!r} is also a component's broker login; rename it",
                     )
                 started_pki = time.monotonic()
-                self._pki(resolved, [OPERATOR, mosquitto.STACK_LOGIN])
+                # Every node's login too, for executors started by others (bench.run).
+                logins = [OPERATOR, mosquitto.STACK_LOGIN, *resolved.stack.nodes]
+                self._pki(resolved, logins)
                 say(f"tls: certificates ready in {time.monotonic() - started_pki:.2f} s")
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.config_path.write_text(resolved.to_toml())
@@ -412,12 +414,8 @@ class Stack:
         if not cfg.stack.tls:
             return {}
         login = component.removeprefix("executor-")
-        pair = self._pki(cfg, [login]).clients[login]
-        return {
-            f"{config_module.ENV_PREFIX}BROKER__TLS_CERT": str(pair.cert),
-            f"{config_module.ENV_PREFIX}BROKER__TLS_KEY": str(pair.key),
-            f"{config_module.ENV_PREFIX}BROKER__USERNAME": login,
-        }
+        self._pki(cfg, [login])
+        return login_env(self._dir, login)
 
     def _stack_broker(self, cfg: FerryConfig) -> FerryConfig:
         """``cfg`` as the stack's own checks connect: with the ``stack`` login (TLS)."""
@@ -632,6 +630,18 @@ class Stack:
         return ComponentStatus(
             handle.name, handle.pid, True, result.ready, result.detail, handle.log
         )
+
+
+def login_env(stack_dir: Path, login: str) -> dict[str, str]:
+    """The environment that makes a Ferry process of a TLS stack in ``stack_dir`` log in as
+    ``login`` (its certificate, made by ``up`` for every component and node, and username);
+    e.g. an executor started outside the stack: ``login_env(dir, node)``."""
+    pair = pki.pair(stack_dir.resolve() / TLS_DIR, login)
+    return {
+        f"{config_module.ENV_PREFIX}BROKER__TLS_CERT": str(pair.cert),
+        f"{config_module.ENV_PREFIX}BROKER__TLS_KEY": str(pair.key),
+        f"{config_module.ENV_PREFIX}BROKER__USERNAME": login,
+    }
 
 
 def _status_probe(watcher: mqtt.StatusWatcher, topic: str) -> Prober:
