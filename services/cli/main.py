@@ -208,7 +208,9 @@ async def cmd_rm(config: FerryConfig, args: argparse.Namespace) -> int:
 async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
     """Shell lines (``eval "$(ferry env)"``) and a ready ``mosquitto_pub`` line."""
     broker = config.broker
-    login = f' -u {broker.username} -P "$FERRY_BROKER_PASSWORD"' if broker.username else ""
+    # A password login, or (``ferry up``) a client certificate whose CN is the username.
+    by_password = bool(broker.username and broker.password)
+    login = f' -u {broker.username} -P "$FERRY_BROKER_PASSWORD"' if by_password else ""
     if broker.tls:
         login += f" --cafile {broker.tls_ca}" if broker.tls_ca else " --capath /etc/ssl/certs"
         if broker.tls_cert:
@@ -222,6 +224,7 @@ async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
     ]
     if broker.username:
         lines.append(f"FERRY_BROKER_USER={broker.username}")
+    if by_password:
         lines.append(f"# the password is broker.password in {config.source}")
     reading = '{"producer": "dev-1", "seq": 1, "data": {"value": 21.5}}'
     lines += [

@@ -369,3 +369,29 @@ def test_one_context_per_set_of_files_until_they_change(tmp_path: Path) -> None:
     pair.cert.unlink()
     pki.ensure(tmp_path, [], ["scheduler"])  # re-issued: a new key and certificate
     assert tls.broker_context(broker) is not first
+
+
+async def test_the_mosquitto_pub_line_of_ferry_env_works_over_mutual_tls(
+    tls_stack: StackInfo,
+) -> None:
+    """`ferry env` prints the TLS options (CA, the operator's certificate) with its line."""
+    import shlex
+
+    config = tls_stack.config
+    service = f"tls-env-{uuid.uuid4().hex[:5]}"
+    async with Operator(config) as ops:
+        await ops.command("deploy", service=service, app="counter", node="edge-a", runtime="unix")
+        await ops.wait_serving(service)
+        env = ferry(tls_stack.config_path, "env")
+        assert "FERRY_BROKER=mqtts://" in env.stdout
+        line = next(x for x in env.stdout.splitlines() if "mosquitto_pub" in x)
+        assert "--cert" in line and "-P" not in line
+        command = shlex.split(line.lstrip("# ").replace("SERVICE", service))
+        async with Bus(config.broker, f"test-out-{uuid.uuid4().hex[:6]}") as reader:
+            await reader.subscribe(topics.app_output(service))
+            await asyncio.to_thread(subprocess.run, command, check=True, timeout=30)
+            async with asyncio.timeout(15):
+                async for message in reader.messages():
+                    assert message.payload["data"]["count"] == 1
+                    break
+        await ops.command("stop", service=service)
