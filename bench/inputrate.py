@@ -202,7 +202,10 @@ def _round(value: float | None) -> float | None:
 
 async def main(args: argparse.Namespace) -> int:
     directory = Path(tempfile.mkdtemp(prefix="ferry-inputrate-"))
-    config = load_config(env={"FERRY_STACK__DIR": str(directory), "FERRY_EXECUTOR__ACCEL": "tcg"})
+    # Plaintext: the outputs are read with a bare mosquitto_sub, and the rates are comparable
+    # with earlier runs (bench.run measures what TLS costs).
+    env = {"FERRY_STACK__DIR": str(directory), "FERRY_EXECUTOR__ACCEL": "tcg"}
+    config = load_config(env={**env, "FERRY_STACK__TLS": "false"})
     stack = Stack(config, services=[])
     cloud, _ = default_services(stack.config_path, nodes=[])
     profile = Path(args.profile).resolve() if args.profile else None

@@ -41,6 +41,7 @@ from typing import Any
 from bench.headline import PARALLEL_N, PARALLEL_RATE_MBIT
 from bench.netlab import NetLab, unavailable_reason
 from bench.records import METHODS, RATE_TARGETS, SCHEMA, RunRecord, records_of
+from services.stack.stack import login_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -149,13 +150,17 @@ def build_plan(
     return groups
 
 
-def bench_config(stack_dir: Path, cloud: str, methods: Sequence[str]) -> str:
-    """ferry.toml overrides for the lab (``Stack.up`` resolves ports and writes the full file)."""
+def bench_config(stack_dir: Path, cloud: str, methods: Sequence[str], tls: bool = True) -> str:
+    """ferry.toml overrides for the lab (``Stack.up`` resolves ports and writes the full file).
+
+    ``tls``: the stack as ``ferry up`` runs it (MQTT over mutual TLS, S3 over https), or
+    plaintext (``--insecure``), to measure what TLS costs."""
     nodes = ", ".join(f'"{e}"' for e in EDGES)
     runtimes = ", ".join(f'"{m}"' for m in methods)
     return (
         "# Written by bench.run for one benchmark run.\n"
-        f'[stack]\ndir = "{stack_dir}"\nhost = "{cloud}"\nnodes = [{nodes}]\n\n'
+        f'[stack]\ndir = "{stack_dir}"\nhost = "{cloud}"\nnodes = [{nodes}]\n'
+        f"tls = {'true' if tls else 'false'}\n\n"
         f'[broker]\nhost = "{cloud}"\nrequest_timeout = 30.0\n\n'
         # timeout: an 8 MB blob over a link shared 8 ways at 5 Mbit/s takes ~2 min to send.
         f'[s3]\nendpoint = "{cloud}:9000"\ntimeout = 900.0\n\n'
@@ -220,7 +225,9 @@ class Bench:
         """Stack in ``cloud`` (via ``bench.drive up``), then one executor per edge."""
         cloud = lab.address("cloud")
         bench_toml = self.work / "bench.toml"
-        bench_toml.write_text(bench_config(self.work / "stack", cloud, self.args.methods))
+        bench_toml.write_text(
+            bench_config(self.work / "stack", cloud, self.args.methods, not self.args.insecure)
+        )
         ready = self.work / "ready.json"
         print(f"starting the stack in {lab.netns('cloud')} ({cloud})", flush=True)
         status = self._drive(lab, ["up", "--config", str(bench_toml), "--ready", str(ready)])
@@ -249,7 +256,12 @@ class Bench:
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Its own login on a TLS stack (the ACL lets a node's login alone speak for it).
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                **({} if self.args.insecure else login_env(self.work / "stack", edge)),
+            },
         )
         log.close()
         return proc
@@ -447,6 +459,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lab-prefix", default=LAB_PREFIX, help="namespace prefix (one lab per prefix at a time)"
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext MQTT and S3 (default: TLS, as `ferry up`): what TLS costs, run both",
+    )
     return parser.parse_args(argv)
 
 
@@ -468,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kernel": platform.release(),
         "git": _git_commit(),
         "quick": args.quick,
+        "tls": not args.insecure,
         "methods": args.methods,
         "app": "aggregator",
         "ballast_kb": args.ballast_kb,

@@ -31,6 +31,10 @@ TEST_NODES = ("edge-a", "edge-b", "edge-c", "edge-x", "edge-y")
 # never reach a test, and nothing a test starts may outlive a test run killed from outside.
 config_module.DEFAULT_CONFIG_FILE = None
 stack_module.DIE_WITH_PARENT = True
+# Test stacks are plaintext unless a test asks for TLS (FERRY_STACK__TLS=true, as tests/stack/
+# test_tls.py does): many tests talk to the broker and S3 with raw clients, and the suite's
+# throughput tests measure the plaintext bus. `ferry up` itself defaults to TLS.
+config_module.DEFAULTS["stack"]["tls"] = False
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import pwd
 import re
@@ -78,7 +79,12 @@ def accepted_flags(program: str) -> str:
 def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What ``deploy/mosquitto/credentials.sh`` writes, with the real ``mosquitto_passwd``."""
     out = tmp_path_factory.mktemp("secrets") / "secrets"
-    subprocess.run([DEPLOY / "mosquitto" / "credentials.sh", out], check=True, timeout=60)
+    subprocess.run(
+        [DEPLOY / "mosquitto" / "credentials.sh", out],
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHON": sys.executable},  # its tls/ needs `cryptography`
+    )
     return out
 
 
@@ -160,6 +166,7 @@ def test_compose_file_references_only_what_exists(secrets: Path) -> None:
             env.update(service.get("environment", {}))
             config = load_config(env=env)
             assert config.broker.host == "mosquitto" and config.s3.endpoint == "minio:9000"
+            assert config.broker.tls and config.broker.port == 8883 and config.s3.secure
             assert config.broker.username, f"{name}: no broker login"
     assert ferry_services == 5  # statestore, scheduler, two executors, the CLI
 
@@ -222,6 +229,15 @@ def acl_broker(secrets: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             f"password_file {secrets / 'passwords-devices'}",
         ],
         "acl_file": [f"acl_file {ACL}", f"acl_file {DEVICE_ACL}"],
+        # TLS only, with the certificates credentials.sh made (both listeners).
+        **{
+            key: [f"{key} {secrets / 'tls' / name}"] * 2
+            for key, name in (
+                ("cafile", "ca.pem"),
+                ("certfile", "server.pem"),
+                ("keyfile", "server.key"),
+            )
+        },
         "persistence_location": [f"persistence_location {directory}/"],
         "log_dest": [f"log_dest file {directory / 'mosquitto.log'}"],
     }
@@ -275,7 +291,13 @@ async def acl_system(
     """Statestore, scheduler and both executors on the ACL broker, each with its own login;
     the config returned is anonymous (S3 as in the session infra)."""
     directory = tmp_path_factory.mktemp("acl-system")
-    config, _ = stack_config(infra, directory, FERRY_BROKER__PORT=str(acl_broker.components))
+    config, _ = stack_config(
+        infra,
+        directory,
+        FERRY_BROKER__PORT=str(acl_broker.components),
+        FERRY_BROKER__TLS="true",
+        FERRY_BROKER__TLS_CA=str(secrets / "tls" / "ca.pem"),
+    )
     for app in ("counter",):
         await images.push(BlobStore(config.s3), app, unikernel_builds)
     procs = ServiceProcesses(directory / "ferry.toml", directory)
@@ -380,6 +402,23 @@ async def test_acl_refuses_what_a_component_must_not_do(
             await ops.query("put_service", record=forged)
         assert (await ops.query("get_service", service=legit))["epoch"] == record["epoch"]
         await ops.command("stop", service=legit)
+
+
+@on_session_loop
+async def test_the_deploy_broker_serves_tls_only(
+    acl_system: FerryConfig, acl_broker: BrokerPorts, secrets: Path
+) -> None:
+    """Both listeners speak TLS only: a plaintext client never gets a CONNACK, even with a
+    valid login; with TLS and the CA that login works (the migration test uses it)."""
+    for user, port in (("operator", acl_broker.components), ("devices", acl_broker.devices)):
+        login = as_user(acl_system, secrets, user, acl_broker).broker
+        login = dataclasses.replace(login, port=port)
+        plain = dataclasses.replace(login, tls=False, tls_ca="")
+        with pytest.raises(ConnectionError, match="connection lost before CONNACK"):
+            await asyncio.to_thread(connect_paho, plain, f"test-plain-{user}", None, 5.0)
+        client = await asyncio.to_thread(connect_paho, login, f"test-tls-{user}", None, 5.0)
+        client.disconnect()
+        client.loop_stop()
 
 
 @on_session_loop

@@ -10,8 +10,13 @@
 #   minio.env          MINIO_ROOT_USER/PASSWORD for the MinIO container, for no Ferry process
 #   minio-users.sh     creates the bucket and those S3 users in MinIO, with the policies of
 #                      deploy/minio/ (copied to minio-policies/)
+#   tls/               a CA (ca.pem; its key ca.key stays here), the server certificate of the
+#                      broker and MinIO (server.pem/.key; names mosquitto, minio, localhost,
+#                      127.0.0.1 and $FERRY_TLS_HOSTS, space-separated) and a client certificate
+#                      per login (<user>.pem/.key, CN = the login) for mutual TLS; made by
+#                      services/stack/pki.py (Python with the `cryptography` package: $PYTHON)
 # Secrets are random; an existing OUT_DIR is left untouched (delete it to rotate everything).
-# Needs mosquitto_passwd (Debian package mosquitto).
+# Needs mosquitto_passwd (Debian package mosquitto) and python3 with `cryptography`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/../secrets}
@@ -20,6 +25,8 @@ if [[ -e $out/passwords ]]; then
   exit 0
 fi
 command -v mosquitto_passwd >/dev/null || { echo "credentials: mosquitto_passwd not found (apt install mosquitto)" >&2; exit 1; }
+python=${PYTHON:-python3}
+"$python" -c 'import cryptography' 2>/dev/null || { echo "credentials: $python has no cryptography (apt install python3-cryptography, or PYTHON=.venv/bin/python)" >&2; exit 1; }
 secret() { head -c 24 /dev/urandom | base64 | tr -d '/+='; }
 users_of() { awk '$1 == "user" { print $2 }' "$1"; }
 
@@ -61,12 +68,27 @@ for user in $(users_of "$here/acl"); do
   fi
 done
 
-# Devices: their own listener (port 1884), their own password file, and no S3 key.
+# Devices: their own listener (port 8884), their own password file, and no S3 key.
 : >"$out/passwords-devices"
 for user in $(users_of "$here/acl-devices"); do
   password=$(secret)
   mosquitto_passwd -b "$out/passwords-devices" "$user" "$password"
-  printf 'FERRY_BROKER__USERNAME=%s\nFERRY_BROKER__PASSWORD=%s\nFERRY_BROKER__PORT=1884\n' \
+  printf 'FERRY_BROKER__USERNAME=%s\nFERRY_BROKER__PASSWORD=%s\nFERRY_BROKER__PORT=8884\n' \
     "$user" "$password" >"$out/$user.env"
 done
+
+hosts=(--host mosquitto --host minio)
+for host in ${FERRY_TLS_HOSTS:-}; do hosts+=(--host "$host"); done
+clients=()
+for user in $(users_of "$here/acl") $(users_of "$here/acl-devices"); do clients+=(--client "$user"); done
+"$python" "$here/../../services/stack/pki.py" "$out/tls" "${hosts[@]}" "${clients[@]}"
+# Certificates are public; keys stay 0600. Mosquitto drops root right after reading its config,
+# before it opens the listeners' files, so the broker image's user (mosquitto, uid 1883) must
+# own the server key (MinIO's container runs as root and reads it anyway).
+chmod 644 "$out"/tls/*.pem
+if [[ $(id -u) == 0 ]]; then
+  chown 1883:1883 "$out/tls/server.key"
+else
+  echo "credentials: run as root, or chown 1883 $out/tls/server.key for the Mosquitto image"
+fi
 echo "credentials: wrote $out ($(ls "$out" | wc -l) files)"

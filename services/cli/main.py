@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -230,16 +231,23 @@ def _purged(done: dict[str, Any]) -> str:
 async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
     """Shell lines (``eval "$(ferry env)"``) and a ready ``mosquitto_pub`` line."""
     broker = config.broker
-    login = f' -u {broker.username} -P "$FERRY_BROKER_PASSWORD"' if broker.username else ""
+    # A password login, or (``ferry up``) a client certificate whose CN is the username.
+    by_password = bool(broker.username and broker.password)
+    login = f' -u {broker.username} -P "$FERRY_BROKER_PASSWORD"' if by_password else ""
+    if broker.tls:
+        login += f" --cafile {broker.tls_ca}" if broker.tls_ca else " --capath /etc/ssl/certs"
+        if broker.tls_cert:
+            login += f" --cert {broker.tls_cert} --key {broker.tls_key}"
     lines = [
         f"FERRY_CONFIG={config.source or ''}",
-        f"FERRY_BROKER=mqtt://{broker.host}:{broker.port}",
+        f"FERRY_BROKER={'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}",
         f"FERRY_BROKER_HOST={broker.host}",
         f"FERRY_BROKER_PORT={broker.port}",
         f"FERRY_S3={config.s3.endpoint}",
     ]
     if broker.username:
         lines.append(f"FERRY_BROKER_USER={broker.username}")
+    if by_password:
         lines.append(f"# the password is broker.password in {config.source}")
     reading = '{"producer": "dev-1", "seq": 1, "data": {"value": 21.5}}'
     lines += [
@@ -564,6 +572,8 @@ async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
     from services.stack import Stack
     from services.stack.stack import METRICS_TARGETS
 
+    if args.command == "up" and args.tls is not None:
+        config = dataclasses.replace(config, stack=dataclasses.replace(config.stack, tls=args.tls))
     stack = Stack(config)
     if args.command == "up":
         await stack.up(progress=lambda line: console.print(f"  {line}"))
@@ -586,7 +596,8 @@ async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
         console.print(table)
         broker = config.broker
         console.print(
-            f"broker mqtt://{broker.host}:{broker.port}  (`ferry env` for a mosquitto_pub line)"
+            f"broker {'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}  "
+            "(`ferry env` for a mosquitto_pub line)"
         )
         targets = stack.dir / METRICS_TARGETS
         if targets.is_file():
@@ -620,7 +631,23 @@ def build_parser() -> argparse.ArgumentParser:
     def service(p: argparse.ArgumentParser) -> None:
         p.add_argument("service", type=name_arg)
 
-    add("up", cmd_stack, "start the local stack (broker, S3, services, executors)")
+    p = add("up", cmd_stack, "start the local stack (broker, S3, services, executors)")
+    tls_choice = p.add_mutually_exclusive_group()
+    tls_choice.add_argument(
+        "--insecure",
+        dest="tls",
+        action="store_false",
+        default=None,
+        help="plaintext MQTT and S3, no certificates, logins or ACL (debugging only; kept in "
+        "the stack's ferry.toml until `ferry up --tls`)",
+    )
+    tls_choice.add_argument(
+        "--tls",
+        dest="tls",
+        action="store_true",
+        help="MQTT over mutual TLS (a login per component, the production ACL) and S3 over "
+        "https, from the stack's own CA (the default)",
+    )
     add("down", cmd_stack, "stop the local stack")
     add("status", cmd_stack, "health of each part of the local stack, and the broker's address")
     add("env", cmd_env, "broker address, config path and a ready mosquitto_pub line")

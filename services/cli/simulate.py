@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import paho.mqtt.client as mqtt
 
-from services.common import topics
+from services.common import tls, topics
 from services.common.config import BrokerConfig
 
 
@@ -336,15 +336,43 @@ def connect_paho(
         answered.set()
 
     client.on_connect = on_connect
+    dropped: list[str] = []
+
+    def on_log(c: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        # The connection dropped before CONNACK (a broker refusing our certificate).
+        if level == mqtt.MQTT_LOG_ERR and text.startswith("failed to receive on socket"):
+            dropped.append(text.removeprefix("failed to receive on socket: "))
+            answered.set()
+
+    client.on_log = on_log
+    context = tls.broker_context(broker)
+    if context is not None:
+        client.tls_set_context(context)
     where = f"MQTT broker {broker.host}:{broker.port}"
     login = broker.username or "anonymous"
     try:
         client.connect(broker.host, broker.port, keepalive=30)
     except OSError as exc:
+        if tls.is_tls_failure(str(exc)):
+            raise ConnectionError(
+                f"TLS with {where} failed: {exc}; check broker.tls_ca and broker.tls_cert/tls_key"
+            ) from exc
         raise ConnectionError(f"{where} unreachable: {exc}") from exc
     client.loop_start()
-    if not answered.wait(timeout) or reasons[0].is_failure:
+    if not answered.wait(timeout) or not reasons or reasons[0].is_failure:
         client.loop_stop()
-        reason = reasons[0] if reasons else f"no answer in {timeout:g} s"
+        if dropped and (context is not None or tls.is_tls_failure(dropped[0])):
+            raise ConnectionError(
+                f"TLS with {where}: the broker refused the handshake of {client_id!r}: "
+                f"{dropped[0]}; check broker.tls_cert/tls_key (a certificate its CA signed)"
+            )
+        if dropped:
+            reason: Any = (
+                f"connection lost before CONNACK ({dropped[0]}); a TLS-only listener drops a "
+                "plaintext client (broker.tls)"
+            )
+        else:
+            reason = reasons[0] if reasons else f"no answer in {timeout:g} s"
         raise ConnectionError(f"{where} refused {client_id!r} logging in as {login!r}: {reason}")
+    client.on_log = None
     return client

@@ -22,6 +22,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
+from services.common import tls
 from services.common.config import S3Config
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,18 @@ class BlobRef:
         return cls(str(data["bucket"]), str(data["key"]), str(data["sha256"]), int(data["size"]))
 
 
+def _ssl_reason(exc: BaseException) -> str:
+    """The innermost SSL error of a urllib3 failure (its message wraps it in retry noise)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        reason = getattr(seen, "reason", None)
+        if isinstance(reason, BaseException):
+            seen = reason
+            continue
+        break
+    return str(seen or exc)
+
+
 class BlobStore:
     """Async put/get/stat/delete of verified blobs in one bucket."""
 
@@ -78,6 +91,7 @@ class BlobStore:
             timeout=urllib3.Timeout(connect=config.timeout, read=config.timeout),
             maxsize=16,
             retries=urllib3.Retry(total=3, backoff_factor=0.1, status_forcelist=(500, 502, 503)),
+            **tls.urllib3_options(config),
         )
         self._client = Minio(
             config.endpoint,
@@ -97,6 +111,11 @@ class BlobStore:
                 raise BlobNotFound(f"s3://{self.bucket}/{exc.object_name}: not found") from exc
             raise BlobError(f"S3 {exc.code}: {exc.message} ({self.config.endpoint})") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if tls.is_tls_failure(str(exc)):
+                raise BlobError(
+                    f"TLS with S3 store https://{self.config.endpoint} failed: {_ssl_reason(exc)}; "
+                    "check s3.ca (the CA that signed the store's certificate)"
+                ) from exc
             raise BlobError(f"S3 store at {self.config.endpoint} unreachable: {exc}") from exc
 
     async def ensure_bucket(self) -> None:

@@ -30,12 +30,13 @@ from typing import Any
 import aiomqtt
 import orjson
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_LOG_ERR
 from paho.mqtt.client import error_string as mqtt_error
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from services.common import contract, topics
+from services.common import contract, tls, topics
 from services.common.config import BrokerConfig
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ class Bus:
         self._background: set[asyncio.Task[None]] = set()
         #: PUBACKs ``publish_many`` waits for on the current connection, by message id.
         self._acks: dict[int, tuple[_Batch, int]] = {}
+        #: Built once (TLSError here names the bad file before any connection is tried).
+        self._tls = tls.broker_context(broker)
 
     async def __aenter__(self) -> Bus:
         await self._connect()
@@ -203,6 +206,7 @@ class Bus:
             # paho leaves Nagle on: a reply queued behind an unacknowledged segment would wait
             # for the broker's delayed ACK (~40 ms), straight into a migration's downtime.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+            tls_context=self._tls,
         )
         # Many requests in flight at once is normal here (16 parallel migrations): not a warning.
         client.pending_calls_threshold = 1000
@@ -225,12 +229,26 @@ class Bus:
                 aiomqtt_on_publish(paho, userdata, mid, reason, props)
 
         client._client.on_publish = on_publish
+        loop = asyncio.get_running_loop()
+
+        def on_log(paho: Any, userdata: Any, level: int, text: str) -> None:
+            # A broker that refuses our certificate (TLS 1.3: after the handshake) or a TLS
+            # listener reading our plaintext drops the connection before CONNACK; aiomqtt would
+            # only time out. Fail the connect now, saying why. Removed once connected.
+            if level == MQTT_LOG_ERR and text.startswith("failed to receive on socket"):
+                loop.call_soon_threadsafe(_fail_connect, client, text, self._tls is not None)
+
+        client._client.on_log = on_log
         return client
 
     async def _connect(self) -> None:
         retrying = AsyncRetrying(
             retry=retry_if_exception(
-                lambda exc: isinstance(exc, aiomqtt.MqttError) and not _login_refused(exc)
+                lambda exc: (
+                    isinstance(exc, aiomqtt.MqttError)
+                    and not _login_refused(exc)
+                    and not tls.is_tls_failure(str(exc))
+                )
             ),
             wait=wait_exponential(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self._connect_timeout),
@@ -241,6 +259,11 @@ class Bus:
                 with attempt:
                     client = self._new_client()
                     await client.__aenter__()
+                    client._client.on_log = None  # paho formats every debug line for it
+                    if isinstance(self._tls, tls.ResumingContext):
+                        # CONNACK came after the server's session ticket: the next connect
+                        # (the next instance's input session) resumes this session.
+                        self._tls.remember(client._client._sock)
                     _speed_up(client)
         except aiomqtt.MqttError as exc:
             if _login_refused(exc):
@@ -248,6 +271,12 @@ class Bus:
                 raise BusError(
                     f"MQTT broker {self.broker.host}:{self.broker.port} refused {self.client_id!r} "
                     f"logging in as {user!r}: {exc}; check broker.username and broker.password"
+                ) from exc
+            if tls.is_tls_failure(str(exc)):
+                raise BusError(
+                    f"TLS with MQTT broker {self.broker.host}:{self.broker.port} failed for "
+                    f"{self.client_id!r}: {exc}; check broker.tls_ca (the broker's CA) and "
+                    "broker.tls_cert/tls_key (a client certificate the broker's CA signed)"
                 ) from exc
             raise BusError(
                 f"cannot connect to MQTT broker {self.broker.host}:{self.broker.port} "
@@ -705,6 +734,23 @@ def _speed_up(client: aiomqtt.Client) -> None:
         and hasattr(socket, "TCP_CORK")
     ):
         paho._sock = _FastSocket(sock, asyncio.get_running_loop())
+
+
+def _fail_connect(client: aiomqtt.Client, text: str, over_tls: bool) -> None:
+    """End a connect that lost its connection before CONNACK, with paho's reason."""
+    if client._connected.done():
+        return
+    reason = text.removeprefix("failed to receive on socket: ")
+    if tls.is_tls_failure(reason):
+        message = f"the broker refused the TLS handshake: {reason}"
+    elif over_tls:
+        message = f"connection lost before CONNACK ({reason})"
+    else:
+        message = (
+            f"connection lost before CONNACK ({reason}); a TLS-only listener drops a plaintext "
+            "client (broker.tls)"
+        )
+    client._connected.set_exception(aiomqtt.MqttError(message))
 
 
 def _login_refused(exc: BaseException) -> bool:

@@ -30,6 +30,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Changes per snapshot of `ferry up`'s Mosquitto (1 = after every change; README
         # "Broker durability": what each costs and what a kill -9 of the broker can lose).
         "broker_autosave": 100,
+        # `ferry up` serves MQTT over TLS and S3 over https from a local CA under `dir`,
+        # requires a client certificate (its login) of every component and applies the
+        # production ACL (`ferry up --insecure`: plaintext and anonymous).
+        "tls": True,
     },
     "broker": {
         "host": "127.0.0.1",
@@ -38,6 +42,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "request_timeout": 10.0,
         "username": "",
         "password": "",
+        # MQTT over TLS: verify the broker against tls_ca ("" = the system's CA store) and, for a
+        # broker that requires client certificates (mutual TLS), present tls_cert + tls_key.
+        "tls": False,
+        "tls_ca": "",
+        "tls_cert": "",
+        "tls_key": "",
     },
     "s3": {
         "endpoint": "127.0.0.1:9000",
@@ -46,6 +56,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "region": "us-east-1",
         "bucket": "ferry",
         "secure": False,
+        "ca": "",
         "timeout": 300.0,
     },
     "executor": {
@@ -98,6 +109,10 @@ class BrokerConfig:
     #: The broker login of this process (empty: anonymous, as on the local stack).
     username: str
     password: str
+    tls: bool = False
+    tls_ca: str = ""  # CA bundle (PEM) the broker's certificate must chain to; "" = system's
+    tls_cert: str = ""  # this process's client certificate (PEM), for mutual TLS
+    tls_key: str = ""  # its private key (PEM)
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,7 @@ class S3Config:
     bucket: str
     secure: bool
     timeout: float
+    ca: str = ""  # CA bundle (PEM) verifying the https endpoint; "" = the system's
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,7 @@ class StackConfig:
     host: str
     nodes: list[str]
     broker_autosave: int = 100
+    tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -271,6 +288,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
             host=merged["stack"]["host"],
             nodes=list(merged["stack"]["nodes"]),
             broker_autosave=merged["stack"]["broker_autosave"],
+            tls=merged["stack"]["tls"],
         ),
         broker=BrokerConfig(**merged["broker"]),
         s3=S3Config(**merged["s3"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,10 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--config", type=Path, help="TOML config file (default: see ferry docs)")
+    parser.add_argument(
+        "--insecure", action="store_true", help="up: plaintext MQTT and S3 (debugging only)"
+    )
     args = parser.parse_args(argv)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        stack = Stack(load_config(args.config))
+        config = load_config(args.config)
+        if args.insecure:
+            config = dataclasses.replace(config, stack=dataclasses.replace(config.stack, tls=False))
+        stack = Stack(config)
         return asyncio.run(_run(args.command, stack, console))
     except (StackError, ConfigError) as exc:
         console.print(f"[bold red]error:[/] {exc}", markup=True)
@@ -45,8 +52,10 @@ async def _run(command: str, stack: Stack, console: Console) -> int:
         info = await stack.up(progress)
         cfg = info.config
         console.print(
-            f"[bold green]up[/] in {info.elapsed:.1f} s — S3 http://{cfg.s3.endpoint} "
-            f"(bucket {cfg.s3.bucket}), MQTT {cfg.broker.host}:{cfg.broker.port}, "
+            f"[bold green]up[/] in {info.elapsed:.1f} s — "
+            f"S3 {'https' if cfg.s3.secure else 'http'}://{cfg.s3.endpoint} "
+            f"(bucket {cfg.s3.bucket}), MQTT{' over TLS' if cfg.broker.tls else ''} "
+            f"{cfg.broker.host}:{cfg.broker.port}, "
             f"config {info.config_path}"
         )
         return 0

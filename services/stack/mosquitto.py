@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 # Why these limits (README "Broker durability" has the measurements):
@@ -31,6 +33,98 @@ AUTOSAVE_ON_CHANGES = True
 AUTOSAVE_INTERVAL = 100
 
 
+@dataclass(frozen=True)
+class ListenerTLS:
+    """The listener's certificate and key, and the CA its clients' certificates must chain to
+    (``require_certificate``: mutual TLS, a client without one is refused in the handshake)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = True
+    #: The topic ACL (``acl``) the identities are held to; None: every client may do anything.
+    acl_file: Path | None = None
+
+    def lines(self) -> str:
+        # With client certificates, the certificate's CN is the client's username: an identity
+        # the client cannot choose (an ACL's %u can rely on it), and the log names who connected.
+        mutual = "true" if self.require_certificate else "false"
+        return (
+            f"cafile {self.cafile}\n"
+            f"certfile {self.certfile}\n"
+            f"keyfile {self.keyfile}\n"
+            f"require_certificate {mutual}\n"
+            f"use_identity_as_username {mutual}\n"
+            + (f"acl_file {self.acl_file}\n" if self.acl_file is not None else "")
+        )
+
+
+#: The login of the stack's own checks (readiness round trip, clearing and watching statuses).
+STACK_LOGIN = "stack"
+
+
+DEPLOY_ACL = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl"
+TEMPLATE_NODE = "edge-a"  # the deploy file's example node, whose block every node copies
+
+
+def acl(nodes: list[str]) -> str:
+    """deploy/mosquitto/acl (the production ACL) for ``nodes``, plus the stack's own login.
+
+    Derived from the deploy file, so there is one ACL to keep: its ``edge-a`` block is copied
+    for every node (its other example nodes dropped), and the statestore's write of edge-a's
+    replies becomes one per node. Logins are certificate CNs here
+    (``use_identity_as_username``): statestore, scheduler, operator, one per node (its name),
+    and ``stack``. tests/stack/test_tls.py checks it is the deploy file's ACL for edge-a, edge-b.
+    """
+    preamble, blocks = _acl_blocks(DEPLOY_ACL.read_text())
+    out = ["# Written by `ferry up` from deploy/mosquitto/acl for its nodes; rewritten on start.\n"]
+    out += preamble
+    template = blocks.pop(TEMPLATE_NODE)
+    for user, rules in blocks.items():
+        if re.fullmatch(r"edge-[a-z0-9]+", user):
+            continue  # the deploy file's other example nodes
+        lines = []
+        for rule in rules:
+            if f"/replies/{TEMPLATE_NODE}/" in rule:
+                lines += [rule.replace(f"/{TEMPLATE_NODE}/", f"/{node}/") for node in nodes]
+            elif not re.search(r"/replies/edge-[a-z0-9]+/", rule):
+                lines.append(rule)
+        out.append(_acl_block(user, lines))
+    for node in nodes:
+        out.append(_acl_block(node, [r.replace(TEMPLATE_NODE, node) for r in template]))
+    out.append(
+        _acl_block(
+            STACK_LOGIN,
+            [
+                "topic readwrite ferry-stack/#",
+                "topic readwrite ferry/v1/components/+/status",
+                "topic readwrite ferry/v1/nodes/+/status",
+            ],
+        )
+    )
+    return "\n".join(out)
+
+
+def _acl_blocks(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The rules before the first ``user`` line, and each user's rules (comments dropped)."""
+    preamble: list[str] = []
+    blocks: dict[str, list[str]] = {}
+    current: list[str] = preamble
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("user "):
+            current = blocks.setdefault(line.split(None, 1)[1], [])
+        else:
+            current.append(line)
+    return preamble, blocks
+
+
+def _acl_block(user: str, rules: list[str]) -> str:
+    return "".join([f"user {user}\n", *(f"{rule}\n" for rule in rules)])
+
+
 def write_config(
     conf_dir: Path,
     host: str,
@@ -39,6 +133,7 @@ def write_config(
     *,
     autosave_on_changes: bool = AUTOSAVE_ON_CHANGES,
     autosave_interval: int = AUTOSAVE_INTERVAL,
+    tls: ListenerTLS | None = None,
 ) -> Path:
     """Write ``mosquitto.conf`` with persistence under ``conf_dir``; returns its path.
 
@@ -46,6 +141,7 @@ def write_config(
     block-buffers stdout); give it the file its stdout goes to, so start-up errors printed
     before the log is opened land in the same place. ``autosave_interval`` comes from
     ``stack.broker_autosave``; ``bench/broker_persistence.py`` measures the alternatives.
+    With ``tls`` the one listener serves MQTT over TLS only (no plaintext port at all).
     """
     data = conf_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -53,7 +149,8 @@ def write_config(
     conf.write_text(
         "# Written by `ferry up`; rewritten on every start.\n"
         f"listener {port} {host}\n"
-        "allow_anonymous true\n"
+        + (tls.lines() if tls is not None else "")
+        + "allow_anonymous true\n"
         "persistence true\n"
         f"persistence_location {data}\n"
         f"autosave_on_changes {'true' if autosave_on_changes else 'false'}\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 import uuid
 from collections.abc import Sequence
@@ -19,17 +20,23 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from services.stack.probes import Probe
 
 
-def _client(prefix: str) -> mqtt.Client:
-    return mqtt.Client(
+def _client(prefix: str, tls: ssl.SSLContext | None = None) -> mqtt.Client:
+    """``tls``: the context of a TLS listener (``services.common.tls.broker_context``)."""
+    client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=f"ferry-stack-{prefix}-{uuid.uuid4().hex[:8]}",
         protocol=MQTTProtocolVersion.MQTTv5,
     )
+    if tls is not None:
+        client.tls_set_context(tls)
+    return client
 
 
-def round_trip(host: str, port: int, timeout: float = 2.0) -> Probe:
+def round_trip(
+    host: str, port: int, timeout: float = 2.0, tls: ssl.SSLContext | None = None
+) -> Probe:
     """Ready when an MQTT v5 client can connect, subscribe, publish and receive its message."""
-    client = _client("probe")
+    client = _client("probe", tls)
     topic = f"ferry-stack/probe/{uuid.uuid4().hex}"
     connected, subscribed, received = threading.Event(), threading.Event(), threading.Event()
     client.on_connect = lambda c, u, f, rc, p: connected.set() if not rc.is_failure else None
@@ -55,10 +62,16 @@ def round_trip(host: str, port: int, timeout: float = 2.0) -> Probe:
         client.loop_stop()
 
 
-def clear_retained(host: str, port: int, topics: Sequence[str], timeout: float = 5.0) -> None:
+def clear_retained(
+    host: str,
+    port: int,
+    topics: Sequence[str],
+    timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     """Delete retained messages on ``topics``, so a stale ``online`` from a previous run of the
     (persistent) broker cannot pass for a freshly started service."""
-    client = _client("clear")
+    client = _client("clear", tls)
     client.connect(host, port, keepalive=10)
     client.loop_start()
     try:
@@ -76,11 +89,13 @@ class StatusWatcher:
     ``changed`` is set (on the event loop) whenever a message arrives, so waiters need not poll.
     """
 
-    def __init__(self, host: str, port: int, topics: Sequence[str]) -> None:
+    def __init__(
+        self, host: str, port: int, topics: Sequence[str], tls: ssl.SSLContext | None = None
+    ) -> None:
         self._host, self._port, self._topics = host, port, list(topics)
         self._latest: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
-        self._client = _client("status")
+        self._client = _client("status", tls)
         self._subscribed = asyncio.Event()
         self.changed = asyncio.Event()
 

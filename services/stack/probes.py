@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -30,10 +31,16 @@ async def tcp_accepts(host: str, port: int, timeout: float = 1.0) -> Probe:
     return Probe(True, f"listening on {host}:{port}")
 
 
-async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int | None:
-    """The status code of ``GET path`` over plain HTTP/1.0, or None if no answer came."""
+async def http_status(
+    host: str, port: int, path: str, timeout: float = 2.0, tls: ssl.SSLContext | None = None
+) -> int | None:
+    """The status code of ``GET path`` over HTTP/1.0 (https with ``tls``), or None if no
+    answer came."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None),
+            timeout,
+        )
     except (OSError, TimeoutError):
         return None
     try:

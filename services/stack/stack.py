@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.common import checkpoint_blob
+from services.common import checkpoint_blob, tls
 from services.common import config as config_module
 from services.common.config import FerryConfig
-from services.stack import memcached, mosquitto, mqtt, state, swift
+from services.stack import memcached, mosquitto, mqtt, pki, state, swift
 from services.stack.errors import StackError
 from services.stack.ferry_services import ServiceSpec, default_services
 from services.stack.ports import free_ports, port_is_free, split_endpoint
@@ -45,6 +45,12 @@ PORT_NAMES = ("memcached", "swift-account", "swift-container", "swift-object", "
 POLL_INTERVAL = 0.1
 #: Prometheus file_sd targets (``file_sd_configs``) of the Ferry services, written by ``up``.
 METRICS_TARGETS = "prometheus-targets.json"
+#: Under the stack's dir: the local CA, the server pair and a client pair per component.
+TLS_DIR = "tls"
+#: The client certificate of ``ferry.toml`` itself: the CLI, the simulator, the stack's checks.
+OPERATOR = "operator"
+#: Logins (certificate CNs) that are not nodes; a node is its own login (the ACL's user).
+RESERVED_LOGINS = frozenset({"statestore", "scheduler", OPERATOR, "stack", "server", "ca"})
 
 #: ``Stack(die_with_parent=None)`` means this; the test suite sets it so no test stack outlives
 #: a killed test run.
@@ -140,6 +146,18 @@ class Stack:
             self._refuse_if_running()
             ports = self._choose_ports()
             resolved = self._resolve(ports)
+            if resolved.stack.tls:
+                taken = sorted(set(resolved.stack.nodes) & RESERVED_LOGINS)
+                if taken:
+                    raise StackError(
+                        "stack",
+                        f"node name {taken[0]!r} is also a component's broker login; rename it",
+                    )
+                started_pki = time.monotonic()
+                # Every node's login too, for executors started by others (bench.run).
+                logins = [OPERATOR, mosquitto.STACK_LOGIN, *resolved.stack.nodes]
+                self._pki(resolved, logins)
+                say(f"tls: certificates ready in {time.monotonic() - started_pki:.2f} s")
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.config_path.write_text(resolved.to_toml())
             record = StackState(started_at=_now(), ports=ports)
@@ -205,8 +223,18 @@ class Stack:
         chosen = dict(zip(wanted, free_ports(host, len(wanted)), strict=True))
         return {name: fixed.get(name) or chosen[name] for name in PORT_NAMES}
 
+    def _pki(self, cfg: FerryConfig, clients: Sequence[str]) -> pki.LocalPKI:
+        """The stack's CA, server pair and the named client pairs, made where missing."""
+        return pki.ensure(self._dir / TLS_DIR, [cfg.stack.host], clients)
+
+    def _tls_paths(self, client: str) -> tuple[str, str, str]:
+        """CA, certificate and key file of ``client`` (``pki.ensure`` makes them there)."""
+        pair = pki.pair(self._dir / TLS_DIR, client)
+        return str(pki.ca_path(self._dir / TLS_DIR)), str(pair.cert), str(pair.key)
+
     def _resolve(self, ports: Mapping[str, int]) -> FerryConfig:
-        """The configuration as the running stack sees it: absolute dir, chosen ports."""
+        """The configuration as the running stack sees it: absolute dir, chosen ports, and
+        the TLS files (``stack.tls``) or plaintext everywhere."""
         cfg = self._config
         host = cfg.stack.host
         s3_host = f"[{host}]" if ":" in host else host
@@ -218,12 +246,28 @@ class Stack:
                 self._dir.mkdir(parents=True, exist_ok=True)
                 checkpoint_blob.Keyring.create(keys)
             executor = dataclasses.replace(executor, checkpoint_key_file=str(keys))
+        if cfg.stack.tls:
+            ca, cert, key = self._tls_paths(OPERATOR)
+            broker_tls: dict[str, Any] = {
+                "tls": True,
+                "tls_ca": ca,
+                "tls_cert": cert,
+                "tls_key": key,
+                # The broker takes the username from the certificate; the bus keys its reply
+                # topic by it, so it must know it too.
+                "username": OPERATOR,
+                "password": "",
+            }
+            s3_tls: dict[str, Any] = {"secure": True, "ca": ca}
+        else:
+            broker_tls = {"tls": False, "tls_ca": "", "tls_cert": "", "tls_key": ""}
+            s3_tls = {"secure": False, "ca": ""}
         return dataclasses.replace(
             cfg,
             executor=executor,
             stack=dataclasses.replace(cfg.stack, dir=self._dir),
-            broker=dataclasses.replace(cfg.broker, host=host, port=ports["broker"]),
-            s3=dataclasses.replace(cfg.s3, endpoint=f"{s3_host}:{ports['s3']}"),
+            broker=dataclasses.replace(cfg.broker, host=host, port=ports["broker"], **broker_tls),
+            s3=dataclasses.replace(cfg.s3, endpoint=f"{s3_host}:{ports['s3']}", **s3_tls),
             source=self.config_path,
         )
 
@@ -257,8 +301,22 @@ class Stack:
         host = cfg.stack.host
         swift_dir = self._dir / "swift"
         swift_dir.mkdir(parents=True, exist_ok=True)
+        server: pki.Pair | None = None
+        listener: mosquitto.ListenerTLS | None = None
+        if cfg.stack.tls:
+            made = self._pki(cfg, [])
+            server = made.server
+            # Mutual TLS: the broker refuses, in the handshake, any client without a
+            # certificate from this CA (S3 keeps its logins: Swift's proxy cannot ask for one).
+            # Each login is held to the production ACL (deploy/mosquitto/acl) for our nodes.
+            acl_file = self._dir / "mosquitto" / "acl"
+            acl_file.parent.mkdir(parents=True, exist_ok=True)
+            acl_file.write_text(mosquitto.acl(list(cfg.stack.nodes)))
+            listener = mosquitto.ListenerTLS(
+                made.ca, made.server.cert, made.server.key, acl_file=acl_file
+            )
         confs = swift.write_configs(
-            swift_dir, host, _swift_ports(ports), f"{host}:{ports['memcached']}", cfg.s3
+            swift_dir, host, _swift_ports(ports), f"{host}:{ports['memcached']}", cfg.s3, server
         )
         broker_conf = mosquitto.write_config(
             self._dir / "mosquitto",
@@ -266,6 +324,7 @@ class Stack:
             ports["broker"],
             self.log_dir / "mosquitto.log",
             autosave_interval=max(1, cfg.stack.broker_autosave),
+            tls=listener,
         )
         probes = self._infra_probes(cfg, ports, create_bucket=True)
         parts = [
@@ -291,13 +350,16 @@ class Stack:
         self, cfg: FerryConfig, ports: Mapping[str, int], create_bucket: bool
     ) -> dict[str, Prober]:
         host = cfg.stack.host
+        broker_tls = tls.broker_context(self._stack_broker(cfg).broker)
 
         def storage(name: str) -> Prober:
             return lambda: swift.probe_storage(host, ports[name])
 
         probes: dict[str, Prober] = {
             "memcached": lambda: memcached.probe(host, ports["memcached"]),
-            "mosquitto": lambda: asyncio.to_thread(mqtt.round_trip, host, ports["broker"]),
+            "mosquitto": lambda: asyncio.to_thread(
+                mqtt.round_trip, host, ports["broker"], tls=broker_tls
+            ),
             "swift-proxy": lambda: swift.probe_proxy(host, ports["s3"], cfg.s3, create_bucket),
         }
         probes.update({name: storage(name) for name in SWIFT_PARTS if name != "swift-proxy"})
@@ -319,9 +381,10 @@ class Stack:
         topics = [spec.status_topic for spec in specs]
         record.status_topics.update({spec.name: spec.status_topic for spec in specs})
         broker = (cfg.broker.host, cfg.broker.port)
-        watcher = mqtt.StatusWatcher(*broker, topics)
+        context = tls.broker_context(self._stack_broker(cfg).broker)
+        watcher = mqtt.StatusWatcher(*broker, topics, tls=context)
         try:
-            await asyncio.to_thread(mqtt.clear_retained, *broker, topics)
+            await asyncio.to_thread(mqtt.clear_retained, *broker, topics, tls=context)
             await watcher.start()
         except (OSError, TimeoutError) as exc:
             await watcher.close()
@@ -330,11 +393,11 @@ class Stack:
                 "mosquitto", f"lost the broker before services started ({exc!r})", log, tail(log)
             ) from exc
         try:
-            env = {"PYTHONUNBUFFERED": "1"}
             waits: list[asyncio.Task[ComponentStatus]] = []
             try:
                 for spec in specs:
                     probe = _status_probe(watcher, spec.status_topic)
+                    env = {"PYTHONUNBUFFERED": "1", **self._client_cert_env(cfg, spec.name)}
                     part = _Part(spec.name, list(spec.argv), probe, env)
                     waits.append(self._start_part(part, record, say))
             except BaseException:
@@ -343,6 +406,26 @@ class Stack:
             return await _all_or_first_error(waits)
         finally:
             await watcher.close()
+
+    def _client_cert_env(self, cfg: FerryConfig, component: str) -> dict[str, str]:
+        """A component's own login: its client certificate, whose CN the broker takes as its
+        username (the component's name; an executor's is its node's, as in the ACL), given as
+        environment overrides of ``broker.tls_cert``/``tls_key``/``username``."""
+        if not cfg.stack.tls:
+            return {}
+        login = component.removeprefix("executor-")
+        self._pki(cfg, [login])
+        return login_env(self._dir, login)
+
+    def _stack_broker(self, cfg: FerryConfig) -> FerryConfig:
+        """``cfg`` as the stack's own checks connect: with the ``stack`` login (TLS)."""
+        if not cfg.stack.tls:
+            return cfg
+        _, cert, key = self._tls_paths(mosquitto.STACK_LOGIN)
+        broker = dataclasses.replace(
+            cfg.broker, tls_cert=cert, tls_key=key, username=mosquitto.STACK_LOGIN
+        )
+        return dataclasses.replace(cfg, broker=broker)
 
     def _with_metrics(
         self, cfg: FerryConfig, specs: list[ServiceSpec], record: StackState, say: Progress
@@ -513,7 +596,12 @@ class Stack:
         watcher: mqtt.StatusWatcher | None = None
         topics = list(record.status_topics.values())
         if topics:
-            watcher = mqtt.StatusWatcher(resolved.broker.host, resolved.broker.port, topics)
+            watcher = mqtt.StatusWatcher(
+                resolved.broker.host,
+                resolved.broker.port,
+                topics,
+                tls=tls.broker_context(self._stack_broker(resolved).broker),
+            )
             try:
                 await watcher.start(timeout=2.0)
                 await _settle(watcher, topics)
@@ -542,6 +630,18 @@ class Stack:
         return ComponentStatus(
             handle.name, handle.pid, True, result.ready, result.detail, handle.log
         )
+
+
+def login_env(stack_dir: Path, login: str) -> dict[str, str]:
+    """The environment that makes a Ferry process of a TLS stack in ``stack_dir`` log in as
+    ``login`` (its certificate, made by ``up`` for every component and node, and username);
+    e.g. an executor started outside the stack: ``login_env(dir, node)``."""
+    pair = pki.pair(stack_dir.resolve() / TLS_DIR, login)
+    return {
+        f"{config_module.ENV_PREFIX}BROKER__TLS_CERT": str(pair.cert),
+        f"{config_module.ENV_PREFIX}BROKER__TLS_KEY": str(pair.key),
+        f"{config_module.ENV_PREFIX}BROKER__USERNAME": login,
+    }
 
 
 def _status_probe(watcher: mqtt.StatusWatcher, topic: str) -> Prober:

@@ -16,7 +16,9 @@ from pathlib import Path
 import urllib3
 from minio import Minio
 
+from services.common import tls
 from services.common.config import S3Config
+from services.stack import pki
 from services.stack.errors import StackError
 from services.stack.probes import Probe, http_status, tcp_accepts
 
@@ -82,9 +84,18 @@ def ensure_swift_conf() -> None:
 
 
 def write_configs(
-    swift_dir: Path, host: str, ports: SwiftPorts, memcached: str, s3: S3Config
+    swift_dir: Path,
+    host: str,
+    ports: SwiftPorts,
+    memcached: str,
+    s3: S3Config,
+    server: pki.Pair | None = None,
 ) -> dict[str, Path]:
-    """Write the four server configs; returns ``{"swift-account": conf_path, …}``."""
+    """Write the four server configs; returns ``{"swift-account": conf_path, …}``.
+
+    With ``server`` the proxy (the S3 endpoint) serves https only, with that certificate;
+    the storage servers behind it stay on loopback and speak plain HTTP to it.
+    """
     account, sep, user = s3.access_key.partition(":")
     if not sep or not account or not user:
         raise StackError(
@@ -108,6 +119,7 @@ def write_configs(
     proxy = swift_dir / "proxy-server.conf"
     proxy.write_text(
         _common(host, ports.proxy, swift_dir, "swift-proxy")
+        + (f"cert_file = {server.cert}\nkey_file = {server.key}\n" if server else "")
         + f"\n[pipeline:main]\npipeline = {PROXY_PIPELINE}\n\n"
         "[app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n\n"
         "[filter:healthcheck]\nuse = egg:swift#healthcheck\n\n"
@@ -206,7 +218,7 @@ async def probe_proxy(host: str, port: int, s3: S3Config, create_bucket: bool) -
     With ``create_bucket`` the configured bucket is made if missing (what ``up`` wants);
     otherwise its existence is only checked (what ``status`` wants).
     """
-    code = await http_status(host, port, "/healthcheck")
+    code = await http_status(host, port, "/healthcheck", tls=tls.s3_context(s3))
     if code != 200:
         return Probe(False, f"/healthcheck on {host}:{port} answered {code or 'nothing'}")
     try:
@@ -221,10 +233,12 @@ def _s3_check(endpoint: str, s3: S3Config, create_bucket: bool) -> Probe:
         access_key=s3.access_key,
         secret_key=s3.secret_key,
         region=s3.region,
-        secure=False,
+        secure=s3.secure,
         # No retries and short timeouts: the caller polls, and each poll must stay short.
         http_client=urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=1.0, read=5.0), retries=False
+            timeout=urllib3.Timeout(connect=1.0, read=5.0),
+            retries=False,
+            **tls.urllib3_options(s3),
         ),
     )
     if client.bucket_exists(s3.bucket):
