@@ -66,7 +66,7 @@ def test_summary_counts_refused_as_failed_and_cpu_per_migration() -> None:
     assert r.errors == ["no room", "boom", "no final event"]
     assert r.downtime_p50_ms == r.downtime_p95_ms == 30.0
     assert r.scheduler_span_ms == 500.0 and r.drain_ms == 2000.0 and r.per_migration_ms == 500.0
-    assert r.cpu_per_migration_ms == 100.0  # 4 × 0.1 s over 4: Mosquitto and guests left out
+    assert r.cpu_per_migration_ms == 100.0  # 4 x 0.1 s over 4: Mosquitto and guests left out
 
 
 def test_goals_pass_fail_and_unmeasured() -> None:
