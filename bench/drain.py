@@ -74,6 +74,7 @@ RUNTIMES = ("unix", "microvm", "podman")
 RUNTIME_MAX_N = {"podman": 10, "microvm": 50}
 SERVICE_PREFIX = "drb"  # service names drb-<runtime>-<N>-<i>-<hex>: ours, to sweep containers
 DEPLOY_PARALLEL = 8
+GUEST = "guest/"  # cpu_snapshot's key prefix of a guest process
 DRAIN_TIMEOUT = 900.0
 
 # Issue 13's goals on this machine.
@@ -129,24 +130,29 @@ def descendants(pid: int) -> list[int]:
 
 
 def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
-    """CPU seconds so far of each named process, and of all the executors' guests together.
-
-    Guests come and go during a drain (a source guest ends, a target starts), so ``guests`` is
-    only a lower bound of what they spent: an ended guest's CPU is no longer counted anywhere.
-    """
+    """CPU seconds so far of each named process, and of each executor guest (``guest/<pid>``)."""
     snap = {name: process_cpu_s(pid) or 0.0 for name, pid in pids.items()}
-    snap["guests"] = sum(
-        process_cpu_s(child) or 0.0
-        for name, pid in pids.items()
-        if name.startswith("executor-")
-        for child in descendants(pid)
-    )
+    for name, pid in pids.items():
+        if name.startswith("executor-"):
+            for child in descendants(pid):
+                snap[f"{GUEST}{child}"] = process_cpu_s(child) or 0.0
     return snap
 
 
 def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
-    """Seconds spent per process between two snapshots (a process missing from one: 0)."""
-    return {name: max(0.0, after.get(name, 0.0) - before.get(name, 0.0)) for name in after}
+    """Seconds spent per process between two snapshots, the guests summed as ``guests``.
+
+    A guest started in between counts from 0. One that ended in between (a drained source) is
+    missing from ``after`` and its last CPU is lost: ``guests`` is a lower bound.
+    """
+    spent = {"guests": 0.0}
+    for name, now in after.items():
+        used = max(0.0, now - before.get(name, 0.0))
+        if name.startswith(GUEST):
+            spent["guests"] += used
+        else:
+            spent[name] = used
+    return spent
 
 
 # ---------------------------------------------------------------- one (runtime, N) drain

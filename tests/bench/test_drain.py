@@ -40,7 +40,7 @@ def test_a_command_name_with_spaces_and_parentheses_is_parsed(tmp_path: Path) ->
         assert drain.stat_cpu_ticks(stat) >= 0
         assert child.pid in drain.descendants(os.getpid())
         snap = drain.cpu_snapshot({"executor-x": os.getpid()})
-        assert snap["executor-x"] > 0 and snap["guests"] >= 0
+        assert snap["executor-x"] > 0 and f"guest/{child.pid}" in snap
     finally:
         child.kill()
         child.wait()
@@ -51,6 +51,13 @@ def test_stat_fields_14_and_15_are_utime_and_stime() -> None:
     fields = " ".join(str(k) for k in range(3, 53))  # field k holds the number k
     assert drain.stat_cpu_ticks(f"123 (x) {fields}") == 14 + 15
     assert drain.stat_cpu_ticks(f"123 (a) b (c) {fields}") == 14 + 15
+
+
+def test_guests_started_during_the_window_count_from_zero() -> None:
+    before = {"scheduler": 1.0, "guest/10": 5.0}  # guest 10 ends (a drained source)
+    after = {"scheduler": 1.5, "guest/11": 0.2, "guest/12": 0.3}  # targets start
+    spent = drain.cpu_delta(before, after)
+    assert spent == {"scheduler": 0.5, "guests": 0.5}
 
 
 def test_summary_counts_refused_as_failed_and_cpu_per_migration() -> None:
