@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -294,7 +295,12 @@ async def _node_doc(ops: Operator, node: str) -> dict[str, Any]:
 
 
 async def run_drain(
-    ops: Operator, pids: Mapping[str, int], runtime: str, n: int, input_rate: float
+    ops: Operator,
+    pids: Mapping[str, int],
+    runtime: str,
+    n: int,
+    input_rate: float,
+    profiles: Profiles | None = None,
 ) -> DrainResult:
     """Deploy ``n`` services of ``runtime`` on edge-a, drain edge-a, measure (module docstring)."""
     result = DrainResult(runtime, n)
@@ -313,6 +319,8 @@ async def run_drain(
         idle = cpu_delta(idle_before, before)
         result.idle_cpu_ms_per_s = round(sum(idle.get(c, 0.0) for c in CONTROL_PLANE) * 1000, 1)
         print(f"  draining {SOURCE} ({n} {runtime} services)", flush=True)
+        if profiles is not None:
+            profiles.start()
         started = time.monotonic()
         reply = await ops.command("drain", node=SOURCE, reason="bench.drain")
         moves: list[dict[str, Any]] = reply["migrations"]
@@ -326,6 +334,8 @@ async def run_drain(
         finals = await asyncio.gather(*(final(m["migration"]) for m in moves))
         drain_s = time.monotonic() - started
         after = cpu_snapshot(pids)
+        if profiles is not None:
+            await profiles.stop(f"{runtime}-{n}")
         result.inputs_sent = inputs.sent
         ids = {m["migration"] for m in moves}
         listed = await ops.query("list_migrations", limit=max(100, 4 * n))
@@ -444,16 +454,73 @@ def _bench_toml(stack_dir: Path, runtimes: Sequence[str], capacity: int, paralle
     )
 
 
+#: ``python -c`` program that runs ``-m MODULE ARGS`` with a cProfile that times CPU, not wall
+#: (``python -m cProfile`` times wall: on a shared 2-core machine it charges each function with
+#: the time its process waited for a core), on only over the drain: SIGUSR1 starts a fresh
+#: profile, SIGUSR2 stops it and writes ``OUT.<k>`` (k = 0, 1, ... per window). It profiles the
+#: main thread (the event loop); CPU time is the process's, so a worker thread's (the
+#: statestore's SQLite) is charged to whatever the loop ran meanwhile.
+_PROFILE_MAIN = """
+import cProfile, runpy, signal, sys, time
+out, module = sys.argv[1], sys.argv[3]
+sys.argv = [module, *sys.argv[4:]]
+state = {"prof": None, "k": 0}
+def start(*_):
+    state["prof"] = cProfile.Profile(time.process_time)
+    state["prof"].enable()
+def stop(*_):
+    prof, state["prof"] = state["prof"], None
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(f"{out}.{state['k']}")
+        state["k"] += 1
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
 def _profiled(specs: Sequence[ServiceSpec], profile_dir: Path | None) -> list[ServiceSpec]:
-    """The specs, each run under cProfile writing ``profile_dir/<name>.prof`` when asked."""
+    """The specs, each run under ``_PROFILE_MAIN`` writing ``profile_dir/<name>.prof.<k>``."""
     if profile_dir is None:
         return list(specs)
     out = []
     for spec in specs:
-        python, *rest = spec.argv
-        wrapped = (python, "-m", "cProfile", "-o", str(profile_dir / f"{spec.name}.prof"), *rest)
-        out.append(ServiceSpec(spec.name, wrapped, spec.status_topic))
+        python, *rest = spec.argv  # rest: -m services.<x> --config ...
+        prof = str(profile_dir / f"{spec.name}.prof")
+        argv = (python, "-c", _PROFILE_MAIN, prof, *rest)
+        out.append(ServiceSpec(spec.name, argv, spec.status_topic))
     return out
+
+
+class Profiles:
+    """Starts and stops the control plane's profiles around each drain (``_PROFILE_MAIN``)."""
+
+    def __init__(self, pids: Mapping[str, int], directory: Path | None) -> None:
+        self.pids = {name: pids[name] for name in CONTROL_PLANE}
+        self.directory = directory
+        self.windows = 0
+
+    def start(self) -> None:
+        if self.directory is not None:
+            for pid in self.pids.values():
+                os.kill(pid, signal.SIGUSR1)
+
+    async def stop(self, label: str) -> None:
+        """Stop the window and name its files ``<name>-<label>.prof``."""
+        if self.directory is None:
+            return
+        for pid in self.pids.values():
+            os.kill(pid, signal.SIGUSR2)
+        k, self.windows = self.windows, self.windows + 1
+        for name in self.pids:
+            written = self.directory / f"{name}.prof.{k}"
+            for _ in range(100):  # dump_stats runs when the process next runs Python code
+                if written.exists():
+                    await asyncio.sleep(0.2)  # and may still be writing
+                    written.rename(self.directory / f"{name}-{label}.prof")
+                    break
+                await asyncio.sleep(0.1)
 
 
 def _sweep_containers() -> None:
@@ -523,6 +590,7 @@ async def main(args: argparse.Namespace) -> int:
         await images.push(BlobStore(info.config.s3), "counter", REPO / "unikernel" / "build")
         running = {c.name: c.pid for c in await stack.status() if c.pid}
         pids = {name: running[name] for name in (*CONTROL_PLANE, "mosquitto")}
+        profiles = Profiles(pids, profile_dir)
         async with Operator(info.config) as ops:
             offered = set((await _node_doc(ops, SOURCE)).get("runtimes", []))
             unavailable = (await _node_doc(ops, SOURCE)).get("unavailable", {})
@@ -534,7 +602,7 @@ async def main(args: argparse.Namespace) -> int:
                     print(f"  {result.error}", flush=True)
                 else:
                     try:
-                        result = await run_drain(ops, pids, runtime, n, args.input_rate)
+                        result = await run_drain(ops, pids, runtime, n, args.input_rate, profiles)
                     except (RemoteError, TimeoutError, OSError) as exc:
                         result = DrainResult(runtime, n, error=f"{type(exc).__name__}: {exc}")
                         print(f"  failed: {result.error}", flush=True)
