@@ -63,17 +63,26 @@ def test_guests_started_during_the_window_count_from_zero() -> None:
 def test_summary_counts_refused_as_failed_and_cpu_per_migration() -> None:
     finals = [{"phase": "committed"}, {"phase": "rolled_back", "detail": {"error": "boom"}}, None]
     records = [
-        {"outcome": "committed", "downtime_ms": 30.0, "started": 1000, "finished": 1200},
+        {
+            "outcome": "committed",
+            "downtime_ms": 30.0,
+            "started": 1000,
+            "finished": 1200,
+            "total_ms": 200,
+        },
         {"outcome": "rolled_back", "downtime_ms": None, "started": 1010, "finished": 1500},
     ]
     refused = [{"service": "s4", "error": "no room"}]
     cpu = {name: 0.1 for name in drain.CONTROL_PLANE} | {"mosquitto": 5.0, "guests": 5.0}
-    r = drain.summarize_drain(drain.DrainResult("unix", 4), finals, records, refused, 2.0, cpu)
+    result = drain.DrainResult("unix", 4, idle_cpu_ms_per_s=50.0)
+    r = drain.summarize_drain(result, finals, records, refused, 2.0, cpu)
     assert (r.committed, r.failed) == (1, 3)
     assert r.errors == ["no room", "boom", "no final event"]
     assert r.downtime_p50_ms == r.downtime_p95_ms == 30.0
     assert r.scheduler_span_ms == 500.0 and r.drain_ms == 2000.0 and r.per_migration_ms == 500.0
     assert r.cpu_per_migration_ms == 100.0  # 4 x 0.1 s over 4: Mosquitto and guests left out
+    assert r.net_cpu_per_migration_ms == 75.0  # 400 ms - 50 ms/s x 2 s of input, over 4
+    assert r.migration_p50_ms == r.migration_max_ms == 200.0
 
 
 def test_goals_pass_fail_and_unmeasured() -> None:
