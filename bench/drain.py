@@ -8,7 +8,9 @@ control plane's cost at scale, not the link; unshaped local networking keeps the
 Starts the real local stack the way ``ferry up`` does (``services.stack.Stack``: Mosquitto,
 Swift, memcached, statestore, scheduler, executors ``edge-a`` and ``edge-b``, each a process of
 its own), pushes the ``counter`` app, then per (runtime, N): deploys N services on ``edge-a``,
-feeds them a light steady input (``--input-rate`` per service), and sends ``drain edge-a``
+optionally feeds them a steady input (``--input-rate`` per service; off by default: with the
+shipped checkpoint policy each fed service stores a checkpoint every second, N PUTs to S3 and N
+statestore writes per second, which then dominate the machine), and sends ``drain edge-a``
 through ``services.cli.operator.Operator`` (what ``ferry drain`` does) until every migration has
 its final event. It measures:
 
@@ -186,6 +188,8 @@ class DrainResult:
     #: first migration started → last finished, on the scheduler's clock (migration records)
     scheduler_span_ms: float | None = None
     inputs_sent: int = 0
+    #: the host's 1-minute load average just before the drain (2 cores: above 2, others wait)
+    load_before: float | None = None
     errors: list[str] = field(default_factory=list)
     error: str | None = None  # why the whole run failed or was skipped
     #: stopping and removing the N services afterwards (not part of the drain)
@@ -342,6 +346,7 @@ async def run_drain(
         print(f"  draining {SOURCE} ({n} {runtime} services)", flush=True)
         if profiles is not None:
             profiles.start()
+        result.load_before = round(os.getloadavg()[0], 2)
         started = time.monotonic()
         reply = await ops.command("drain", node=SOURCE, reason="bench.drain")
         moves: list[dict[str, Any]] = reply["migrations"]
@@ -454,7 +459,7 @@ def table(results: Sequence[DrainResult]) -> str:
     head = (
         f"{'runtime':<8} {'N':>4} {'drain':>8} {'ok/fail':>8} {'dt p50':>7} {'dt p95':>7} "
         f"{'per mig':>8} {'cpu/mig':>8} {'net':>6}  "
-        "cpu ms: sched store exec-a exec-b | mosq swift guests"
+        "cpu ms: sched store exec-a exec-b | mosq swift guests  load"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -470,7 +475,7 @@ def table(results: Sequence[DrainResult]) -> str:
             f"{c.get('scheduler', 0):.0f} {c.get('statestore', 0):.0f} "
             f"{c.get(f'executor-{SOURCE}', 0):.0f} {c.get(f'executor-{TARGET}', 0):.0f} | "
             f"{c.get('mosquitto', 0):.0f} {sum(c.get(o, 0) for o in OTHERS[1:]):.0f} "
-            f"{c.get('guests', 0):.0f}"
+            f"{c.get('guests', 0):.0f}  load {r.load_before if r.load_before is not None else '-'}"
         )
     lines.append(
         "(drain in s; downtime, per migration, CPU per migration in ms; net: without the CPU"
@@ -704,7 +709,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--capacity", type=int, default=32, help="executor.capacity (at least 2N+8)"
     )
     parser.add_argument(
-        "--input-rate", type=float, default=1.0, help="inputs/s to each service (0: none)"
+        "--input-rate", type=float, default=0.0, help="inputs/s to each service (default 0: none)"
     )
     parser.add_argument("--out", help="results directory (default bench/results/drain-<time>)")
     parser.add_argument("--profile", help="run the control plane under cProfile, .prof files here")
