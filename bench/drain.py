@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -185,6 +186,10 @@ class DrainResult:
     #: each migration's plan → committed (the scheduler's ``total_ms``)
     migration_p50_ms: float | None = None
     migration_max_ms: float | None = None
+    #: per step between two consecutive phase events ("planned>queued", ...): p50/p95/max ms
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the slowest migration's events as (phase, ms since its first event)
+    slowest: list[tuple[str, float]] = field(default_factory=list)
     #: first migration started → last finished, on the scheduler's clock (migration records)
     scheduler_span_ms: float | None = None
     inputs_sent: int = 0
@@ -239,6 +244,26 @@ def summarize_drain(
         result.migration_p50_ms = round(stats.median(totals), 1)
         result.migration_max_ms = round(max(totals), 1)
     return result
+
+
+def step_times(timelines: Iterable[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Where the migrations spent their time: for each step between two consecutive phase
+    events of one migration (``"planned>queued"``, in event order), p50/p95/max in ms over all
+    migrations that had it. Event times are the actors' clocks (one host here)."""
+    spans: dict[str, list[float]] = {}
+    for events in timelines:
+        for before, after in itertools.pairwise(events):
+            spans.setdefault(f"{before['phase']}>{after['phase']}", []).append(
+                float(after["time"] - before["time"])
+            )
+    return {
+        step: {
+            "p50": round(stats.median(v), 1),
+            "p95": round(stats.p95(v), 1),
+            "max": round(max(v), 1),
+        }
+        for step, v in spans.items()
+    }
 
 
 class Inputs:
@@ -351,9 +376,13 @@ async def run_drain(
         reply = await ops.command("drain", node=SOURCE, reason="bench.drain")
         moves: list[dict[str, Any]] = reply["migrations"]
 
+        timelines: dict[str, list[dict[str, Any]]] = {m["migration"]: [] for m in moves}
+
         async def final(migration: str) -> dict[str, Any] | None:
             try:
-                return await ops.follow(migration, timeout=DRAIN_TIMEOUT)
+                return await ops.follow(
+                    migration, on_event=timelines[migration].append, timeout=DRAIN_TIMEOUT
+                )
             except TimeoutError:
                 return None
 
@@ -369,6 +398,11 @@ async def run_drain(
         summarize_drain(
             result, finals, records, reply["refused"], drain_s, cpu_delta(before, after)
         )
+        ordered = [sorted(t, key=lambda e: e["time"]) for t in timelines.values() if t]
+        result.steps = step_times(ordered)
+        if ordered:
+            slow = max(ordered, key=lambda t: t[-1]["time"] - t[0]["time"])
+            result.slowest = [(e["phase"], float(e["time"] - slow[0]["time"])) for e in slow]
     finally:
         if inputs is not None:
             inputs.close()

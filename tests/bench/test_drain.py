@@ -98,3 +98,12 @@ def test_goals_pass_fail_and_unmeasured() -> None:
     assert drain.plan(["unix", "podman", "microvm"], [10, 50, 100], all_sizes=False) == [
         ("unix", 10), ("unix", 50), ("unix", 100), ("podman", 10), ("microvm", 10), ("microvm", 50)
     ]  # fmt: skip
+
+
+def test_step_times_between_consecutive_phases() -> None:
+    one = [{"phase": "planned", "time": 0}, {"phase": "queued", "time": 10},
+           {"phase": "committed", "time": 50}]  # fmt: skip
+    two = [{"phase": "planned", "time": 100}, {"phase": "queued", "time": 130}]
+    steps = drain.step_times([one, two])
+    assert steps["planned>queued"] == {"p50": 20.0, "p95": 30.0, "max": 30.0}
+    assert steps["queued>committed"] == {"p50": 40.0, "p95": 40.0, "max": 40.0}
