@@ -19,8 +19,8 @@ its final event. It measures:
 - downtime p50 / p95: the migration records' ``downtime_ms`` (source paused → target serving);
 - time per migration: drain time ÷ N;
 - control-plane CPU per migration: user + system CPU seconds (``/proc/<pid>/stat``) of the
-  scheduler, the statestore and both executors over the drain, ÷ N; Mosquitto's and the
-  guests', Mosquitto's and Swift's are reported apart (not Ferry's control plane).
+  scheduler, the statestore and both executors over the drain, ÷ N; the guests',
+  Mosquitto's and Swift's are reported apart (not Ferry's control plane).
   ``idle_cpu_ms_per_s`` is the same four processes' CPU per second in the second before the
   drain (steady input and its durable checkpoints only); ``net_cpu_per_migration_ms`` takes
   that rate times the drain time off before dividing by N: the migrations' own cost.
