@@ -25,11 +25,14 @@ lint: setup
 demo: setup
 	$(PY) -m services.cli.demo $(DEMO_ARGS)
 
+# bench.drain (issue 13): drain of N services per runtime on the local stack, after the netlab run.
 bench: setup-podman
 	$(PY) -m bench.run
+	$(PY) -m bench.drain
 
 bench-quick: setup-podman
 	$(PY) -m bench.run --quick
+	$(PY) -m bench.drain --quick
 
 up: setup
 	$(FERRY) up

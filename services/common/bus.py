@@ -176,8 +176,15 @@ class Bus:
         """
         if not self._manual_ack or self._client is None:
             return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._client.subscribe(self.reply_topic, qos=1), 5.0)
+        # A connection the broker already dropped (the next owner took the session over before
+        # the reader noticed) never answers: stop waiting when the reader ends, not after 5 s.
+        suback = asyncio.ensure_future(self._client.subscribe(self.reply_topic, qos=1))
+        waits: set[asyncio.Future[Any]] = {suback}
+        if self._reader is not None:
+            waits.add(self._reader)
+        await asyncio.wait(waits, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+        suback.cancel()
+        suback.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no noise
 
     # -- connection -------------------------------------------------------------------------
 

@@ -651,9 +651,17 @@ class Instance:
         """Checkpoint a serving guest on the policy's schedule, in the background."""
         durability = self._durability
         interval = self._policy.interval or None
+        task = asyncio.current_task()
         while True:
+            # A stop cancels this task. Python 3.11's asyncio.wait_for (bus.request's, for the
+            # statestore's reply in checkpoint_now) returns a result that arrived in the same
+            # step as the cancel instead of raising it: without this check the loop would go
+            # on, and the stop wait for it, until the executor exits.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(durability.wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await durability.wake.wait()
             durability.wake.clear()
             if self.state != "serving" or self._sent == durability.requested:
                 continue
