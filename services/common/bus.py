@@ -575,7 +575,10 @@ class Bus:
                 correlation=correlation,
                 expiry=max(1, math.ceil(limit)),
             )
-            reply = await asyncio.wait_for(future, limit)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns a reply that arrives
+            # in the same step as a cancel of the caller and drops the cancel.
+            async with asyncio.timeout(limit):
+                reply = await future
         except TimeoutError:
             raise RequestTimeout(f"no reply on {topic} within {limit:g} s") from None
         finally:

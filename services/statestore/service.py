@@ -223,7 +223,8 @@ class StatestoreService:
             if due is not None:
                 timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._collect_now.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: 3.11's can drop a cancel
+                    await self._collect_now.wait()
             self._collect_now.clear()
 
     async def sweep(self) -> dict[str, Any]:
