@@ -35,6 +35,7 @@ from services.common import contract, topics
 from services.common.blobstore import BlobRef
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import BrokerConfig
+from services.common.states import InstanceState
 from services.executor import guest_log
 from services.executor.channel import ChannelError, Frame, FrameType, GuestError
 from services.executor.outputs import OutputLine
@@ -183,7 +184,7 @@ class Instance:
         self.app = app
         self.runtime = runtime
         self.spec = spec
-        self.state = "booting"
+        self.state: InstanceState = InstanceState.BOOTING
         self.applied = 0
         self.dropped = 0
         self.refused = 0
@@ -255,7 +256,7 @@ class Instance:
             await self.runtime.prepare(self.spec)
         else:
             self._adopt(await self.runtime.launch(self.spec))
-        self.state = "waiting"
+        self.state = InstanceState.WAITING
 
     def _adopt(self, guest: Guest) -> None:
         self.guest = guest
@@ -271,20 +272,20 @@ class Instance:
             reason = f"guest exited: {exited}"
         except Exception as exc:
             reason = f"guest channel lost: {exc}"
-        if self._stopping or self.guest is not guest or self.state == "paused":
+        if self._stopping or self.guest is not guest or self.state == InstanceState.PAUSED:
             return  # ours to end, replaced by a restored copy, or captured on purpose
         log.warning("%s: %s", self.instance_id, reason)
         self.exit_reason = guest_log.explain_guest(
             self.exit_reason or reason, self.spec.workdir, self.runtime
         )
-        self.state = "failed"
+        self.state = InstanceState.FAILED
         self._drained.set()
         await self._let_go()
         if self._on_failure is not None:
             self._on_failure(self)
 
     async def start_fresh(self, params: dict[str, Any]) -> None:
-        guest = self._require("waiting")
+        guest = self._require(InstanceState.WAITING)
         await guest.channel.start(params)
         await self.attach_input()
 
@@ -293,7 +294,7 @@ class Instance:
 
         Returns the wall-clock time (ms) at which input flows again: the end of downtime.
         """
-        guest = self._require("waiting")
+        guest = self._require(InstanceState.WAITING)
         await guest.channel.restore(document)
         for producer, seq in _watermark_of(document).items():
             self._producer(producer).last_seq = seq
@@ -303,7 +304,7 @@ class Instance:
 
     async def restore_image(self, image_file: Path) -> float:
         """Whole-image runtimes: rebuild the guest from its image, then take over the input."""
-        if self.state != "waiting":
+        if self.state != InstanceState.WAITING:
             raise InstanceError("wrong_state", f"instance {self.instance_id} is {self.state}")
         self._adopt(await self.runtime.launch_from(self.spec, image_file))
         self.restored_at = time.time() * 1000
@@ -315,12 +316,12 @@ class Instance:
 
         The session stays open (not forwarding) until ``release``: acknowledgements still need it.
         """
-        guest = self._require("serving")
+        guest = self._require(InstanceState.SERVING)
         paused_at = time.time() * 1000
         started = time.perf_counter()
         await self._stop_forwarding()
         async with self._capture:
-            self.state = "paused"
+            self.state = InstanceState.PAUSED
             self.paused_since = time.monotonic()
             drained = time.perf_counter()
             covers = self._sent
@@ -350,14 +351,14 @@ class Instance:
             # checkpoint's watermark covers: nothing is lost, only sent again.
             log.warning("%s: move checkpoint not recorded (%s)", self.instance_id, exc)
         finally:
-            if self.state == "paused":
+            if self.state == InstanceState.PAUSED:
                 await self._close_session()
 
     async def resume(self) -> None:
         """Roll back a checkpoint: the paused guest takes its input session back."""
-        if self.state == "serving":
+        if self.state == InstanceState.SERVING:
             return
-        guest = self._require("paused")
+        guest = self._require(InstanceState.PAUSED)
         if self.runtime.whole_image:
             self._adopt(await self.runtime.resume_captured(guest, self.spec))
         else:
@@ -367,7 +368,7 @@ class Instance:
 
     async def stop(self) -> None:
         """Stop the guest for good (idempotent); unacknowledged input stays with the broker."""
-        if self.state == "stopped":
+        if self.state == InstanceState.STOPPED:
             return
         self._stopping = True
         try:  # bounded: the whole stop must answer within the scheduler's request timeout
@@ -392,7 +393,7 @@ class Instance:
         await self.outputs.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self.state = "stopped"
+        self.state = InstanceState.STOPPED
 
     @contextlib.contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -403,7 +404,7 @@ class Instance:
         if took > SLOW_STAGE:
             log.warning("%s: %s took %.1f s", self.instance_id, stage, took)
 
-    def _require(self, state: str) -> Guest:
+    def _require(self, state: InstanceState) -> Guest:
         if self.state != state or self.guest is None:
             raise InstanceError(
                 "wrong_state",
@@ -442,12 +443,12 @@ class Instance:
         self._pump = asyncio.create_task(self._forward_input(session))
         if self._policy.durable and self._durable_task is None:
             self._durable_task = asyncio.create_task(self._keep_durable())
-        self.state = "serving"
+        self.state = InstanceState.SERVING
 
     def _session_lost(self, exc: BaseException) -> None:
-        if self.state != "serving" or self._stopping:
+        if self.state != InstanceState.SERVING or self._stopping:
             return  # paused for a move: the target took the session over, as planned
-        self.state = "detached"
+        self.state = InstanceState.DETACHED
         if self._pump is not None:
             self._pump.cancel()
         if self._on_session_lost is not None:
@@ -663,7 +664,7 @@ class Instance:
                 async with asyncio.timeout(interval):
                     await durability.wake.wait()
             durability.wake.clear()
-            if self.state != "serving" or self._sent == durability.requested:
+            if self.state != InstanceState.SERVING or self._sent == durability.requested:
                 continue
             try:
                 await self.checkpoint_now()
@@ -685,7 +686,7 @@ class Instance:
         holds it up. Returns the stored blob reference (None if the instance stopped serving).
         """
         async with self._capture:
-            if self.state != "serving" or self.guest is None:
+            if self.state != InstanceState.SERVING or self.guest is None:
                 return None
             covers = self._sent
             self._durability.requested = covers

@@ -16,12 +16,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from services.common.metrics import LATENCY_BUCKETS, MetricsServer
+from services.common.states import InstanceState
 
 if TYPE_CHECKING:
     from services.executor.instance import Instance
     from services.executor.service import Executor
 
-STATES = ("booting", "waiting", "serving", "paused", "detached", "failed", "stopped", "lost")
+STATES = tuple(state.value for state in InstanceState)
 
 #: Per-service counters: metric name, help, and how to read it from an instance.
 _PER_SERVICE_COUNTERS: tuple[tuple[str, str, Callable[[Instance], float]], ...] = (

@@ -34,6 +34,7 @@ from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.clients import StatestoreClient
 from services.common.config import FerryConfig
 from services.common.metrics import metrics_port
+from services.common.states import InstanceState, ServiceStatus
 from services.executor.channel import ChannelError, GuestError
 from services.executor.images import ImageCache
 from services.executor.instance import CheckpointPolicy, Instance, InstanceError
@@ -87,7 +88,7 @@ class Executor:
                 "instance": record["instance"],
                 "app": record.get("app") or "unknown",
                 "runtime": record.get("runtime") or "unix",
-                "state": "lost",
+                "state": InstanceState.LOST,
                 "reason": "its executor process ended (restart or crash) and took the guest along",
             }
             for record in leftovers
@@ -236,10 +237,17 @@ class Executor:
     async def _cmd_start(self, command: dict[str, Any]) -> dict[str, Any]:
         service, instance_id = command["service"], command["instance"]
         same = self.instances.get(instance_id)
-        if same is not None and same.service == service and same.state not in ("failed", "stopped"):
+        if (
+            same is not None
+            and same.service == service
+            and same.state not in (InstanceState.FAILED, InstanceState.STOPPED)
+        ):
             return {"state": same.state, "instance": instance_id}
         for existing in [i for i in self.instances.values() if i.service == service]:
-            if existing.state in ("failed", "stopped") or existing.instance_id == instance_id:
+            if (
+                existing.state in (InstanceState.FAILED, InstanceState.STOPPED)
+                or existing.instance_id == instance_id
+            ):
                 await self._stop(existing)  # a dead guest's leftovers go before its successor
             elif command["mode"] != "wait":
                 # Only a move's target (it waits for the state) may run beside a live instance
@@ -377,7 +385,7 @@ class Executor:
                 "image, and only when the service moves (suspend, migrate): there is no fresh "
                 "checkpoint to take; the app-level runtimes (unix, microvm) take them",
             )
-        if instance.state != "serving":
+        if instance.state != InstanceState.SERVING:
             raise RemoteError(
                 "not_serving",
                 f"{service}'s instance {instance.instance_id} on {self.node} is {instance.state}, "
@@ -411,7 +419,9 @@ class Executor:
         )
         started = time.perf_counter()
         ref = await self.store.put_bytes(key, blob)
-        if instance.state == "serving":  # a move's upload is observed by _cmd_checkpoint
+        if (
+            instance.state == InstanceState.SERVING
+        ):  # a move's upload is observed by _cmd_checkpoint
             self.metrics.observe_upload("durable", time.perf_counter() - started)
         return ref
 
@@ -446,7 +456,7 @@ class Executor:
         and says so, and its unacknowledged input belongs to the new owner.
         """
         delay = 0.2
-        while instance.state == "detached":
+        while instance.state == InstanceState.DETACHED:
             try:
                 record = await self._statestore().get_service(instance.service)
             except (RemoteError, BusError) as exc:
@@ -455,13 +465,13 @@ class Executor:
                 delay = min(delay * 2, 5.0)
                 continue
             async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
-                if instance.state != "detached":
+                if instance.state != InstanceState.DETACHED:
                     return
                 if record.get("instance") == instance.instance_id and record.get("status") in (
-                    "deploying",
-                    "serving",
-                    "migrating",
-                    "recovering",
+                    ServiceStatus.DEPLOYING,
+                    ServiceStatus.SERVING,
+                    ServiceStatus.MIGRATING,
+                    ServiceStatus.RECOVERING,
                 ):
                     try:
                         await instance.attach_input()
@@ -507,19 +517,19 @@ class Executor:
             record = await self._statestore().get_service(instance.service)
             if (
                 record.get("instance") != instance.instance_id
-                or record.get("status") != "migrating"
+                or record.get("status") != ServiceStatus.MIGRATING
             ):
                 return
             claimed = {k: v for k, v in record.items() if k != "time"}
             await self._statestore().put_service(
-                {**claimed, "status": "serving"},
-                expect={"instance": instance.instance_id, "status": "migrating"},
+                {**claimed, "status": ServiceStatus.SERVING},
+                expect={"instance": instance.instance_id, "status": ServiceStatus.MIGRATING},
             )
         except (RemoteError, BusError) as exc:
             log.warning("%s: cannot claim %s back yet: %s", self.node, instance.service, exc)
             return
         async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
-            if instance.state == "paused":
+            if instance.state == InstanceState.PAUSED:
                 await instance.resume()
                 await self._report(
                     instance.service,
@@ -624,9 +634,9 @@ class Executor:
     async def _cmd_stop(self, command: dict[str, Any]) -> dict[str, Any]:
         instance = self.instances.get(command["instance"])
         if instance is None or instance.service != command["service"]:
-            return {"state": "stopped", "already": True}
+            return {"state": InstanceState.STOPPED, "already": True}
         await self._stop(instance)
-        return {"state": "stopped", "applied": instance.applied}
+        return {"state": InstanceState.STOPPED, "applied": instance.applied}
 
     async def _stop(self, instance: Instance) -> None:
         await instance.stop()
