@@ -114,6 +114,10 @@ class Bus:
         self.broker = broker
         self.client_id = client_id
         self.reply_topic = topics.replies(broker.username or "anonymous", client_id)
+        # A consuming bus (manual acks: a service's input session, the statestore's) subscribes
+        # its reply topic on its first request, if it ever makes one, not on connect: an input
+        # session's attach (inside a migration's downtime) saves that round trip.
+        self._asks = not manual_ack
         self._will = will
         self._session_expiry = session_expiry
         self._manual_ack = manual_ack
@@ -292,23 +296,29 @@ class Bus:
         self._client = client
         self._generation += 1
         _open_queue(client)
-        await self._subscribe_on(client, self.reply_topic, 1)
-        for topic_filter, qos in self._subscriptions.items():
-            await self._subscribe_on(client, topic_filter, qos)
+        again = dict(self._subscriptions)
+        if self._asks:
+            again[self.reply_topic] = 1
+        if again:
+            await self._subscribe_on(client, list(again.items()))
 
-    async def _subscribe_on(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
-        """Subscribe, and fail loudly if the broker refuses (an ACL that does not allow it)."""
+    async def _subscribe_on(self, client: aiomqtt.Client, filters: list[tuple[str, int]]) -> None:
+        """Subscribe to all of ``filters`` in one SUBSCRIBE (one round trip), and fail loudly if
+        the broker refuses one (an ACL that does not allow it)."""
+        names = ", ".join(repr(f) for f, _ in filters)
         try:
-            granted = await client.subscribe(topic_filter, qos=qos)
+            granted = await client.subscribe(filters)
         except aiomqtt.MqttError as exc:
-            raise BusError(
-                f"{self.client_id}: subscribe to {topic_filter!r} failed: {exc}"
-            ) from exc
-        refused = [code for code in granted if _reason_value(code) >= 0x80]
+            raise BusError(f"{self.client_id}: subscribe to {names} failed: {exc}") from exc
+        refused = [
+            (topic_filter, code)
+            for (topic_filter, _), code in zip(filters, granted, strict=False)
+            if _reason_value(code) >= 0x80
+        ]
         if refused:
             raise BusError(
-                f"{self.client_id}: the broker refused the subscription to {topic_filter!r} "
-                f"({refused[0]!s}); not authorized for this login?"
+                f"{self.client_id}: the broker refused the subscription to {refused[0][0]!r} "
+                f"({refused[0][1]!s}); not authorized for this login?"
             )
 
     async def _read_forever(self) -> None:
@@ -524,12 +534,12 @@ class Bus:
                         del acks[mid]
         return results
 
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now and again after every reconnect."""
+    async def subscribe(self, *topic_filters: str, qos: int = 1) -> None:
+        """Subscribe now (all filters in one round trip) and again after every reconnect."""
         if self._client is None:
             raise BusError(f"{self.client_id}: not connected")
-        await self._subscribe_on(self._client, topic_filter, qos)
-        self._subscriptions[topic_filter] = qos
+        await self._subscribe_on(self._client, [(f, qos) for f in topic_filters])
+        self._subscriptions.update(dict.fromkeys(topic_filters, qos))
 
     async def unsubscribe(self, topic_filter: str) -> None:
         self._subscriptions.pop(topic_filter, None)
@@ -567,6 +577,11 @@ class Bus:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
         try:
+            if not self._asks:
+                if self._client is None:
+                    raise BusError(f"{self.client_id}: not connected")
+                await self._subscribe_on(self._client, [(self.reply_topic, 1)])
+                self._asks = True
             # A request nobody took up in time is void: the broker must not deliver it later.
             await self.publish(
                 topic,

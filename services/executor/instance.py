@@ -429,8 +429,9 @@ class Instance:
             )
             await session.__aenter__()
             try:
-                await session.subscribe(topics.app_input(self.service), qos=1)
-                await session.subscribe(topics.app_input_from(self.service, "+"), qos=1)
+                await session.subscribe(
+                    topics.app_input(self.service), topics.app_input_from(self.service, "+")
+                )
                 break
             except BusError:
                 # Taken from us between connect and subscribe (another client with the same
