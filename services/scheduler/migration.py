@@ -32,8 +32,9 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, now_ms
@@ -44,6 +45,26 @@ from services.scheduler.metrics import SchedulerMetrics
 log = logging.getLogger(__name__)
 
 FINAL_PHASES = ("committed", "rolled_back", "failed")
+#: s an event publish, or an idempotent call made to end a migration (status, stop, resume, a
+#: record), is tried again while the broker connection is down: the bus reconnects meanwhile,
+#: and a broker restart must not leave a migration open or undo one that was committed.
+BUS_RETRY = 30.0
+
+T = TypeVar("T")
+
+
+async def retrying(make: Callable[[], Awaitable[T]], limit: float = BUS_RETRY) -> T:
+    """``await make()``, again (with a growing pause) after each BusError until ``limit`` s."""
+    deadline = time.monotonic() + limit
+    delay = 0.1
+    while True:
+        try:
+            return await make()
+        except BusError:
+            if time.monotonic() + delay >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def new_migration_id() -> str:
@@ -141,7 +162,8 @@ class MigrationRunner:
             event["detail"] = detail
         if self.metrics is not None:
             self.metrics.on_event(event)
-        await self.bus.publish(topics.migration_events(plan.id), event)
+        # A repeat is harmless: the statestore keeps one event per (migration, phase, actor).
+        await retrying(lambda: self.bus.publish(topics.migration_events(plan.id), event))
 
     async def plan(self, plan: Plan) -> None:
         """Record the plan before anything moves (a restarted scheduler reads it back)."""
@@ -379,8 +401,9 @@ class MigrationRunner:
             # finds the record naming another instance and stops itself (fenced).
             detail["source_stop_error"] = f"node {plan.source} is offline"
         elif plan.source and plan.source_instance:
+            source, instance = plan.source, plan.source_instance
             try:
-                await self.executors.stop(plan.source, plan.service, plan.source_instance)
+                await retrying(lambda: self.executors.stop(source, plan.service, instance))
                 await self.emit(plan, "source_stopped", plan.source)
             except (RemoteError, BusError) as exc:
                 # The target serves and owns the input session; a source we cannot reach holds
@@ -394,10 +417,12 @@ class MigrationRunner:
 
     async def target_serving(self, plan: Plan) -> bool:
         """Does the target already run this plan's instance with input flowing?"""
-        if not plan.target or not plan.target_instance or self._gone(plan.target):
+        target = plan.target
+        if not target or not plan.target_instance or self._gone(target):
             return False
         try:
-            status = await self.executors.call(plan.target, "status")
+            # Not knowing is not "no": rolling back a target that serves loses what it applied.
+            status = await retrying(lambda: self.executors.call(target, "status"))
         except (RemoteError, BusError):
             return False
         return any(
@@ -407,6 +432,11 @@ class MigrationRunner:
 
     async def roll_back(self, plan: Plan, reason: str, forward: bool = True) -> dict[str, Any]:
         """Undo a failed plan so the source serves again; or finish it if the target serves."""
+        if plan.kind != "suspend" and await self._already_committed(plan):
+            # The commit was recorded and a later step failed (e.g. its event, in a broker
+            # restart): undoing it now would leave the record naming a target we stopped.
+            log.warning("%s: already committed; finishing the commit", plan.id)
+            return await self._commit(plan, {"finished_after": reason})
         if forward and plan.kind != "suspend" and await self.target_serving(plan):
             log.warning("%s: target already serving; rolling forward", plan.id)
             return await self._commit(plan, {"rolled_forward": reason})
@@ -417,8 +447,9 @@ class MigrationRunner:
             # that comes back finds the record naming another instance (fenced).
             notes["target_stop_error"] = f"node {plan.target} is offline"
         elif plan.target and plan.target_instance:
+            target, instance = plan.target, plan.target_instance
             try:
-                await self.executors.stop(plan.target, plan.service, plan.target_instance)
+                await retrying(lambda: self.executors.stop(target, plan.service, instance))
             except (RemoteError, BusError) as exc:
                 notes["target_stop_error"] = str(exc)
         status = {"resume": "suspended", "recover": "failed"}.get(plan.kind, "serving")
@@ -433,17 +464,20 @@ class MigrationRunner:
             notes["source_resume_error"] = f"node {plan.source} is offline"
             status = "failed"  # and the scheduler recovers it from its latest checkpoint
         elif plan.source and plan.source_instance and plan.kind != "recover":
+            source, instance = plan.source, plan.source_instance
             try:
-                await self.executors.resume(plan.source, plan.service, plan.source_instance)
+                await retrying(lambda: self.executors.resume(source, plan.service, instance))
             except (RemoteError, BusError) as exc:
                 notes["source_resume_error"] = str(exc)
                 status = "failed"
         with contextlib.suppress(RemoteError, BusError):
             # Only while the record still names the source: a source that claimed its service
             # back on its own, or a later plan, has already written what is true.
-            await self.store.put_service(
-                {**plan.record, "status": status},
-                expect={"instance": plan.record.get("instance")},
+            await retrying(
+                lambda: self.store.put_service(
+                    {**plan.record, "status": status},
+                    expect={"instance": plan.record.get("instance")},
+                )
             )
         notes["outcome_status"] = status
         notes["total_ms"] = self._total_ms(plan)
@@ -470,11 +504,13 @@ class MigrationRunner:
     async def _already_committed(self, plan: Plan) -> bool:
         """A commit refused because it already happened (its reply was lost, or a scheduler
         died right after it): the record names this plan's target instance."""
+        if not plan.target_instance:
+            return False
         try:
-            record = await self.store.get_service(plan.service)
+            record = await retrying(lambda: self.store.get_service(plan.service))
         except (RemoteError, BusError):
             return False
-        return bool(record.get("instance") == plan.target_instance and plan.target_instance)
+        return bool(record.get("instance") == plan.target_instance)
 
     def _gone(self, node: str) -> bool:
         """Known to be offline (its last will): asking it anything would only wait out a timeout."""
