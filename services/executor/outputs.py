@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 BATCH = 2000
 #: Most batches out at once (waiting for their PUBACKs).
 IN_FLIGHT = 3
+#: While a batch is out, another goes out only once this many outputs wait: a handful would
+#: cost more in per-batch work than it saves, and waits for the batch ahead instead.
+PIPELINE_MIN = 100
 #: Pause before sending again after a failed publish (the bus reconnects meanwhile).
 RETRY_PAUSE = 0.2
 
@@ -113,10 +116,13 @@ class OutputLine:
                 batch.task.cancel()
 
     def _can_hand_out(self) -> bool:
+        ready = len(self._waiting) - self._handed
+        if not self._out:
+            return ready > 0
         return (
-            self._handed < len(self._waiting)
+            ready >= PIPELINE_MIN
             and len(self._out) < IN_FLIGHT
-            and (not self._out or self._out[-1].generation == self._bus.generation)
+            and self._out[-1].generation == self._bus.generation
         )
 
     def _hand_out(self) -> None:

@@ -157,7 +157,9 @@ async def feed(line: OutputLine, service: str, n: int, rate: float) -> None:
 async def test_outputs_go_out_pipelined_and_in_order(
     infra: FerryConfig, line: tuple[OutputLine, Bus], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(outputs_module, "BATCH", 50)  # many batches, so the pipeline fills
+    # many small batches, each sent as soon as there are a few: the pipeline fills
+    monkeypatch.setattr(outputs_module, "BATCH", 50)
+    monkeypatch.setattr(outputs_module, "PIPELINE_MIN", 5)
     outputs, _ = line
     service = f"line-{uuid.uuid4().hex[:5]}"
     async with Received(infra, service) as received:
@@ -182,6 +184,7 @@ async def test_a_broker_failure_with_batches_in_flight_loses_and_reorders_nothin
     the broker), or Mosquitto restarts (SIGTERM: it keeps what it acknowledged). Every output
     arrives, the first arrivals in submit order, and confirmation reaches the end."""
     monkeypatch.setattr(outputs_module, "BATCH", 50)
+    monkeypatch.setattr(outputs_module, "PIPELINE_MIN", 5)
     outputs, bus = line
     service = f"line-{uuid.uuid4().hex[:5]}"
     n = 20000
