@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from services.common import topics
-from services.common.bus import Bus, BusError, RemoteError, now_ms
+from services.common.bus import Bus, BusError, RemoteError, RequestTimeout, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
@@ -54,12 +54,19 @@ T = TypeVar("T")
 
 
 async def retrying(make: Callable[[], Awaitable[T]], limit: float = BUS_RETRY) -> T:
-    """``await make()``, again (with a growing pause) after each BusError until ``limit`` s."""
+    """``await make()``, again (with a growing pause) after each BusError until ``limit`` s.
+
+    Not after a RequestTimeout: that request reached the broker and its addressee had the whole
+    timeout to answer (a node killed without its will heard yet must cost one timeout, not the
+    retries too).
+    """
     deadline = time.monotonic() + limit
     delay = 0.1
     while True:
         try:
             return await make()
+        except RequestTimeout:
+            raise
         except BusError:
             if time.monotonic() + delay >= deadline:
                 raise
