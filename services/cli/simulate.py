@@ -122,6 +122,11 @@ class Simulator:
         self._broker = broker
         self._client: mqtt.Client | None = None
         self._subscribed = threading.Event()
+        #: Publishes waiting for their PUBACK, and whether new readings may go out (see
+        #: ``_after_reconnect``).
+        self._unacked = 0
+        self._in_order = threading.Event()
+        self._in_order.set()
 
     def start(self) -> None:
         """Connect, subscribe to the outputs, and start publishing in a background thread."""
@@ -129,6 +134,8 @@ class Simulator:
             self._broker, f"ferry-sim-{uuid.uuid4().hex[:8]}", on_message=self._on_output
         )
         self._client.on_subscribe = lambda *args: self._subscribed.set()
+        self._client.on_publish = self._on_puback
+        self._client.on_disconnect = lambda *args: self._in_order.clear()
         self._client.subscribe(
             [
                 (topics.app_output(self.service), 1),
@@ -160,9 +167,32 @@ class Simulator:
             {"producer": producer, "seq": seq, "data": reading, "sent": time.time_ns() // 10**6}
         )
         assert self._client is not None, "start() first"
+        with self._lock:
+            self._unacked += 1
         # Each device on its own input topic, as real devices do (asyncapi.yaml appInputFrom).
         topic = topics.app_input_from(self.service, producer)
         return self._client.publish(topic, body, qos=1)
+
+    def _on_puback(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._lock:
+            self._unacked -= 1
+
+    def _after_reconnect(self) -> None:
+        """Hold new readings until what was unacknowledged at the disconnect is acknowledged.
+
+        Why: paho sends its backlog again only once the CONNACK is in, but a publish made
+        between its CONNECT and the CONNACK goes out at once, ahead of that backlog; the service
+        would then drop the backlog as below the producer's watermark (a real device must keep
+        its readings in order too). Readings held meanwhile go out afterwards, in order.
+        """
+        assert self._client is not None
+        while not self._stop.is_set():
+            with self._lock:
+                caught_up = self._unacked <= 0
+            if self._client.is_connected() and caught_up:
+                self._in_order.set()
+                return
+            self._stop.wait(0.01)
 
     def _publish_loop(self) -> None:
         if self.rate <= 0:
@@ -172,6 +202,8 @@ class Simulator:
         for producer in itertools.cycle(self.producers):
             if self._stop.is_set():
                 return
+            if not self._in_order.is_set():
+                self._after_reconnect()
             self._publish_one(producer)
             next_at += interval
             delay = next_at - time.perf_counter()

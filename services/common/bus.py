@@ -333,6 +333,7 @@ class Bus:
             except aiomqtt.MqttError as exc:
                 if self._closing:
                     return
+                self._fail_unconfirmed()
                 with contextlib.suppress(Exception):
                     await client.__aexit__(None, None, None)
                 if self._on_lost is not None:
@@ -344,6 +345,15 @@ class Bus:
                 await self._connect()
                 if self._announcements:
                     self._in_background(self._announce_again())
+
+    def _fail_unconfirmed(self) -> None:
+        """The connection is gone: the PUBACKs ``publish_many`` waits for will never come, so
+        its batches end now (as not confirmed) instead of at PUBLISH_TIMEOUT."""
+        waiting = list(self._acks.values())
+        self._acks.clear()  # the old client's callback holds this dict: a late PUBACK is void
+        for batch, _index in waiting:
+            if not batch.done.done():
+                batch.done.set_result(None)
 
     async def _announce_again(self) -> None:
         for topic, make_payload in list(self._announcements.items()):
@@ -554,6 +564,12 @@ class Bus:
     def pending(self) -> int:
         """Received messages not yet taken from ``messages()``."""
         return self._inbox.qsize()
+
+    @property
+    def generation(self) -> int:
+        """Connections made so far. Messages handed to an earlier one may be lost, so a sender
+        that pipelines must not hand more to a new one until those are settled."""
+        return self._generation
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge a QoS 1 message (manual-ack buses only; a no-op otherwise).

@@ -32,18 +32,46 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from services.common import topics
-from services.common.bus import Bus, BusError, RemoteError, now_ms
+from services.common.bus import Bus, BusError, RemoteError, RequestTimeout, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
 from services.common.states import Phase, ServiceStatus
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger(__name__)
+
+#: s an event publish, or an idempotent call made to end a migration (status, stop, resume, a
+#: record), is tried again while the broker connection is down: the bus reconnects meanwhile,
+#: and a broker restart must not leave a migration open or undo one that was committed.
+BUS_RETRY = 30.0
+
+T = TypeVar("T")
+
+
+async def retrying(make: Callable[[], Awaitable[T]], limit: float = BUS_RETRY) -> T:
+    """``await make()``, again (with a growing pause) after each BusError until ``limit`` s.
+
+    Not after a RequestTimeout: that request reached the broker and its addressee had the whole
+    timeout to answer (a node killed without its will heard yet must cost one timeout, not the
+    retries too).
+    """
+    deadline = time.monotonic() + limit
+    delay = 0.1
+    while True:
+        try:
+            return await make()
+        except RequestTimeout:
+            raise
+        except BusError:
+            if time.monotonic() + delay >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def new_migration_id() -> str:
@@ -147,7 +175,8 @@ class MigrationRunner:
             self.on_serving(plan)
         if self.metrics is not None:
             self.metrics.on_event(event)
-        await self.bus.publish(topics.migration_events(plan.id), event)
+        # A repeat is harmless: the statestore keeps one event per (migration, phase, actor).
+        await retrying(lambda: self.bus.publish(topics.migration_events(plan.id), event))
 
     async def plan(self, plan: Plan) -> None:
         """Record the plan before anything moves (a restarted scheduler reads it back)."""
@@ -385,8 +414,9 @@ class MigrationRunner:
             # finds the record naming another instance and stops itself (fenced).
             detail["source_stop_error"] = f"node {plan.source} is offline"
         elif plan.source and plan.source_instance:
+            source, instance = plan.source, plan.source_instance
             try:
-                await self.executors.stop(plan.source, plan.service, plan.source_instance)
+                await retrying(lambda: self.executors.stop(source, plan.service, instance))
                 await self.emit(plan, Phase.SOURCE_STOPPED, plan.source)
             except (RemoteError, BusError) as exc:
                 # The target serves and owns the input session; a source we cannot reach holds
@@ -400,10 +430,12 @@ class MigrationRunner:
 
     async def target_serving(self, plan: Plan) -> bool:
         """Does the target already run this plan's instance with input flowing?"""
-        if not plan.target or not plan.target_instance or self._gone(plan.target):
+        target = plan.target
+        if not target or not plan.target_instance or self._gone(target):
             return False
         try:
-            status = await self.executors.call(plan.target, "status")
+            # Not knowing is not "no": rolling back a target that serves loses what it applied.
+            status = await retrying(lambda: self.executors.call(target, "status"))
         except (RemoteError, BusError):
             return False
         return any(
@@ -413,6 +445,11 @@ class MigrationRunner:
 
     async def roll_back(self, plan: Plan, reason: str, forward: bool = True) -> dict[str, Any]:
         """Undo a failed plan so the source serves again; or finish it if the target serves."""
+        if plan.kind != "suspend" and await self._already_committed(plan):
+            # The commit was recorded and a later step failed (e.g. its event, in a broker
+            # restart): undoing it now would leave the record naming a target we stopped.
+            log.warning("%s: already committed; finishing the commit", plan.id)
+            return await self._commit(plan, {"finished_after": reason})
         if forward and plan.kind != "suspend" and await self.target_serving(plan):
             log.warning("%s: target already serving; rolling forward", plan.id)
             return await self._commit(plan, {"rolled_forward": reason})
@@ -423,8 +460,9 @@ class MigrationRunner:
             # that comes back finds the record naming another instance (fenced).
             notes["target_stop_error"] = f"node {plan.target} is offline"
         elif plan.target and plan.target_instance:
+            target, instance = plan.target, plan.target_instance
             try:
-                await self.executors.stop(plan.target, plan.service, plan.target_instance)
+                await retrying(lambda: self.executors.stop(target, plan.service, instance))
             except (RemoteError, BusError) as exc:
                 notes["target_stop_error"] = str(exc)
         status = {"resume": ServiceStatus.SUSPENDED, "recover": ServiceStatus.FAILED}.get(
@@ -443,17 +481,20 @@ class MigrationRunner:
                 ServiceStatus.FAILED
             )  # and the scheduler recovers it from its latest checkpoint
         elif plan.source and plan.source_instance and plan.kind != "recover":
+            source, instance = plan.source, plan.source_instance
             try:
-                await self.executors.resume(plan.source, plan.service, plan.source_instance)
+                await retrying(lambda: self.executors.resume(source, plan.service, instance))
             except (RemoteError, BusError) as exc:
                 notes["source_resume_error"] = str(exc)
                 status = ServiceStatus.FAILED
         with contextlib.suppress(RemoteError, BusError):
             # Only while the record still names the source: a source that claimed its service
             # back on its own, or a later plan, has already written what is true.
-            await self.store.put_service(
-                {**plan.record, "status": status},
-                expect={"instance": plan.record.get("instance")},
+            await retrying(
+                lambda: self.store.put_service(
+                    {**plan.record, "status": status},
+                    expect={"instance": plan.record.get("instance")},
+                )
             )
         notes["outcome_status"] = status
         notes["total_ms"] = self._total_ms(plan)
@@ -480,11 +521,13 @@ class MigrationRunner:
     async def _already_committed(self, plan: Plan) -> bool:
         """A commit refused because it already happened (its reply was lost, or a scheduler
         died right after it): the record names this plan's target instance."""
+        if not plan.target_instance:
+            return False
         try:
-            record = await self.store.get_service(plan.service)
+            record = await retrying(lambda: self.store.get_service(plan.service))
         except (RemoteError, BusError):
             return False
-        return bool(record.get("instance") == plan.target_instance and plan.target_instance)
+        return bool(record.get("instance") == plan.target_instance)
 
     def _gone(self, node: str) -> bool:
         """Known to be offline (its last will): asking it anything would only wait out a timeout."""

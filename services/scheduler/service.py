@@ -34,7 +34,7 @@ from services.common.metrics import metrics_port
 from services.common.states import Phase, ServiceStatus
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
-from services.scheduler.migration import MigrationRunner, Plan, new_migration_id
+from services.scheduler.migration import MigrationRunner, Plan, new_migration_id, retrying
 
 log = logging.getLogger(__name__)
 
@@ -792,7 +792,7 @@ class Scheduler:
         """Finish or roll back the migrations a previous scheduler left unfinished."""
         assert self.runner is not None and self.store is not None
         try:
-            open_migrations = await self.store.open_migrations()
+            open_migrations = await retrying(self.store.open_migrations)
         except (RemoteError, BusError) as exc:
             log.error("cannot read unfinished migrations from the statestore: %s", exc)
             return
