@@ -15,13 +15,29 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.executor.channel import GuestChannel
+
+#: How long a guest may take to say HELLO, whichever runtime started or rebuilt it: a TCG boot
+#: on a loaded node is the slowest case.
+HELLO_TIMEOUT = 20.0
 
 
 class GuestRuntimeError(Exception):
     """A runtime could not launch, capture or restore a guest; the message says which and why."""
+
+
+async def await_hello(channel: GuestChannel, who: str, hint: str) -> dict[str, Any]:
+    """The guest's HELLO; if it does not come within ``HELLO_TIMEOUT`` (or the channel fails),
+    a GuestRuntimeError naming ``who`` and ``hint`` (where its output is). The caller ends the
+    guest: only the runtime knows how."""
+    try:
+        return await asyncio.wait_for(channel.hello(), HELLO_TIMEOUT)
+    except Exception as exc:
+        raise GuestRuntimeError(
+            f"{who} did not greet within {HELLO_TIMEOUT:g} s ({type(exc).__name__}: {exc}); {hint}"
+        ) from exc
 
 
 @dataclass
@@ -89,8 +105,6 @@ class AppLevelRuntime:
 
     name = "app-level"
     whole_image = False
-    #: How long a freshly started guest may take to say HELLO.
-    hello_timeout = 10.0
     #: The file in the instance's workdir where the guest's own output goes.
     log_name = "guest.log"
 
@@ -101,13 +115,14 @@ class AppLevelRuntime:
         """``guest`` once it said HELLO; if it does not in time, it is ended and the error
         says where its output is."""
         try:
-            await asyncio.wait_for(guest.channel.hello(), self.hello_timeout)
-        except Exception as exc:
+            await await_hello(
+                guest.channel,
+                f"{spec.app} ({spec.image.name})",
+                f"see {spec.workdir / self.log_name}",
+            )
+        except GuestRuntimeError:
             await self.terminate(guest)
-            raise GuestRuntimeError(
-                f"{spec.app} ({spec.image.name}) did not greet within {self.hello_timeout:g} s "
-                f"({type(exc).__name__}: {exc}); see {spec.workdir / self.log_name}"
-            ) from exc
+            raise
         return guest
 
     async def prepare(self, spec: LaunchSpec) -> None:

@@ -94,7 +94,6 @@ class MicrovmRuntime(AppLevelRuntime):
     """Runs guests as unikernels in QEMU microvm with the given accelerator."""
 
     name = "microvm"
-    hello_timeout = 20.0  # TCG boots take longer on a loaded node
     log_name = "console.log"
 
     def __init__(self, accel: str) -> None:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 from services.executor import podman
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec, await_hello
 
 ARCHIVE_NAME = "checkpoint.tar.zst"
-HELLO_TIMEOUT = 10.0
 
 
 async def podman_available() -> tuple[bool, str]:
@@ -125,16 +124,21 @@ class PodmanRuntime:
 
     async def _connect(self, spec: LaunchSpec, name: str, port: int, state: str) -> Guest:
         """Connect to the container's app and read its HELLO (``state`` as expected)."""
+        hint = f"see `podman logs {name}`"
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            channel = GuestChannel(reader, writer)
-            hello = await asyncio.wait_for(channel.hello(), HELLO_TIMEOUT)
-        except Exception as exc:
+        except OSError as exc:
             await podman.remove(name, quiet=True)
             raise GuestRuntimeError(
-                f"{name} on port {port} did not greet ({type(exc).__name__}: {exc}); "
-                f"see `podman logs {name}`"
+                f"cannot connect to {name} on port {port}: {exc}; {hint}"
             ) from exc
+        channel = GuestChannel(reader, writer)
+        try:
+            hello = await await_hello(channel, f"{name} on port {port}", hint)
+        except GuestRuntimeError:
+            await channel.close()
+            await podman.remove(name, quiet=True)
+            raise
         if hello.get("app") != spec.app or hello.get("state") != state:
             await channel.close()
             await podman.remove(name, quiet=True)

@@ -26,7 +26,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec, await_hello
 from services.executor.runtimes.microvm import (
     CHANNEL_ID,
     MicrovmRuntime,
@@ -37,7 +37,6 @@ from services.executor.runtimes.microvm import (
 SNAPSHOT_NAME = "snapshot.bin"
 MIGRATE_TIMEOUT = 60.0
 INCOMING_TIMEOUT = 60.0
-HELLO_TIMEOUT = 10.0
 DISCONNECT_TIMEOUT = 5.0
 _POLL = 0.002
 
@@ -115,7 +114,11 @@ class SnapshotRuntime:
         try:
             await _wait_incoming(guest, spec)
             await _qmp_of(guest).execute("cont")
-            await asyncio.wait_for(guest.channel.hello(), HELLO_TIMEOUT)
+            await await_hello(
+                guest.channel,
+                f"{spec.instance} restored from {image_file.name}",
+                f"see {spec.workdir / self._vm.log_name}",
+            )
         except Exception as exc:
             await self._vm.terminate(guest)
             if isinstance(exc, GuestRuntimeError):
@@ -143,10 +146,8 @@ class SnapshotRuntime:
             raise GuestRuntimeError(f"cannot resume {spec.instance}: {exc}") from exc
         await guest.channel.close()
         guest.channel = GuestChannel(reader, writer)
-        try:
-            await asyncio.wait_for(guest.channel.hello(), HELLO_TIMEOUT)
-        except Exception as exc:
-            raise GuestRuntimeError(f"{spec.instance} did not greet after resume: {exc}") from exc
+        log = spec.workdir / self._vm.log_name
+        await await_hello(guest.channel, f"{spec.instance} after resume", f"see {log}")
         guest.detail.pop("captured", None)
         return guest
 
