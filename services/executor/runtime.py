@@ -13,7 +13,7 @@ know which runtime it is driving.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,11 +54,12 @@ class LaunchSpec:
 
 @dataclass
 class Guest:
-    """A launched guest: its channel plus whatever the runtime must keep to manage it."""
+    """A launched guest: its channel. Each runtime subclasses it with what it must keep to
+    manage its guests (a process, a QMP connection, a container name), as typed fields."""
 
     channel: GuestChannel
+    #: The process group a restarted executor ends (``record_instance``), if the guest has one.
     pid: int | None = None
-    detail: dict[str, object] = field(default_factory=dict)
 
 
 class Runtime(Protocol):

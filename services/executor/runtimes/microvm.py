@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemu.qmp import QMPClient
@@ -90,6 +91,16 @@ async def connect_when_listening(
         await asyncio.sleep(0.002)
 
 
+@dataclass
+class VmGuest(Guest):
+    """A microvm guest: its QEMU process, its QMP connection (None once terminated) and the
+    directory of its channel and QMP sockets."""
+
+    process: asyncio.subprocess.Process = field(kw_only=True)
+    qmp: QMPClient | None = field(kw_only=True)
+    sockets: Path = field(kw_only=True)
+
+
 class MicrovmRuntime(AppLevelRuntime):
     """Runs guests as unikernels in QEMU microvm with the given accelerator."""
 
@@ -99,7 +110,7 @@ class MicrovmRuntime(AppLevelRuntime):
     def __init__(self, accel: str) -> None:
         self.accel = accel
 
-    async def spawn(self, spec: LaunchSpec, extra: list[str] | None = None) -> Guest:
+    async def spawn(self, spec: LaunchSpec, extra: list[str] | None = None) -> VmGuest:
         """Start QEMU and connect channel + QMP; does not wait for HELLO."""
         sockets = socket_dir()
         log = (spec.workdir / "qemu.log").open("ab")
@@ -126,10 +137,12 @@ class MicrovmRuntime(AppLevelRuntime):
             await _kill(process)
             shutil.rmtree(sockets, ignore_errors=True)
             raise GuestRuntimeError(f"{exc}: {tail_log(spec.workdir / 'qemu.log')}") from exc
-        return Guest(
+        return VmGuest(
             channel=GuestChannel(reader, writer),
             pid=process.pid,
-            detail={"process": process, "qmp": qmp, "sockets": sockets},
+            process=process,
+            qmp=qmp,
+            sockets=sockets,
         )
 
     async def launch(self, spec: LaunchSpec) -> Guest:
@@ -137,22 +150,19 @@ class MicrovmRuntime(AppLevelRuntime):
 
     async def terminate(self, guest: Guest) -> None:
         await guest.channel.close()
-        qmp = guest.detail.pop("qmp", None)
-        if isinstance(qmp, QMPClient):
+        if not isinstance(guest, VmGuest):
+            return
+        qmp, guest.qmp = guest.qmp, None
+        if qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(qmp.execute("quit"), 1.0)
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
-        process = guest.detail.get("process")
-        if not isinstance(process, asyncio.subprocess.Process):
-            return
         try:
-            await asyncio.wait_for(process.wait(), 2.0)
+            await asyncio.wait_for(guest.process.wait(), 2.0)
         except TimeoutError:
-            await _kill(process)
-        sockets = guest.detail.get("sockets")
-        if isinstance(sockets, Path):
-            shutil.rmtree(sockets, ignore_errors=True)
+            await _kill(guest.process)
+        shutil.rmtree(guest.sockets, ignore_errors=True)
 
 
 def tail_log(log: Path, lines: int = 5) -> str:

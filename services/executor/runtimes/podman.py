@@ -12,6 +12,7 @@ image ID for the same binary on every node, which is what lets the restore find 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.executor import podman
@@ -28,6 +29,18 @@ async def podman_available() -> tuple[bool, str]:
 
 def container_name(instance: str) -> str:
     return f"ferry-{instance}"
+
+
+@dataclass
+class ContainerGuest(Guest):
+    """A podman guest: its container, the port its app listens on, and (after ``capture``)
+    the checkpoint archive ``resume_captured`` restores it from."""
+
+    container: str = field(kw_only=True)
+    port: int = field(kw_only=True)
+    captured: Path | None = field(default=None, kw_only=True)
+    #: How long podman took for the last ``capture`` (its own report).
+    checkpoint_seconds: float | None = field(default=None, kw_only=True)
 
 
 class PodmanRuntime:
@@ -62,7 +75,8 @@ class PodmanRuntime:
 
     async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
         """Disconnect and checkpoint the container to ``spec.workdir``; it is stopped after."""
-        name, _ = _container_of(guest)
+        container = _container_of(guest)
+        name = container.container
         await guest.channel.close()
         archive = spec.workdir / ARCHIVE_NAME
         archive.unlink(missing_ok=True)
@@ -70,8 +84,8 @@ class PodmanRuntime:
             result = await podman.checkpoint_export(name, archive)
         except podman.PodmanError as exc:
             raise GuestRuntimeError(f"checkpoint of {name} failed: {exc}") from exc
-        guest.detail["captured"] = archive
-        guest.detail["checkpoint_seconds"] = result.seconds
+        container.captured = archive
+        container.checkpoint_seconds = result.seconds
         return archive
 
     async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
@@ -102,9 +116,9 @@ class PodmanRuntime:
 
     async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
         """Rollback: the checkpoint stopped the source; restore the same archive under its name."""
-        name, port = _container_of(guest)
-        archive = guest.detail.get("captured")
-        if not isinstance(archive, Path):
+        container = _container_of(guest)
+        name, port, archive = container.container, container.port, container.captured
+        if archive is None:
             raise GuestRuntimeError(f"{name} was not captured: nothing to resume from")
         podman.become_subreaper()
         try:
@@ -112,17 +126,14 @@ class PodmanRuntime:
             await podman.restore_import(archive, name, port)
         except podman.PodmanError as exc:
             raise GuestRuntimeError(f"cannot resume {name} from {archive.name}: {exc}") from exc
-        resumed = await self._connect(spec, name, port, "running")
-        resumed.detail["captured"] = None
-        return resumed
+        return await self._connect(spec, name, port, "running")
 
     async def terminate(self, guest: Guest) -> None:
         await guest.channel.close()
-        name = guest.detail.get("container")
-        if isinstance(name, str):
-            await podman.remove(name, quiet=True)
+        if isinstance(guest, ContainerGuest):
+            await podman.remove(guest.container, quiet=True)
 
-    async def _connect(self, spec: LaunchSpec, name: str, port: int, state: str) -> Guest:
+    async def _connect(self, spec: LaunchSpec, name: str, port: int, state: str) -> ContainerGuest:
         """Connect to the container's app and read its HELLO (``state`` as expected)."""
         hint = f"see `podman logs {name}`"
         try:
@@ -146,7 +157,7 @@ class PodmanRuntime:
                 f"{name} on port {port} greeted as {hello.get('app')!r} in state "
                 f"{hello.get('state')!r}; expected {spec.app!r} in state {state!r}"
             )
-        return Guest(channel=channel, detail={"container": name, "port": port})
+        return ContainerGuest(channel=channel, container=name, port=port)
 
     async def _ensure_image(self, spec: LaunchSpec) -> str:
         """The ID of the app's image, built into local storage if missing."""
@@ -164,8 +175,7 @@ class PodmanRuntime:
         return known
 
 
-def _container_of(guest: Guest) -> tuple[str, int]:
-    name, port = guest.detail.get("container"), guest.detail.get("port")
-    if not isinstance(name, str) or not isinstance(port, int):
+def _container_of(guest: Guest) -> ContainerGuest:
+    if not isinstance(guest, ContainerGuest):
         raise GuestRuntimeError("guest was not started by the podman runtime")
-    return name, port
+    return guest

@@ -30,6 +30,7 @@ from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec, awai
 from services.executor.runtimes.microvm import (
     CHANNEL_ID,
     MicrovmRuntime,
+    VmGuest,
     connect_when_listening,
     tail_log,
 )
@@ -51,7 +52,7 @@ class SnapshotRuntime:
         self.accel = accel
         self._vm = MicrovmRuntime(accel)
         # instance -> (spec it was spawned for, QEMU waiting in ``-incoming defer``)
-        self._prepared: dict[str, tuple[LaunchSpec, Guest]] = {}
+        self._prepared: dict[str, tuple[LaunchSpec, VmGuest]] = {}
 
     async def launch(self, spec: LaunchSpec) -> Guest:
         return await self._vm.launch(spec)
@@ -93,7 +94,6 @@ class SnapshotRuntime:
                 f"snapshot of {spec.instance} ended {status.get('status')}: "
                 f"{status.get('error-desc', 'no reason given')}"
             )
-        guest.detail["captured"] = image
         return image
 
     async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
@@ -131,33 +131,34 @@ class SnapshotRuntime:
 
     async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
         """Rollback: ``cont`` the paused source VM and connect a new channel to it."""
-        qmp = _qmp_of(guest)
-        sockets = guest.detail.get("sockets")
-        if not isinstance(sockets, Path):
-            raise GuestRuntimeError(f"{spec.instance}: no channel socket to reconnect to")
+        vm = _vm_of(guest)
+        qmp = _qmp_of(vm)
         try:
             status = await _query(qmp, "query-status")
             if not status.get("running"):
                 await qmp.execute("cont")
-            reader, writer = await connect_when_listening(
-                sockets / "channel.sock", _process_of(guest)
-            )
+            reader, writer = await connect_when_listening(vm.sockets / "channel.sock", vm.process)
         except Exception as exc:
             raise GuestRuntimeError(f"cannot resume {spec.instance}: {exc}") from exc
-        await guest.channel.close()
-        guest.channel = GuestChannel(reader, writer)
+        await vm.channel.close()
+        vm.channel = GuestChannel(reader, writer)
         log = spec.workdir / self._vm.log_name
-        await await_hello(guest.channel, f"{spec.instance} after resume", f"see {log}")
-        guest.detail.pop("captured", None)
-        return guest
+        await await_hello(vm.channel, f"{spec.instance} after resume", f"see {log}")
+        return vm
 
     async def terminate(self, guest: Guest) -> None:
         await self._vm.terminate(guest)
 
 
+def _vm_of(guest: Guest) -> VmGuest:
+    if not isinstance(guest, VmGuest):
+        raise GuestRuntimeError("guest was not started by a microvm runtime")
+    return guest
+
+
 def _qmp_of(guest: Guest) -> QMPClient:
-    qmp = guest.detail.get("qmp")
-    if not isinstance(qmp, QMPClient):
+    qmp = _vm_of(guest).qmp
+    if qmp is None:
         raise GuestRuntimeError("guest has no QMP connection (already terminated?)")
     return qmp
 
@@ -173,13 +174,6 @@ async def _query(qmp: QMPClient, command: str) -> dict[str, Any]:
 def _same_vm(a: LaunchSpec, b: LaunchSpec) -> bool:
     """Whether a QEMU spawned for ``a`` has the command line ``b`` needs."""
     return (a.image, a.memory_mb, a.workdir) == (b.image, b.memory_mb, b.workdir)
-
-
-def _process_of(guest: Guest) -> asyncio.subprocess.Process:
-    process = guest.detail.get("process")
-    if not isinstance(process, asyncio.subprocess.Process):
-        raise GuestRuntimeError("guest has no QEMU process (already terminated?)")
-    return process
 
 
 async def _wait_disconnected(qmp: QMPClient) -> None:
@@ -220,14 +214,14 @@ async def _wait_migrated(qmp: QMPClient) -> dict[str, Any]:
         await asyncio.sleep(_POLL)
 
 
-async def _wait_incoming(guest: Guest, spec: LaunchSpec) -> None:
+async def _wait_incoming(guest: VmGuest, spec: LaunchSpec) -> None:
     """Wait until QEMU loaded the stream; it then sits ``paused`` (the source was stopped)."""
     qmp = _qmp_of(guest)
-    process = guest.detail.get("process")
+    process = guest.process
     loop = asyncio.get_running_loop()
     deadline = loop.time() + INCOMING_TIMEOUT
     while True:
-        if isinstance(process, asyncio.subprocess.Process) and process.returncode is not None:
+        if process.returncode is not None:
             raise GuestRuntimeError(
                 f"QEMU exited with code {process.returncode} while loading the snapshot: "
                 f"{tail_log(spec.workdir / 'qemu.log')}"
