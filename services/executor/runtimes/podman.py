@@ -17,7 +17,13 @@ from pathlib import Path
 
 from services.executor import podman
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec, await_hello
+from services.executor.runtime import (
+    Guest,
+    GuestRuntimeError,
+    LaunchSpec,
+    WholeImageRuntime,
+    await_hello,
+)
 
 ARCHIVE_NAME = "checkpoint.tar.zst"
 
@@ -43,11 +49,10 @@ class ContainerGuest(Guest):
     checkpoint_seconds: float | None = field(default=None, kw_only=True)
 
 
-class PodmanRuntime:
+class PodmanRuntime(WholeImageRuntime):
     """Runs guests as rootful runc containers; moves them with ``podman container checkpoint``."""
 
     name = "podman"
-    whole_image = True
 
     def __init__(self) -> None:
         # (binary path, size, mtime_ns) -> image ID known to exist in local storage

@@ -26,7 +26,13 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec, await_hello
+from services.executor.runtime import (
+    Guest,
+    GuestRuntimeError,
+    LaunchSpec,
+    WholeImageRuntime,
+    await_hello,
+)
 from services.executor.runtimes.microvm import (
     CHANNEL_ID,
     MicrovmRuntime,
@@ -42,11 +48,10 @@ DISCONNECT_TIMEOUT = 5.0
 _POLL = 0.002
 
 
-class SnapshotRuntime:
+class SnapshotRuntime(WholeImageRuntime):
     """Moves a microvm guest as a QEMU migration stream written to a file."""
 
     name = "microvm-snapshot"
-    whole_image = True
 
     def __init__(self, accel: str) -> None:
         self.accel = accel
