@@ -9,7 +9,7 @@ resumes a checkpointed guest (a rolled-back move) and terminates it. Two familie
 
 Either way the executor talks to a running guest through one ``GuestChannel``, stores and fetches
 captures alike (``executor.capture``) and never needs to know which runtime it is driving; a new
-runtime is a module in ``runtimes/`` and a line in ``runtimes.available_runtimes``.
+runtime is a module in ``runtimes/`` and a line in ``runtimes.REGISTRY``.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from qemu.qmp import QMPClient
 
 from services.executor.channel import GuestChannel
 from services.executor.runtime import AppLevelRuntime, Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtimes.node import QEMU, NodeFacts
 
-QEMU = "qemu-system-x86_64"
 #: The chardev id of the guest channel in ``qemu_argv``.
 CHANNEL_ID = "ch0"
 SOCKET_WAIT = 10.0
@@ -99,6 +99,11 @@ class VmGuest(Guest):
     process: asyncio.subprocess.Process = field(kw_only=True)
     qmp: QMPClient | None = field(kw_only=True)
     sockets: Path = field(kw_only=True)
+
+
+async def probe(node: NodeFacts) -> MicrovmRuntime:
+    """The microvm runtime with this node's accelerator (Unavailable without QEMU)."""
+    return MicrovmRuntime(await node.qemu_accel())
 
 
 class MicrovmRuntime(AppLevelRuntime):

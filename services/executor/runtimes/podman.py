@@ -24,6 +24,7 @@ from services.executor.runtime import (
     WholeImageRuntime,
     await_hello,
 )
+from services.executor.runtimes.node import NodeFacts, Unavailable
 
 ARCHIVE_NAME = "checkpoint.tar.zst"
 
@@ -31,6 +32,14 @@ ARCHIVE_NAME = "checkpoint.tar.zst"
 async def podman_available() -> tuple[bool, str]:
     """Whether this node can run the podman runtime, and why not (or the criu version)."""
     return await podman.criu_available()
+
+
+async def probe(node: NodeFacts) -> PodmanRuntime:
+    """The podman runtime, if podman and a working CRIU are here (Unavailable says what not)."""
+    usable, reason = await podman_available()
+    if not usable:
+        raise Unavailable(reason)
+    return PodmanRuntime()
 
 
 def container_name(instance: str) -> str:

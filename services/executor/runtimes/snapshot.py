@@ -40,12 +40,18 @@ from services.executor.runtimes.microvm import (
     connect_when_listening,
     tail_log,
 )
+from services.executor.runtimes.node import NodeFacts
 
 SNAPSHOT_NAME = "snapshot.bin"
 MIGRATE_TIMEOUT = 60.0
 INCOMING_TIMEOUT = 60.0
 DISCONNECT_TIMEOUT = 5.0
 _POLL = 0.002
+
+
+async def probe(node: NodeFacts) -> SnapshotRuntime:
+    """The microvm-snapshot runtime with this node's accelerator (Unavailable without QEMU)."""
+    return SnapshotRuntime(await node.qemu_accel())
 
 
 class SnapshotRuntime(WholeImageRuntime):

@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 
 from services.executor.channel import GuestChannel
 from services.executor.runtime import AppLevelRuntime, Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtimes.node import NodeFacts
+
+
+async def probe(node: NodeFacts) -> UnixRuntime:
+    """The unix runtime: any Linux node runs it."""
+    return UnixRuntime()
 
 
 @dataclass
