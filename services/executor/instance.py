@@ -13,8 +13,9 @@ Exactly-once through crashes rests on these rules, enforced here (DESIGN.md, "sa
   taking the session back would take it from the rightful owner. The executor decides
   (``on_session_lost``).
 
-Without periodic checkpoints (``checkpoint_interval = 0``, or a whole-image runtime) an input is
-acknowledged once its outputs are out: a migration is still lossless, a crash loses the state.
+Without periodic checkpoints (``checkpoint_interval = 0``, or a runtime whose capture is a whole
+image: ``CaptureForm.periodic``) an input is acknowledged once its outputs are out: a migration
+is still lossless, a crash loses the state.
 """
 
 from __future__ import annotations
@@ -26,10 +27,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
-
-import orjson
 
 from services.common import contract, topics
 from services.common.blobstore import BlobRef
@@ -37,6 +35,7 @@ from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import BrokerConfig
 from services.common.states import InstanceState
 from services.executor import guest_log
+from services.executor.capture import Capture
 from services.executor.channel import ChannelError, Frame, FrameType, GuestError
 from services.executor.outputs import OutputLine
 from services.executor.runtime import Guest, LaunchSpec, Runtime
@@ -84,8 +83,8 @@ class CheckpointPolicy:
 class Keeper(Protocol):
     """Where checkpoints go: the executor uploads to S3 and records with the statestore."""
 
-    async def upload(self, instance: Instance, document: bytes, migration: str | None) -> BlobRef:
-        """Store the document; returns its blob reference."""
+    async def upload(self, instance: Instance, capture: Capture, migration: str | None) -> BlobRef:
+        """Store the capture; returns its blob reference."""
         ...
 
     async def record(
@@ -102,11 +101,10 @@ class Keeper(Protocol):
 
 @dataclass
 class Checkpoint:
-    """What a migration checkpoint produced, before upload: a document or a whole image file."""
+    """What a migration checkpoint produced, before upload: the runtime's capture and when and
+    how fast it was taken."""
 
-    document: bytes | None
-    image_file: Path | None
-    watermark: dict[str, int]
+    capture: Capture
     paused_at: float
     drain_ms: float
     checkpoint_ms: float
@@ -196,7 +194,7 @@ class Instance:
         self._broker = broker
         self._node_bus = node_bus
         self._keeper = keeper
-        self._policy = policy if not runtime.whole_image else CheckpointPolicy(0, 0)
+        self._policy = policy if runtime.capture_form.periodic else CheckpointPolicy(0, 0)
         self._max_input_bytes = max_input_bytes
         self._on_failure = on_failure
         self._on_session_lost = on_session_lost
@@ -248,14 +246,13 @@ class Instance:
     async def boot(self, fresh: bool) -> None:
         """Get the guest ready: it waits (state ``waiting``) for START or its state.
 
-        A whole-image runtime has nothing to boot for a migration target (its state *is* the
-        guest): ``prepare`` only readies what makes ``launch_from`` quick.
+        For a migration target the runtime ``prepare``s: a whole-image runtime has no guest to
+        boot yet (its capture *is* the guest), only what makes ``restore`` quick.
         """
         self.outputs.start()
-        if self.runtime.whole_image and not fresh:
-            await self.runtime.prepare(self.spec)
-        else:
-            self._adopt(await self.runtime.launch(self.spec))
+        guest = await (self.runtime.launch(self.spec) if fresh else self.runtime.prepare(self.spec))
+        if guest is not None:
+            self._adopt(guest)
         self.state = InstanceState.WAITING
 
     def _adopt(self, guest: Guest) -> None:
@@ -289,24 +286,20 @@ class Instance:
         await guest.channel.start(params)
         await self.attach_input()
 
-    async def restore(self, document: bytes) -> float:
-        """Hand the state to the waiting guest and take over the input session.
+    async def restore(self, capture: Capture) -> float:
+        """Restore the guest from ``capture`` and take over the input session.
 
         Returns the wall-clock time (ms) at which input flows again: the end of downtime.
         """
-        guest = self._require(InstanceState.WAITING)
-        await guest.channel.restore(document)
-        for producer, seq in _watermark_of(document).items():
-            self._producer(producer).last_seq = seq
-        self.restored_at = time.time() * 1000
-        await self.attach_input()
-        return time.time() * 1000
-
-    async def restore_image(self, image_file: Path) -> float:
-        """Whole-image runtimes: rebuild the guest from its image, then take over the input."""
         if self.state != InstanceState.WAITING:
-            raise InstanceError("wrong_state", f"instance {self.instance_id} is {self.state}")
-        self._adopt(await self.runtime.launch_from(self.spec, image_file))
+            raise InstanceError(
+                "wrong_state",
+                f"instance {self.instance_id} of {self.service} is {self.state}, "
+                f"not {InstanceState.WAITING}",
+            )
+        self._adopt(await self.runtime.restore(self.spec, self.guest, capture))
+        for producer, seq in capture.watermark.items():
+            self._producer(producer).last_seq = seq
         self.restored_at = time.time() * 1000
         await self.attach_input()
         return time.time() * 1000
@@ -325,19 +318,10 @@ class Instance:
             self.paused_since = time.monotonic()
             drained = time.perf_counter()
             covers = self._sent
-            document: bytes | None = None
-            image_file: Path | None = None
-            if self.runtime.whole_image:
-                image_file = await self.runtime.capture(guest, self.spec)
-                watermark: dict[str, int] = {}
-            else:
-                document = await guest.channel.checkpoint(now_ms(), pause=True)
-                watermark = _watermark_of(document)
+            capture = await self.runtime.checkpoint(guest, self.spec)
         checkpoint_ms = (time.perf_counter() - drained) * 1000
         drain_ms = (drained - started) * 1000
-        return Checkpoint(
-            document, image_file, watermark, paused_at, drain_ms, checkpoint_ms, covers
-        )
+        return Checkpoint(capture, paused_at, drain_ms, checkpoint_ms, covers)
 
     async def release(self, covers: int, record: Awaitable[None] | None) -> None:
         """After a move's checkpoint is stored: make it the recovery point, acknowledge what it
@@ -359,10 +343,7 @@ class Instance:
         if self.state == InstanceState.SERVING:
             return
         guest = self._require(InstanceState.PAUSED)
-        if self.runtime.whole_image:
-            self._adopt(await self.runtime.resume_captured(guest, self.spec))
-        else:
-            await guest.channel.resume()
+        self._adopt(await self.runtime.resume(guest, self.spec))
         self.paused_since = None
         await self.attach_input()
 
@@ -692,11 +673,13 @@ class Instance:
             covers = self._sent
             self._durability.requested = covers
             taken_at = time.time() * 1000
-            document = await self.guest.channel.checkpoint(now_ms())
+            # Only runtimes whose capture_form is periodic get here (the policy, checkpoint_now's
+            # refusal): their guest answers a CHECKPOINT on its channel without pausing.
+            capture = Capture.of_document(await self.guest.channel.checkpoint(now_ms()))
             output_mark = self.outputs.submitted
-        ref = await self._keeper.upload(self, document, None)
+        ref = await self._keeper.upload(self, capture, None)
         await self.outputs.wait_confirmed(output_mark)
-        await self._keeper.record(self, ref, _watermark_of(document), taken_at, None)
+        await self._keeper.record(self, ref, capture.watermark, taken_at, None)
         self.acknowledge(covers)
         self._durability.taken += 1
         self._durability.last_ref = ref.to_dict()
@@ -730,11 +713,3 @@ def sequence_of(payload: dict[str, Any]) -> str:
     incarnation = payload.get("incarnation")
     producer = str(payload["producer"])
     return producer if incarnation is None else f"{producer}{INCARNATION_MARK}{incarnation}"
-
-
-def _watermark_of(document: bytes) -> dict[str, int]:
-    try:
-        watermark = orjson.loads(document).get("watermark") or {}
-    except (orjson.JSONDecodeError, AttributeError):
-        return {}
-    return {str(k): int(v) for k, v in watermark.items()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -35,6 +34,7 @@ from services.common.clients import StatestoreClient
 from services.common.config import FerryConfig
 from services.common.metrics import metrics_port
 from services.common.states import InstanceState, ServiceStatus
+from services.executor.capture import Capture
 from services.executor.channel import ChannelError, GuestError
 from services.executor.images import ImageCache
 from services.executor.instance import CheckpointPolicy, Instance, InstanceError
@@ -330,13 +330,9 @@ class Executor:
         # The service is down while this runs: a frozen S3 must not hold it for s3.timeout.
         bound = min(self.config.s3.timeout, self.config.executor.pause_timeout / 2)
         try:
-            if checkpoint.image_file is not None:
-                key = f"{self._checkpoint_key(instance, migration)}.img"
-                upload = self._upload_image(instance, key, checkpoint.image_file)
-            else:
-                assert checkpoint.document is not None
-                upload = self.upload(instance, checkpoint.document, migration)
-            ref = await asyncio.wait_for(upload, bound)
+            ref = await asyncio.wait_for(
+                self.upload(instance, checkpoint.capture, migration), bound
+            )
         except TimeoutError:
             await instance.resume()
             raise BlobError(
@@ -350,7 +346,8 @@ class Executor:
         self.metrics.observe_upload("move", upload_ms / 1000)
         await instance.outputs.wait_confirmed()
         stored_at = time.time() * 1000
-        record = self.record(instance, ref, checkpoint.watermark, checkpoint.paused_at, migration)
+        watermark = checkpoint.capture.watermark
+        record = self.record(instance, ref, watermark, checkpoint.paused_at, migration)
         if command.get("stop_after"):
             await instance.release(checkpoint.covers, record)
             await self._stop(instance)
@@ -358,7 +355,7 @@ class Executor:
             self._in_background(self._release_after_reply(instance, checkpoint.covers, record))
         return {
             "checkpoint": ref.to_dict(),
-            "watermark": checkpoint.watermark,
+            "watermark": watermark,
             "paused_at": checkpoint.paused_at,
             "stored_at": stored_at,
             "timings": {
@@ -378,7 +375,7 @@ class Executor:
         """
         instance = self._instance(command)
         service = instance.service
-        if instance.runtime.whole_image:
+        if not instance.runtime.capture_form.periodic:
             raise RemoteError(
                 "whole_image_runtime",
                 f"{service} runs on {instance.runtime.name}, which checkpoints the whole guest "
@@ -411,14 +408,11 @@ class Executor:
     def _checkpoint_key(instance: Instance, migration: str | None) -> str:
         return f"checkpoints/{instance.service}/{migration or instance.instance_id}/{now_ms()}"
 
-    async def upload(self, instance: Instance, document: bytes, migration: str | None) -> BlobRef:
-        """Pack a checkpoint document and store it in S3."""
-        key = f"{self._checkpoint_key(instance, migration)}.json"
-        blob = checkpoint_blob.pack(
-            document, keyring=self.keyring, service=instance.service, object_key=key
-        )
+    async def upload(self, instance: Instance, capture: Capture, migration: str | None) -> BlobRef:
+        """Store a capture in S3, sealed when the node holds checkpoint keys."""
+        key = f"{self._checkpoint_key(instance, migration)}{capture.form.suffix}"
         started = time.perf_counter()
-        ref = await self.store.put_bytes(key, blob)
+        ref = await capture.store(self.store, key, keyring=self.keyring, service=instance.service)
         if (
             instance.state == InstanceState.SERVING
         ):  # a move's upload is observed by _cmd_checkpoint
@@ -560,61 +554,21 @@ class Executor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _upload_image(self, instance: Instance, key: str, image_file: Path) -> BlobRef:
-        """Store a whole-image checkpoint, sealed (streamed through AES-GCM) when the node
-        holds checkpoint keys, like every document checkpoint."""
-        if self.keyring is None:
-            return await self.store.put_file(key, image_file)
-        sealed = image_file.with_name(image_file.name + ".sealed")
-        try:
-            await asyncio.to_thread(
-                checkpoint_blob.seal_file, image_file, sealed, self.keyring, instance.service, key
-            )
-            return await self.store.put_file(key, sealed)
-        finally:
-            sealed.unlink(missing_ok=True)
-
-    async def _fetch_image(self, instance: Instance, ref: BlobRef) -> Path:
-        """Fetch a whole-image checkpoint and open its seal; returns the image file."""
-        image_file = instance.spec.workdir / "incoming.img"
-        fetched = image_file.with_name(image_file.name + ".sealed")
-        await self.store.get_file(ref, fetched)
-        try:
-            await asyncio.to_thread(
-                functools.partial(
-                    checkpoint_blob.open_file,
-                    fetched,
-                    image_file,
-                    keyring=self.keyring,
-                    service=instance.service,
-                    object_key=ref.key,
-                    allow_unsealed=self.config.executor.allow_unsealed_checkpoints,
-                )
-            )
-        finally:
-            fetched.unlink(missing_ok=True)
-        return image_file
-
     async def _cmd_restore(self, command: dict[str, Any]) -> dict[str, Any]:
         instance = self._instance(command)
         ref = BlobRef.from_dict(command["checkpoint"])
         started = time.perf_counter()
-        if instance.runtime.whole_image:
-            image_file = await self._fetch_image(instance, ref)
-            fetched = time.perf_counter()
-            fetched_at = time.time() * 1000
-            resumed_at = await instance.restore_image(image_file)
-        else:
-            document = checkpoint_blob.unpack(
-                await self.store.get_bytes(ref),
-                keyring=self.keyring,
-                service=instance.service,
-                object_key=ref.key,
-                allow_unsealed=self.config.executor.allow_unsealed_checkpoints,
-            )
-            fetched = time.perf_counter()
-            fetched_at = time.time() * 1000
-            resumed_at = await instance.restore(document)
+        capture = await instance.runtime.capture_form.fetch(
+            self.store,
+            ref,
+            keyring=self.keyring,
+            service=instance.service,
+            allow_unsealed=self.config.executor.allow_unsealed_checkpoints,
+            workdir=instance.spec.workdir,
+        )
+        fetched = time.perf_counter()
+        fetched_at = time.time() * 1000
+        resumed_at = await instance.restore(capture)
         return {
             "state": instance.state,
             "resumed_at": resumed_at,

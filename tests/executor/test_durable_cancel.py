@@ -21,6 +21,7 @@ from services.common import topics
 from services.common.blobstore import BlobRef
 from services.common.bus import Bus
 from services.common.config import FerryConfig
+from services.executor.capture import Capture
 from services.executor.instance import CheckpointPolicy, Instance
 from services.executor.runtime import LaunchSpec
 from services.executor.runtimes.unix import UnixRuntime
@@ -35,8 +36,10 @@ class RacingKeeper:
         self.recording = asyncio.Event()
         self.reply: asyncio.Future[None] | None = None
 
-    async def upload(self, instance: Instance, document: bytes, migration: str | None) -> BlobRef:
-        return BlobRef("ferry", f"test/{instance.instance_id}.json", "0" * 64, len(document))
+    async def upload(self, instance: Instance, capture: Capture, migration: str | None) -> BlobRef:
+        return BlobRef(
+            "ferry", f"test/{instance.instance_id}.json", "0" * 64, len(capture.document)
+        )
 
     async def record(
         self,

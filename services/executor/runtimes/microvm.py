@@ -12,14 +12,15 @@ import os
 import shutil
 import signal
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qemu.qmp import QMPClient
 
 from services.executor.channel import GuestChannel
 from services.executor.runtime import AppLevelRuntime, Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtimes.node import QEMU, NodeFacts
 
-QEMU = "qemu-system-x86_64"
 #: The chardev id of the guest channel in ``qemu_argv``.
 CHANNEL_ID = "ch0"
 SOCKET_WAIT = 10.0
@@ -90,17 +91,31 @@ async def connect_when_listening(
         await asyncio.sleep(0.002)
 
 
+@dataclass
+class VmGuest(Guest):
+    """A microvm guest: its QEMU process, its QMP connection (None once terminated) and the
+    directory of its channel and QMP sockets."""
+
+    process: asyncio.subprocess.Process = field(kw_only=True)
+    qmp: QMPClient | None = field(kw_only=True)
+    sockets: Path = field(kw_only=True)
+
+
+async def probe(node: NodeFacts) -> MicrovmRuntime:
+    """The microvm runtime with this node's accelerator (Unavailable without QEMU)."""
+    return MicrovmRuntime(await node.qemu_accel())
+
+
 class MicrovmRuntime(AppLevelRuntime):
     """Runs guests as unikernels in QEMU microvm with the given accelerator."""
 
     name = "microvm"
-    hello_timeout = 20.0  # TCG boots take longer on a loaded node
     log_name = "console.log"
 
     def __init__(self, accel: str) -> None:
         self.accel = accel
 
-    async def spawn(self, spec: LaunchSpec, extra: list[str] | None = None) -> Guest:
+    async def spawn(self, spec: LaunchSpec, extra: list[str] | None = None) -> VmGuest:
         """Start QEMU and connect channel + QMP; does not wait for HELLO."""
         sockets = socket_dir()
         log = (spec.workdir / "qemu.log").open("ab")
@@ -127,10 +142,12 @@ class MicrovmRuntime(AppLevelRuntime):
             await _kill(process)
             shutil.rmtree(sockets, ignore_errors=True)
             raise GuestRuntimeError(f"{exc}: {tail_log(spec.workdir / 'qemu.log')}") from exc
-        return Guest(
+        return VmGuest(
             channel=GuestChannel(reader, writer),
             pid=process.pid,
-            detail={"process": process, "qmp": qmp, "sockets": sockets},
+            process=process,
+            qmp=qmp,
+            sockets=sockets,
         )
 
     async def launch(self, spec: LaunchSpec) -> Guest:
@@ -138,22 +155,19 @@ class MicrovmRuntime(AppLevelRuntime):
 
     async def terminate(self, guest: Guest) -> None:
         await guest.channel.close()
-        qmp = guest.detail.pop("qmp", None)
-        if isinstance(qmp, QMPClient):
+        if not isinstance(guest, VmGuest):
+            return
+        qmp, guest.qmp = guest.qmp, None
+        if qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(qmp.execute("quit"), 1.0)
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
-        process = guest.detail.get("process")
-        if not isinstance(process, asyncio.subprocess.Process):
-            return
         try:
-            await asyncio.wait_for(process.wait(), 2.0)
+            await asyncio.wait_for(guest.process.wait(), 2.0)
         except TimeoutError:
-            await _kill(process)
-        sockets = guest.detail.get("sockets")
-        if isinstance(sockets, Path):
-            shutil.rmtree(sockets, ignore_errors=True)
+            await _kill(guest.process)
+        shutil.rmtree(guest.sockets, ignore_errors=True)
 
 
 def tail_log(log: Path, lines: int = 5) -> str:

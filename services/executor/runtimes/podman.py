@@ -12,14 +12,21 @@ image ID for the same binary on every node, which is what lets the restore find 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.executor import podman
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtime import (
+    Guest,
+    GuestRuntimeError,
+    LaunchSpec,
+    WholeImageRuntime,
+    await_hello,
+)
+from services.executor.runtimes.node import NodeFacts, Unavailable
 
 ARCHIVE_NAME = "checkpoint.tar.zst"
-HELLO_TIMEOUT = 10.0
 
 
 async def podman_available() -> tuple[bool, str]:
@@ -27,15 +34,34 @@ async def podman_available() -> tuple[bool, str]:
     return await podman.criu_available()
 
 
+async def probe(node: NodeFacts) -> PodmanRuntime:
+    """The podman runtime, if podman and a working CRIU are here (Unavailable says what not)."""
+    usable, reason = await podman_available()
+    if not usable:
+        raise Unavailable(reason)
+    return PodmanRuntime()
+
+
 def container_name(instance: str) -> str:
     return f"ferry-{instance}"
 
 
-class PodmanRuntime:
+@dataclass
+class ContainerGuest(Guest):
+    """A podman guest: its container, the port its app listens on, and (after ``capture``)
+    the checkpoint archive ``resume_captured`` restores it from."""
+
+    container: str = field(kw_only=True)
+    port: int = field(kw_only=True)
+    captured: Path | None = field(default=None, kw_only=True)
+    #: How long podman took for the last ``capture`` (its own report).
+    checkpoint_seconds: float | None = field(default=None, kw_only=True)
+
+
+class PodmanRuntime(WholeImageRuntime):
     """Runs guests as rootful runc containers; moves them with ``podman container checkpoint``."""
 
     name = "podman"
-    whole_image = True
 
     def __init__(self) -> None:
         # (binary path, size, mtime_ns) -> image ID known to exist in local storage
@@ -63,7 +89,8 @@ class PodmanRuntime:
 
     async def capture(self, guest: Guest, spec: LaunchSpec) -> Path:
         """Disconnect and checkpoint the container to ``spec.workdir``; it is stopped after."""
-        name, _ = _container_of(guest)
+        container = _container_of(guest)
+        name = container.container
         await guest.channel.close()
         archive = spec.workdir / ARCHIVE_NAME
         archive.unlink(missing_ok=True)
@@ -71,8 +98,8 @@ class PodmanRuntime:
             result = await podman.checkpoint_export(name, archive)
         except podman.PodmanError as exc:
             raise GuestRuntimeError(f"checkpoint of {name} failed: {exc}") from exc
-        guest.detail["captured"] = archive
-        guest.detail["checkpoint_seconds"] = result.seconds
+        container.captured = archive
+        container.checkpoint_seconds = result.seconds
         return archive
 
     async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
@@ -103,9 +130,9 @@ class PodmanRuntime:
 
     async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
         """Rollback: the checkpoint stopped the source; restore the same archive under its name."""
-        name, port = _container_of(guest)
-        archive = guest.detail.get("captured")
-        if not isinstance(archive, Path):
+        container = _container_of(guest)
+        name, port, archive = container.container, container.port, container.captured
+        if archive is None:
             raise GuestRuntimeError(f"{name} was not captured: nothing to resume from")
         podman.become_subreaper()
         try:
@@ -113,28 +140,30 @@ class PodmanRuntime:
             await podman.restore_import(archive, name, port)
         except podman.PodmanError as exc:
             raise GuestRuntimeError(f"cannot resume {name} from {archive.name}: {exc}") from exc
-        resumed = await self._connect(spec, name, port, "running")
-        resumed.detail["captured"] = None
-        return resumed
+        return await self._connect(spec, name, port, "running")
 
     async def terminate(self, guest: Guest) -> None:
         await guest.channel.close()
-        name = guest.detail.get("container")
-        if isinstance(name, str):
-            await podman.remove(name, quiet=True)
+        if isinstance(guest, ContainerGuest):
+            await podman.remove(guest.container, quiet=True)
 
-    async def _connect(self, spec: LaunchSpec, name: str, port: int, state: str) -> Guest:
+    async def _connect(self, spec: LaunchSpec, name: str, port: int, state: str) -> ContainerGuest:
         """Connect to the container's app and read its HELLO (``state`` as expected)."""
+        hint = f"see `podman logs {name}`"
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            channel = GuestChannel(reader, writer)
-            hello = await asyncio.wait_for(channel.hello(), HELLO_TIMEOUT)
-        except Exception as exc:
+        except OSError as exc:
             await podman.remove(name, quiet=True)
             raise GuestRuntimeError(
-                f"{name} on port {port} did not greet ({type(exc).__name__}: {exc}); "
-                f"see `podman logs {name}`"
+                f"cannot connect to {name} on port {port}: {exc}; {hint}"
             ) from exc
+        channel = GuestChannel(reader, writer)
+        try:
+            hello = await await_hello(channel, f"{name} on port {port}", hint)
+        except GuestRuntimeError:
+            await channel.close()
+            await podman.remove(name, quiet=True)
+            raise
         if hello.get("app") != spec.app or hello.get("state") != state:
             await channel.close()
             await podman.remove(name, quiet=True)
@@ -142,7 +171,7 @@ class PodmanRuntime:
                 f"{name} on port {port} greeted as {hello.get('app')!r} in state "
                 f"{hello.get('state')!r}; expected {spec.app!r} in state {state!r}"
             )
-        return Guest(channel=channel, detail={"container": name, "port": port})
+        return ContainerGuest(channel=channel, container=name, port=port)
 
     async def _ensure_image(self, spec: LaunchSpec) -> str:
         """The ID of the app's image, built into local storage if missing."""
@@ -160,8 +189,7 @@ class PodmanRuntime:
         return known
 
 
-def _container_of(guest: Guest) -> tuple[str, int]:
-    name, port = guest.detail.get("container"), guest.detail.get("port")
-    if not isinstance(name, str) or not isinstance(port, int):
+def _container_of(guest: Guest) -> ContainerGuest:
+    if not isinstance(guest, ContainerGuest):
         raise GuestRuntimeError("guest was not started by the podman runtime")
-    return name, port
+    return guest

@@ -26,33 +26,44 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from services.executor.channel import GuestChannel
-from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtime import (
+    Guest,
+    GuestRuntimeError,
+    LaunchSpec,
+    WholeImageRuntime,
+    await_hello,
+)
 from services.executor.runtimes.microvm import (
     CHANNEL_ID,
     MicrovmRuntime,
+    VmGuest,
     connect_when_listening,
     tail_log,
 )
+from services.executor.runtimes.node import NodeFacts
 
 SNAPSHOT_NAME = "snapshot.bin"
 MIGRATE_TIMEOUT = 60.0
 INCOMING_TIMEOUT = 60.0
-HELLO_TIMEOUT = 10.0
 DISCONNECT_TIMEOUT = 5.0
 _POLL = 0.002
 
 
-class SnapshotRuntime:
+async def probe(node: NodeFacts) -> SnapshotRuntime:
+    """The microvm-snapshot runtime with this node's accelerator (Unavailable without QEMU)."""
+    return SnapshotRuntime(await node.qemu_accel())
+
+
+class SnapshotRuntime(WholeImageRuntime):
     """Moves a microvm guest as a QEMU migration stream written to a file."""
 
     name = "microvm-snapshot"
-    whole_image = True
 
     def __init__(self, accel: str) -> None:
         self.accel = accel
         self._vm = MicrovmRuntime(accel)
         # instance -> (spec it was spawned for, QEMU waiting in ``-incoming defer``)
-        self._prepared: dict[str, tuple[LaunchSpec, Guest]] = {}
+        self._prepared: dict[str, tuple[LaunchSpec, VmGuest]] = {}
 
     async def launch(self, spec: LaunchSpec) -> Guest:
         return await self._vm.launch(spec)
@@ -94,7 +105,6 @@ class SnapshotRuntime:
                 f"snapshot of {spec.instance} ended {status.get('status')}: "
                 f"{status.get('error-desc', 'no reason given')}"
             )
-        guest.detail["captured"] = image
         return image
 
     async def launch_from(self, spec: LaunchSpec, image_file: Path) -> Guest:
@@ -115,7 +125,11 @@ class SnapshotRuntime:
         try:
             await _wait_incoming(guest, spec)
             await _qmp_of(guest).execute("cont")
-            await asyncio.wait_for(guest.channel.hello(), HELLO_TIMEOUT)
+            await await_hello(
+                guest.channel,
+                f"{spec.instance} restored from {image_file.name}",
+                f"see {spec.workdir / self._vm.log_name}",
+            )
         except Exception as exc:
             await self._vm.terminate(guest)
             if isinstance(exc, GuestRuntimeError):
@@ -128,35 +142,34 @@ class SnapshotRuntime:
 
     async def resume_captured(self, guest: Guest, spec: LaunchSpec) -> Guest:
         """Rollback: ``cont`` the paused source VM and connect a new channel to it."""
-        qmp = _qmp_of(guest)
-        sockets = guest.detail.get("sockets")
-        if not isinstance(sockets, Path):
-            raise GuestRuntimeError(f"{spec.instance}: no channel socket to reconnect to")
+        vm = _vm_of(guest)
+        qmp = _qmp_of(vm)
         try:
             status = await _query(qmp, "query-status")
             if not status.get("running"):
                 await qmp.execute("cont")
-            reader, writer = await connect_when_listening(
-                sockets / "channel.sock", _process_of(guest)
-            )
+            reader, writer = await connect_when_listening(vm.sockets / "channel.sock", vm.process)
         except Exception as exc:
             raise GuestRuntimeError(f"cannot resume {spec.instance}: {exc}") from exc
-        await guest.channel.close()
-        guest.channel = GuestChannel(reader, writer)
-        try:
-            await asyncio.wait_for(guest.channel.hello(), HELLO_TIMEOUT)
-        except Exception as exc:
-            raise GuestRuntimeError(f"{spec.instance} did not greet after resume: {exc}") from exc
-        guest.detail.pop("captured", None)
-        return guest
+        await vm.channel.close()
+        vm.channel = GuestChannel(reader, writer)
+        log = spec.workdir / self._vm.log_name
+        await await_hello(vm.channel, f"{spec.instance} after resume", f"see {log}")
+        return vm
 
     async def terminate(self, guest: Guest) -> None:
         await self._vm.terminate(guest)
 
 
+def _vm_of(guest: Guest) -> VmGuest:
+    if not isinstance(guest, VmGuest):
+        raise GuestRuntimeError("guest was not started by a microvm runtime")
+    return guest
+
+
 def _qmp_of(guest: Guest) -> QMPClient:
-    qmp = guest.detail.get("qmp")
-    if not isinstance(qmp, QMPClient):
+    qmp = _vm_of(guest).qmp
+    if qmp is None:
         raise GuestRuntimeError("guest has no QMP connection (already terminated?)")
     return qmp
 
@@ -172,13 +185,6 @@ async def _query(qmp: QMPClient, command: str) -> dict[str, Any]:
 def _same_vm(a: LaunchSpec, b: LaunchSpec) -> bool:
     """Whether a QEMU spawned for ``a`` has the command line ``b`` needs."""
     return (a.image, a.memory_mb, a.workdir) == (b.image, b.memory_mb, b.workdir)
-
-
-def _process_of(guest: Guest) -> asyncio.subprocess.Process:
-    process = guest.detail.get("process")
-    if not isinstance(process, asyncio.subprocess.Process):
-        raise GuestRuntimeError("guest has no QEMU process (already terminated?)")
-    return process
 
 
 async def _wait_disconnected(qmp: QMPClient) -> None:
@@ -219,14 +225,14 @@ async def _wait_migrated(qmp: QMPClient) -> dict[str, Any]:
         await asyncio.sleep(_POLL)
 
 
-async def _wait_incoming(guest: Guest, spec: LaunchSpec) -> None:
+async def _wait_incoming(guest: VmGuest, spec: LaunchSpec) -> None:
     """Wait until QEMU loaded the stream; it then sits ``paused`` (the source was stopped)."""
     qmp = _qmp_of(guest)
-    process = guest.detail.get("process")
+    process = guest.process
     loop = asyncio.get_running_loop()
     deadline = loop.time() + INCOMING_TIMEOUT
     while True:
-        if isinstance(process, asyncio.subprocess.Process) and process.returncode is not None:
+        if process.returncode is not None:
             raise GuestRuntimeError(
                 f"QEMU exited with code {process.returncode} while loading the snapshot: "
                 f"{tail_log(spec.workdir / 'qemu.log')}"

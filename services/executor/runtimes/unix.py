@@ -7,9 +7,23 @@ import contextlib
 import os
 import signal
 import socket
+from dataclasses import dataclass, field
 
 from services.executor.channel import GuestChannel
 from services.executor.runtime import AppLevelRuntime, Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtimes.node import NodeFacts
+
+
+async def probe(node: NodeFacts) -> UnixRuntime:
+    """The unix runtime: any Linux node runs it."""
+    return UnixRuntime()
+
+
+@dataclass
+class ProcessGuest(Guest):
+    """A unix guest: the child process that runs it."""
+
+    process: asyncio.subprocess.Process = field(kw_only=True)
 
 
 class UnixRuntime(AppLevelRuntime):
@@ -39,14 +53,14 @@ class UnixRuntime(AppLevelRuntime):
             log.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         channel = GuestChannel(reader, writer)
-        guest = Guest(channel=channel, pid=process.pid, detail={"process": process})
+        guest = ProcessGuest(channel=channel, pid=process.pid, process=process)
         return await self.greeted(guest, spec)
 
     async def terminate(self, guest: Guest) -> None:
         await guest.channel.close()
-        process = guest.detail.get("process")
-        if not isinstance(process, asyncio.subprocess.Process):
+        if not isinstance(guest, ProcessGuest):
             return
+        process = guest.process
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
