@@ -410,12 +410,26 @@ class Bus:
     ) -> None:
         """Report a bad message where operators look, answer its sender, and drop it."""
         log.warning("%s: rejected message on %s: %s", self.client_id, topic, reason)
-        report = {"source": self.client_id, "topic": topic, "reason": reason, "time": now_ms()}
-        self._in_background(self._publish_quietly(topics.ERRORS, report))
+        self._in_background(self._report_quietly(topic, reason))
         if response_topic:
             error = {"ok": False, "error": {"code": "invalid_message", "message": reason}}
             self._in_background(self._publish_quietly(response_topic, error, correlation))
         self._ack_raw(message)
+
+    async def report(self, topic: str, reason: str, **about: Any) -> bool:
+        """Say what went wrong where operators look: an error report (error-report.schema.json,
+        ``about``: service, producer, seq) on ferry/v1/errors from this client, about a message
+        on or the state of ``topic``. Best effort: False if it could not be sent."""
+        report = {"source": self.client_id, "topic": topic, "reason": reason, **about}
+        try:
+            await self.publish(topics.ERRORS, {**report, "time": now_ms()})
+        except BusError as exc:
+            log.warning("%s: error report not sent (%s): %s", self.client_id, exc, reason)
+            return False
+        return True
+
+    async def _report_quietly(self, topic: str, reason: str) -> None:
+        await self.report(topic, reason)
 
     def _ack_raw(self, message: aiomqtt.Message) -> None:
         """Acknowledge a message that never becomes an Inbound (manual-ack buses)."""

@@ -531,23 +531,21 @@ class Instance:
         }
         if message.size <= DEAD_LETTER_COPY:
             letter["input"] = payload
-        report = {
-            "source": f"ferry-executor-{self.node}",
-            "topic": message.topic,
-            "reason": f"{self.service}: input refused: {reason}",
-            "service": self.service,
-            "producer": producer,
-            "seq": seq,
-            "time": now_ms(),
-        }
         log.warning("%s: refused input %s/%s: %s", self.instance_id, producer, seq, reason)
         try:
             await self._node_bus.publish(topics.app_dead_letters(self.service), letter)
-            await self._node_bus.publish(topics.ERRORS, report)
         except BusError as exc:
             log.warning("%s: dead letter not published (%s); input stays queued", self.service, exc)
             return
-        session.ack(message)
+        reported = await self._node_bus.report(
+            message.topic,
+            f"{self.service}: input refused: {reason}",
+            service=self.service,
+            producer=producer,
+            seq=seq,
+        )
+        if reported:  # else it stays queued: set aside again, and reported, on redelivery
+            session.ack(message)
 
     def _producer(self, producer: str) -> ProducerCounts:
         counts = self.producers.get(producer)
@@ -595,21 +593,16 @@ class Instance:
 
     def _report_reset(self, producer: str, seq: int, watermark: int) -> None:
         """A producer far below its watermark has probably restarted its sequence: say so."""
-        report = {
-            "source": f"ferry-executor-{self.node}",
-            "topic": topics.app_input(self.service),
-            "reason": (
-                f"{self.service}: dropping input of {producer} seq {seq}, far below its "
-                f"watermark {watermark}: did the producer restart its sequence? Inputs are "
-                "applied once per (producer, incarnation, seq); a device that counts from 1 "
-                "again after a reboot must send a higher incarnation"
-            ),
-            "service": self.service,
-            "producer": producer,
-            "seq": seq,
-            "time": now_ms(),
-        }
-        task = asyncio.get_running_loop().create_task(self._node_bus.publish(topics.ERRORS, report))
+        reason = (
+            f"{self.service}: dropping input of {producer} seq {seq}, far below its "
+            f"watermark {watermark}: did the producer restart its sequence? Inputs are "
+            "applied once per (producer, incarnation, seq); a device that counts from 1 "
+            "again after a reboot must send a higher incarnation"
+        )
+        report = self._node_bus.report(
+            topics.app_input(self.service), reason, service=self.service, producer=producer, seq=seq
+        )
+        task = asyncio.get_running_loop().create_task(report)
         task.add_done_callback(lambda t: t.exception())
 
     def _outputs_confirmed(self, confirmed: int) -> None:

@@ -533,15 +533,7 @@ class Executor:
         await self.publish_status_quietly()
 
     async def _report(self, service: str, reason: str) -> None:
-        report = {
-            "source": f"ferry-executor-{self.node}",
-            "topic": topics.node_status(self.node),
-            "reason": reason,
-            "service": service,
-            "time": now_ms(),
-        }
-        with contextlib.suppress(BusError):
-            await self._bus().publish(topics.ERRORS, report)
+        await self._bus().report(topics.node_status(self.node), reason, service=service)
 
     async def publish_status_quietly(self) -> None:
         try:

@@ -777,16 +777,8 @@ class Scheduler:
         )
 
     async def _report(self, node: str, reason: str) -> None:
-        if self.bus is None:
-            return
-        report = {
-            "source": "ferry-scheduler",
-            "topic": topics.node_status(node),
-            "reason": reason,
-            "time": now_ms(),
-        }
-        with contextlib.suppress(BusError):
-            await self.bus.publish(topics.ERRORS, report)
+        if self.bus is not None:
+            await self.bus.report(topics.node_status(node), reason)
 
     async def _recover_in_flight(self) -> None:
         """Finish or roll back the migrations a previous scheduler left unfinished."""

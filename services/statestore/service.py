@@ -320,14 +320,8 @@ class StatestoreService:
             return
         except Exception as exc:
             log.exception("statestore: dropping a message on %s", message.topic)
-            report = {
-                "source": self.client_id,
-                "topic": message.topic,
-                "reason": f"statestore could not store it: {type(exc).__name__}: {exc}",
-                "time": now_ms(),
-            }
-            with contextlib.suppress(BusError):
-                await bus.publish(topics.ERRORS, report)
+            reason = f"statestore could not store it: {type(exc).__name__}: {exc}"
+            await bus.report(message.topic, reason)
         bus.ack(message)
 
     # -- requests ----------------------------------------------------------------------------
