@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from services.executor import podman
 from services.executor.channel import Frame, FrameType, encode_frame, read_frame
+from services.executor.runtimes import podman_cli as podman
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_COUNTER = ROOT / "unikernel" / "build" / "unix" / "counter"

@@ -36,7 +36,7 @@ from services.common.metrics import metrics_port
 from services.common.states import InstanceState, ServiceStatus
 from services.executor.capture import Capture
 from services.executor.channel import ChannelError, GuestError
-from services.executor.images import ImageCache
+from services.executor.image_cache import ImageCache
 from services.executor.instance import CheckpointPolicy, Instance, InstanceError
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runtime import GuestRuntimeError, LaunchSpec, Runtime

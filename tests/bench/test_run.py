@@ -30,7 +30,7 @@ def _skip_reason() -> str | None:
         return f"network lab unavailable: {reason}"
     if shutil.which("podman") is None:
         return "podman is not installed (make setup-podman)"
-    from services.executor import podman
+    from services.executor.runtimes import podman_cli as podman
 
     ok, why = asyncio.run(podman.criu_available())
     if not ok:

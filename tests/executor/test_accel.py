@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.executor import accel
+from services.executor.runtimes import accel
 
 
 async def test_the_probe_guest_boots_and_exits_under_tcg(tmp_path: Path) -> None:

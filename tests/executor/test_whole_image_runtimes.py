@@ -17,8 +17,8 @@ import pytest
 
 from services.executor.channel import FrameType, GuestChannel
 from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec
+from services.executor.runtimes.microvm_snapshot import SnapshotRuntime
 from services.executor.runtimes.podman import PodmanRuntime, container_name, podman_available
-from services.executor.runtimes.snapshot import SnapshotRuntime
 
 EVENT_TIMEOUT = 20.0
 

@@ -10,13 +10,13 @@ from collections.abc import Awaitable, Callable
 
 from services.common.config import FerryConfig
 from services.executor.runtime import Runtime
-from services.executor.runtimes import microvm, podman, snapshot, unix
+from services.executor.runtimes import microvm, microvm_snapshot, podman, unix
 from services.executor.runtimes.node import NodeFacts, Unavailable
 
 REGISTRY: dict[str, Callable[[NodeFacts], Awaitable[Runtime]]] = {
     "unix": unix.probe,
     "microvm": microvm.probe,
-    "microvm-snapshot": snapshot.probe,
+    "microvm-snapshot": microvm_snapshot.probe,
     "podman": podman.probe,
 }
 

@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from services.common.config import FerryConfig
-from services.executor.accel import choose_accel
+from services.executor.runtimes.accel import choose_accel
 
 QEMU = "qemu-system-x86_64"
 

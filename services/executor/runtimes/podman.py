@@ -1,7 +1,7 @@
 """The ``podman`` runtime: the app's unix binary in a container, moved as a CRIU checkpoint.
 
 The peer Ferry is benchmarked against. The container runs ``APP --listen 127.0.0.1:PORT`` on the
-host network (``services.executor.podman``, PODMAN.md) and the executor is its TCP controller.
+host network (``runtimes.podman_cli``, PODMAN.md) and the executor is its TCP controller.
 ``capture`` disconnects (CRIU cannot carry the connection to another node anyway) and exports a
 checkpoint archive; ``launch_from`` imports it under the target's container name and connects to
 the same port, which the listening socket inside the checkpoint is bound to. The port and the
@@ -15,7 +15,6 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.executor import podman
 from services.executor.channel import GuestChannel
 from services.executor.runtime import (
     Guest,
@@ -24,6 +23,7 @@ from services.executor.runtime import (
     WholeImageRuntime,
     await_hello,
 )
+from services.executor.runtimes import podman_cli as podman
 from services.executor.runtimes.node import NodeFacts, Unavailable
 
 ARCHIVE_NAME = "checkpoint.tar.zst"
