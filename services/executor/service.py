@@ -218,7 +218,8 @@ class Executor:
                 raise RemoteError("node_storage", f"node {self.node}: {exc}") from exc
             except BlobError as exc:
                 raise RemoteError("blob_unavailable", str(exc)) from exc
-        await self.publish_status_quietly()
+        # No status here: ``_answer`` publishes it after the reply (nothing is published or
+        # awaited between a checkpoint and its reply; consumers poll or ask `status`).
         return result
 
     def _services(self) -> set[str]:
