@@ -18,6 +18,7 @@ import pytest
 import services.common.config as config_module
 import services.stack.mqtt as stack_mqtt
 import services.stack.stack as stack_module
+from services.cli.operator import Operator
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus
@@ -175,6 +176,49 @@ async def start_system(
         [topics.component_status("statestore"), topics.component_status("scheduler")]
         + [topics.node_status(n) for n in nodes],
     )
+
+
+# -- the end-to-end modules' system: each module defines ``system`` (its config, then
+# ``start_system``); these give it a directory, its processes and an operator session. --------
+
+
+@pytest.fixture(scope="module")
+def system_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's own directory for its system's config, logs and database."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    return tmp_path_factory.mktemp(module)
+
+
+@pytest.fixture(scope="module")
+def procs(system_dir: Path) -> Iterator[ServiceProcesses]:
+    procs = ServiceProcesses(system_dir / "ferry.toml", system_dir)
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture
+async def ops(system: FerryConfig) -> AsyncIterator[Operator]:
+    async with Operator(system) as operator:
+        yield operator
+
+
+def ferry(
+    config: FerryConfig, *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``ferry`` CLI against ``config``; it never prints a traceback, whatever happens."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "--config", str(config.source), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def name(prefix: str) -> str:
+    """A service (or device) name no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:5]}"
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +22,13 @@ from services.cli.operator import Operator
 from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig
-from tests.conftest import ServiceProcesses, stack_config, start_system
+from tests.conftest import ServiceProcesses, ferry, name, stack_config, start_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 NODE = "edge-a"
 INPUTS = 25
 PHASE_TIMEOUT = 6
-
-
-@pytest.fixture(scope="module")
-def system_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fresh-system")
-
-
-@pytest.fixture(scope="module")
-def procs(system_dir: Path) -> Iterator[ServiceProcesses]:
-    procs = ServiceProcesses(system_dir / "ferry.toml", system_dir)
-    yield procs
-    procs.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -60,27 +46,6 @@ async def system(
     )
     await start_system(config, procs, unikernel_builds, nodes=(NODE,))
     yield config
-
-
-@pytest.fixture
-async def ops(system: FerryConfig) -> AsyncIterator[Operator]:
-    async with Operator(system) as operator:
-        yield operator
-
-
-def ferry(config: FerryConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(config.source), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "Traceback" not in done.stderr, done.stderr
-    return done
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:5]}"
 
 
 def shown_document(stdout: str) -> dict[str, Any]:

@@ -10,9 +10,8 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -23,23 +22,11 @@ from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus, RemoteError
 from services.common.config import FerryConfig
-from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tests.conftest import ServiceProcesses, ferry, name, stack_config, wait_online
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 NODE = "edge-a"
-
-
-@pytest.fixture(scope="module")
-def system_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cli-system")
-
-
-@pytest.fixture(scope="module")
-def procs(system_dir: Path) -> Iterator[ServiceProcesses]:
-    procs = ServiceProcesses(system_dir / "ferry.toml", system_dir)
-    yield procs
-    procs.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -62,27 +49,6 @@ async def system(
         ],
     )
     yield config
-
-
-@pytest.fixture
-async def ops(system: FerryConfig) -> AsyncIterator[Operator]:
-    async with Operator(system) as operator:
-        yield operator
-
-
-def ferry(config: FerryConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(config.source), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "Traceback" not in done.stderr, done.stderr
-    return done
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:5]}"
 
 
 async def test_image_show_lists_the_declared_parameters(system: FerryConfig) -> None:

@@ -5,10 +5,7 @@ other nodes' capacity, losing nothing, and says clearly what it could not move."
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,23 +15,11 @@ from services.cli.simulate import Simulator
 from services.common import topics
 from services.common.bus import now_ms
 from services.common.config import FerryConfig
-from tests.conftest import ServiceProcesses, stack_config, start_system, wait_online
+from tests.conftest import ServiceProcesses, ferry, name, stack_config, start_system, wait_online
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 CAPACITY = 3  # instances per node: the drain must respect it
-
-
-@pytest.fixture(scope="module")
-def system_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("drain")
-
-
-@pytest.fixture(scope="module")
-def procs(system_dir: Path) -> Iterator[ServiceProcesses]:
-    procs = ServiceProcesses(system_dir / "ferry.toml", system_dir)
-    yield procs
-    procs.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +34,6 @@ async def system(
     )
     await start_system(config, procs, unikernel_builds)
     yield config
-
-
-@pytest.fixture
-async def ops(system: FerryConfig) -> AsyncIterator[Operator]:
-    async with Operator(system) as operator:
-        yield operator
-
-
-def ferry(config: FerryConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(config.source), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:5]}"
 
 
 async def deploy(ops: Operator, service: str, node: str) -> None:

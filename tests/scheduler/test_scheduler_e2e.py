@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +20,12 @@ from services.cli.simulate import Simulator, publish_mobility
 from services.common import topics
 from services.common.bus import Bus, RemoteError, now_ms
 from services.common.config import FerryConfig
-from tests.conftest import ServiceProcesses, stack_config, start_system, wait_online
+from tests.conftest import ServiceProcesses, ferry, name, stack_config, start_system, wait_online
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 NODES = ("edge-a", "edge-b")
 LIMIT = 2
-
-
-@pytest.fixture(scope="module")
-def system_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("system")
-
-
-@pytest.fixture(scope="module")
-def procs(system_dir: Path) -> Iterator[ServiceProcesses]:
-    procs = ServiceProcesses(system_dir / "ferry.toml", system_dir)
-    yield procs
-    procs.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -54,25 +41,6 @@ async def system(
     )
     await start_system(config, procs, unikernel_builds, ("counter", "aggregator"), NODES)
     yield config
-
-
-@pytest.fixture
-async def ops(system: FerryConfig) -> AsyncIterator[Operator]:
-    async with Operator(system) as operator:
-        yield operator
-
-
-def ferry(config: FerryConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(config.source), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:5]}"
 
 
 async def deploy(ops: Operator, service: str, node: str = "edge-a", runtime: str = "unix") -> None:

@@ -6,10 +6,8 @@ once and the state transformed by the upgrade hook; an upgrade the hook refuses 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +19,12 @@ from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus, RemoteError
 from services.common.config import FerryConfig
-from tests.conftest import ServiceProcesses, stack_config, start_system
+from tests.conftest import ServiceProcesses, ferry, stack_config, start_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 NODES = ("edge-a", "edge-b")
 BUILDS = Path(__file__).resolve().parents[2] / "unikernel" / "build"
-
-
-@pytest.fixture(scope="module")
-def system_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("upgrade")
-
-
-@pytest.fixture(scope="module")
-def procs(system_dir: Path) -> Iterator[ServiceProcesses]:
-    procs = ServiceProcesses(system_dir / "ferry.toml", system_dir)
-    yield procs
-    procs.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +37,6 @@ async def system(
     # … and 1.0.0 is the latest
     await start_system(config, procs, unikernel_builds, apps=("counter",), nodes=NODES)
     yield config
-
-
-@pytest.fixture
-async def ops(system: FerryConfig) -> AsyncIterator[Operator]:
-    async with Operator(system) as operator:
-        yield operator
-
-
-def ferry(config: FerryConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(config.source), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def deploy_v1(ops: Operator, system: FerryConfig, service: str, runtime: str) -> None:
