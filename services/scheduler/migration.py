@@ -36,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from tenacity import AsyncRetrying, retry_if_exception, stop_before_delay, wait_exponential
+
 from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, RequestTimeout, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
@@ -45,9 +47,9 @@ from services.scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger(__name__)
 
-#: s an event publish, or an idempotent call made to end a migration (status, stop, resume, a
-#: record), is tried again while the broker connection is down: the bus reconnects meanwhile,
-#: and a broker restart must not leave a migration open or undo one that was committed.
+#: How long an event publish, or an idempotent call made to end a migration (status, stop,
+#: resume, a record), is tried again while the broker connection is down: the bus reconnects
+#: meanwhile, and a broker restart must not leave a migration open or undo a committed one.
 BUS_RETRY = 30.0
 
 T = TypeVar("T")
@@ -60,18 +62,20 @@ async def retrying(make: Callable[[], Awaitable[T]], limit: float = BUS_RETRY) -
     timeout to answer (a node killed without its will heard yet must cost one timeout, not the
     retries too).
     """
-    deadline = time.monotonic() + limit
-    delay = 0.1
-    while True:
-        try:
-            return await make()
-        except RequestTimeout:
-            raise
-        except BusError:
-            if time.monotonic() + delay >= deadline:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    attempts = AsyncRetrying(
+        retry=retry_if_exception(
+            lambda exc: isinstance(exc, BusError) and not isinstance(exc, RequestTimeout)
+        ),
+        wait=wait_exponential(multiplier=0.1, max=1.0),
+        stop=stop_before_delay(limit),  # never sleeps past the limit
+        reraise=True,
+    )
+
+    async def attempt() -> T:  # a coroutine function: tenacity would not await a lambda's result
+        return await make()
+
+    result: T = await attempts(attempt)
+    return result
 
 
 def new_migration_id() -> str:
