@@ -11,5 +11,10 @@ from services.common.config import FerryConfig
 
 
 async def test_hold_the_stack(infra: FerryConfig) -> None:
-    Path(os.environ["FERRY_HELD_STACK_OUT"]).write_text(str(infra.stack.dir))
+    # Written whole, then renamed: the watcher reads it as soon as it exists (an empty file
+    # seen between create and write made it read no stack at all).
+    out = Path(os.environ["FERRY_HELD_STACK_OUT"])
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(str(infra.stack.dir))
+    partial.replace(out)
     await asyncio.sleep(600)
