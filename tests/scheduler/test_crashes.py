@@ -481,6 +481,49 @@ async def test_a_source_left_paused_by_a_dead_scheduler_serves_again_on_its_own(
     await ops.command("stop", service=service)
 
 
+async def test_a_target_that_restores_after_the_source_took_its_service_back_never_serves(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses
+) -> None:
+    """SIGSTOP of the target between its pre-boot and the restore, for longer than the pause
+    bound (shorter than the broker's keepalive: the node is not declared gone): the source
+    claims its service back and serves on; the target, woken, restores a checkpoint the source
+    has moved past. Its claim of the service must lose, so it never applies an input: an output
+    from that stale state would say count != seq (seen in CI after a broker restart)."""
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = simulate(system, service, 2, 200)
+    await asyncio.sleep(1.0)
+    started = await ops.command("migrate", service=service, node="edge-b")
+    target = procs.procs["executor@edge-b"].pid
+    frozen = asyncio.Event()
+
+    def freeze_target_once_ready(event: dict[str, Any]) -> None:
+        if event["phase"] == "target_ready" and not frozen.is_set():
+            os.killpg(target, signal.SIGSTOP)
+            frozen.set()
+
+    follow = asyncio.create_task(ops.follow(started["migration"], freeze_target_once_ready, 30))
+    try:
+        async with asyncio.timeout(10):
+            await frozen.wait()
+        await asyncio.sleep(PAUSE_TIMEOUT + 1.5)  # the source serves again on its own
+    finally:
+        os.killpg(target, signal.SIGCONT)
+    final = await follow
+    assert final["phase"] == "rolled_back", final
+    record = await ops.wait_serving(service, timeout=20)
+    assert record["node"] == "edge-a", record
+    await asyncio.sleep(1.5)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    assert {node for o in outputs.by_producer["dev-1"] for node in [o[2]]} == {"edge-a"}
+    copy = await instance_on(system, "edge-b", service)
+    assert copy is None or copy["state"] != "serving", copy
+    assert (await ops.move("migrate", service, "edge-b"))["phase"] == "committed"
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
 async def test_outputs_stay_in_input_order_across_migrations_at_2000_per_second(
     system: FerryConfig, ops: Operator
 ) -> None:
