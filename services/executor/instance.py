@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from services.common import contract, topics
 from services.common.blobstore import BlobRef
@@ -78,6 +78,11 @@ class CheckpointPolicy:
     @property
     def durable(self) -> bool:
         return self.interval > 0 or self.inputs > 0
+
+
+#: Makes an instance its service's owner before it forwards input (a restore's claim): True
+#: claimed, False another instance owns the service, None not known (statestore unreachable).
+Claim = Callable[[], Awaitable[bool | None]]
 
 
 class Keeper(Protocol):
@@ -286,10 +291,11 @@ class Instance:
         await guest.channel.start(params)
         await self.attach_input()
 
-    async def restore(self, capture: Capture) -> float:
+    async def restore(self, capture: Capture, claim: Claim | None = None) -> float:
         """Restore the guest from ``capture`` and take over the input session.
 
-        Returns the wall-clock time (ms) at which input flows again: the end of downtime.
+        ``claim`` makes this instance the service's owner (see ``attach_input``). Returns the
+        wall-clock time (ms) at which input flows again: the end of downtime.
         """
         if self.state != InstanceState.WAITING:
             raise InstanceError(
@@ -301,7 +307,7 @@ class Instance:
         for producer, seq in capture.watermark.items():
             self._producer(producer).last_seq = seq
         self.restored_at = time.time() * 1000
-        await self.attach_input()
+        await self.attach_input(claim)
         return time.time() * 1000
 
     async def checkpoint(self) -> Checkpoint:
@@ -395,9 +401,54 @@ class Instance:
 
     # -- data plane -------------------------------------------------------------------------
 
-    async def attach_input(self) -> None:
-        """Take over the service's persistent input session and start forwarding input."""
+    async def attach_input(self, claim: Claim | None = None) -> None:
+        """Take over the service's persistent input session and start forwarding input.
+
+        With a ``claim`` (a restore), no input is forwarded until it says this instance owns
+        the service; it runs alongside the session's connect, so it costs downtime only when
+        the statestore is slower than the broker. Claim lost: InstanceError ``fenced``. Claim
+        not known (statestore unreachable) or session not open: the instance is ``detached``
+        and asks again who owns the service, like one whose session dropped.
+        """
         await self._close_session()
+        claiming = asyncio.ensure_future(claim()) if claim is not None else None
+        try:
+            session = await self._open_session()
+        except BusError as exc:
+            if claiming is None:
+                raise
+            await self._detach_unless_fenced(await claiming, f"input session not open: {exc}")
+        if claiming is not None:
+            owner = await claiming
+            if owner is not True:
+                await session.close()
+                await self._detach_unless_fenced(owner, "the statestore did not answer")
+        self._session = session
+        self._pump = asyncio.create_task(self._forward_input(session))
+        if self._policy.durable and self._durable_task is None:
+            self._durable_task = asyncio.create_task(self._keep_durable())
+        self.state = InstanceState.SERVING
+
+    async def _detach_unless_fenced(self, owner: bool | None, why: str) -> NoReturn:
+        """After a claim that did not end in a serving instance: raise ``fenced`` if another
+        instance owns the service, else go ``detached`` (the node asks again who owns it)."""
+        if owner is False:
+            raise InstanceError(
+                "fenced",
+                f"instance {self.instance_id} lost its claim on {self.service}: the record "
+                "moved on (rolled back, or its source claimed it back); it never served",
+            )
+        self.state = InstanceState.DETACHED
+        if self._on_session_lost is not None:
+            asyncio.get_running_loop().create_task(self._on_session_lost(self))
+        raise InstanceError(
+            "detached",
+            f"instance {self.instance_id} of {self.service} is restored but not serving yet "
+            f"({why}); it serves once the statestore says it owns the service",
+        )
+
+    async def _open_session(self) -> Bus:
+        """Connect and subscribe the service's input session (nothing is forwarded yet)."""
         for attempt in range(3):
             session = Bus(
                 self._broker,
@@ -413,7 +464,7 @@ class Instance:
                 await session.subscribe(
                     topics.app_input(self.service), topics.app_input_from(self.service, "+")
                 )
-                break
+                return session
             except BusError:
                 # Taken from us between connect and subscribe (another client with the same
                 # id): try again a couple of times before giving up.
@@ -421,11 +472,7 @@ class Instance:
                 if attempt == 2:
                     raise
                 await asyncio.sleep(0.1)
-        self._session = session
-        self._pump = asyncio.create_task(self._forward_input(session))
-        if self._policy.durable and self._durable_task is None:
-            self._durable_task = asyncio.create_task(self._keep_durable())
-        self.state = InstanceState.SERVING
+        raise AssertionError("unreachable")
 
     def _session_lost(self, exc: BaseException) -> None:
         if self.state != InstanceState.SERVING or self._stopping:

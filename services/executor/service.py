@@ -37,7 +37,7 @@ from services.common.states import InstanceState, ServiceStatus
 from services.executor.capture import Capture
 from services.executor.channel import ChannelError, GuestError
 from services.executor.image_cache import ImageCache
-from services.executor.instance import CheckpointPolicy, Instance, InstanceError
+from services.executor.instance import CheckpointPolicy, Claim, Instance, InstanceError
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runtime import GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
@@ -480,16 +480,29 @@ class Executor:
                         await asyncio.sleep(delay)
                         continue
                 else:
-                    reason = (
-                        f"{instance.service}: instance {instance.instance_id} on {self.node} is "
-                        f"fenced: the service moved on to {record.get('instance')} "
-                        f"({record.get('status')}); stopping it"
-                    )
-                    log.warning(reason)
-                    await self._report(instance.service, reason)
-                    await self._stop(instance)
-                    await self.publish_status_quietly()
+                    await self._fenced(instance, record, locked=True)
                 return
+
+    async def _fenced(
+        self, instance: Instance, record: dict[str, Any], locked: bool = False
+    ) -> None:
+        """The service record names another instance: this copy stops and says so (its
+        unacknowledged input belongs to the owner)."""
+        if not locked:
+            async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
+                await self._fenced(instance, record, locked=True)
+            return
+        if self.instances.get(instance.instance_id) is not instance:
+            return
+        reason = (
+            f"{instance.service}: instance {instance.instance_id} on {self.node} is "
+            f"fenced: the service moved on to {record.get('instance')} "
+            f"({record.get('status')}); stopping it"
+        )
+        log.warning(reason)
+        await self._report(instance.service, reason)
+        await self._stop(instance)
+        await self.publish_status_quietly()
 
     async def _watch_paused(self) -> None:
         """A source paused for a move serves again on its own if nobody finishes the hand-over.
@@ -510,6 +523,9 @@ class Executor:
     async def _resume_abandoned(self, instance: Instance) -> None:
         try:
             record = await self._statestore().get_service(instance.service)
+            if record.get("instance") not in (instance.instance_id, None):
+                await self._fenced(instance, record)  # its target claimed the service
+                return
             if (
                 record.get("instance") != instance.instance_id
                 or record.get("status") != ServiceStatus.MIGRATING
@@ -561,10 +577,20 @@ class Executor:
         )
         fetched = time.perf_counter()
         fetched_at = time.time() * 1000
-        resumed_at = await instance.restore(capture)
+        claim = command.get("claim")
+        try:
+            resumed_at = await instance.restore(
+                capture, self._claimer(instance, claim) if claim else None
+            )
+        except InstanceError as exc:
+            if exc.code == "fenced":
+                log.warning("%s: %s", self.node, exc)
+                await self._stop(instance)
+            raise
         return {
             "state": instance.state,
             "resumed_at": resumed_at,
+            "claimed": claim is not None,
             "bytes": ref.size,
             "timings": {
                 "fetch_ms": (fetched - started) * 1000,
@@ -572,6 +598,29 @@ class Executor:
                 "attach_ms": resumed_at - instance.restored_at,
             },
         }
+
+    def _claimer(self, instance: Instance, claim: dict[str, Any]) -> Claim:
+        """The restore's claim: the scheduler's commit, as a compare-and-set by the target."""
+
+        async def make_owner() -> bool | None:
+            statestore = self._statestore()
+            try:
+                await statestore.put_service(claim["record"], expect=claim["expect"])
+                return True
+            except RemoteError as exc:
+                if exc.code not in ("conflict", "stale_epoch"):
+                    log.warning("%s: claim of %s refused: %s", self.node, instance.service, exc)
+                    return None
+            except BusError as exc:
+                log.warning("%s: claim of %s not answered: %s", self.node, instance.service, exc)
+                return None
+            try:  # refused: by a record that already names us (a repeat) or by another owner
+                record = await statestore.get_service(instance.service)
+            except (RemoteError, BusError):
+                return None
+            return bool(record.get("instance") == instance.instance_id)
+
+        return make_owner
 
     async def _cmd_resume(self, command: dict[str, Any]) -> dict[str, Any]:
         instance = self._instance(command)

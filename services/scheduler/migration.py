@@ -292,7 +292,13 @@ class MigrationRunner:
         )
 
     async def _restore(self, plan: Plan, ref: dict[str, Any]) -> dict[str, Any]:
-        """Have the target restore ``ref`` and serve (its reply says when input flowed again)."""
+        """Have the target restore ``ref``, claim the service and serve (its reply says when
+        input flowed again).
+
+        The claim is the commit's compare-and-set, done by the target before it forwards any
+        input: it loses to a rollback or to a source that claimed its service back (both move
+        the record first), so a late target never serves beside the source.
+        """
         assert plan.target and plan.target_instance
         restored = await self._step(
             "restore",
@@ -302,6 +308,7 @@ class MigrationRunner:
                 instance=plan.target_instance,
                 checkpoint=ref,
                 migration=plan.id,
+                claim={"record": self._committed_record(plan), "expect": self._claim_expects(plan)},
             ),
             (plan.target, plan.target_instance),
         )
@@ -325,7 +332,7 @@ class MigrationRunner:
             "downtime_ms": round(restored["resumed_at"] - checkpoint["paused_at"], 3),
             "bytes_moved": checkpoint["checkpoint"]["size"],
         }
-        return await self._commit(plan, detail)
+        return await self._commit(plan, detail, claimed=bool(restored.get("claimed")))
 
     async def _suspend(self, plan: Plan) -> dict[str, Any]:
         checkpoint = await self._checkpoint(plan, stop_after=True)
@@ -343,8 +350,11 @@ class MigrationRunner:
         if latest is None:
             raise MigrationFailed("resume", LookupError(f"{plan.service} has no checkpoint"))
         await self._preboot(plan)
-        await self._announce_serving(plan, await self._restore(plan, latest))
-        return await self._commit(plan, {"bytes_moved": latest["size"]})
+        restored = await self._restore(plan, latest)
+        await self._announce_serving(plan, restored)
+        return await self._commit(
+            plan, {"bytes_moved": latest["size"]}, claimed=bool(restored.get("claimed"))
+        )
 
     async def _recover(self, plan: Plan) -> dict[str, Any]:
         """Replace a lost instance from the latest durable checkpoint (or fresh: see above)."""
@@ -372,9 +382,12 @@ class MigrationRunner:
             return await self._commit(plan, {"bytes_moved": 0, "from_checkpoint": None})
         checkpoint = latest["checkpoint"]
         await self._preboot(plan)
-        await self._announce_serving(plan, await self._restore(plan, checkpoint))
+        restored = await self._restore(plan, checkpoint)
+        await self._announce_serving(plan, restored)
         return await self._commit(
-            plan, {"bytes_moved": checkpoint["size"], "from_checkpoint": checkpoint["key"]}
+            plan,
+            {"bytes_moved": checkpoint["size"], "from_checkpoint": checkpoint["key"]},
+            claimed=bool(restored.get("claimed")),
         )
 
     async def _latest_or_none(self, service: str) -> dict[str, Any]:
@@ -388,24 +401,37 @@ class MigrationRunner:
             return {"instance": plan.source_instance}
         return {"status": plan.record.get("status", ServiceStatus.SUSPENDED)}
 
-    async def _commit(self, plan: Plan, detail: dict[str, Any]) -> dict[str, Any]:
-        """The target serves: record it, then (only then) stop the source for good."""
+    def _claim_expects(self, plan: Plan) -> dict[str, Any]:
+        """The commit's expectations plus the epoch the plan started from, which a rollback
+        moves past (``_fence``): the one field every kind of plan can be fenced on."""
+        return {**self._commit_expects(plan), "epoch": int(plan.record["epoch"])}
+
+    def _committed_record(self, plan: Plan) -> dict[str, Any]:
+        """The service record once the target serves."""
         upgraded = {}
         if plan.upgrade is not None:
             upgraded = {"image": plan.upgrade["image"], "version": plan.upgrade["to_version"]}
+        return {
+            **plan.record,
+            **upgraded,
+            "node": plan.target,
+            "instance": plan.target_instance,
+            "epoch": plan.epoch,
+            "status": ServiceStatus.SERVING,
+        }
+
+    async def _commit(
+        self, plan: Plan, detail: dict[str, Any], claimed: bool = False
+    ) -> dict[str, Any]:
+        """The target serves: record it (unless its claim already did), then (only then) stop
+        the source for good."""
+        if plan.upgrade is not None:
             detail.update(plan.versions())
         try:
-            await self.store.put_service(
-                {
-                    **plan.record,
-                    **upgraded,
-                    "node": plan.target,
-                    "instance": plan.target_instance,
-                    "epoch": plan.epoch,
-                    "status": ServiceStatus.SERVING,
-                },
-                expect=self._commit_expects(plan),
-            )
+            if not claimed:
+                await self.store.put_service(
+                    self._committed_record(plan), expect=self._commit_expects(plan)
+                )
         except RemoteError as exc:
             if exc.code != "conflict":
                 raise MigrationFailed("commit", exc) from exc
@@ -448,17 +474,37 @@ class MigrationRunner:
         )
 
     async def roll_back(self, plan: Plan, reason: str, forward: bool = True) -> dict[str, Any]:
-        """Undo a failed plan so the source serves again; or finish it if the target serves."""
+        """Undo a failed plan so the source serves again; or finish it if the target serves.
+
+        The record is moved first (``_fence``): a target still restoring then loses its claim
+        and stops itself, so the source resumed next never serves beside it.
+        """
         if plan.kind != "suspend" and await self._already_committed(plan):
             # The commit was recorded and a later step failed (e.g. its event, in a broker
             # restart): undoing it now would leave the record naming a target we stopped.
             log.warning("%s: already committed; finishing the commit", plan.id)
-            return await self._commit(plan, {"finished_after": reason})
+            return await self._commit(plan, {"finished_after": reason}, claimed=True)
         if forward and plan.kind != "suspend" and await self.target_serving(plan):
             log.warning("%s: target already serving; rolling forward", plan.id)
             return await self._commit(plan, {"rolled_forward": reason})
         await self.emit(plan, Phase.ROLLING_BACK, detail={"error": reason})
         notes: dict[str, Any] = {"error": reason, **plan.versions()}
+        status = self._status_after_rollback(plan)
+        resumes = bool(plan.source and plan.source_instance and plan.kind != "recover")
+        if resumes and plan.source and self._gone(plan.source):
+            notes["source_resume_error"] = f"node {plan.source} is offline"
+            status = ServiceStatus.FAILED  # and the scheduler recovers it from its checkpoint
+            resumes = False
+        written: ServiceStatus | None = None  # what the record says now, if we wrote it
+        if plan.kind != "suspend":
+            fenced = await self._fence(plan, status, notes)
+            if fenced is None:
+                log.warning("%s: the target claimed the service first; finishing", plan.id)
+                return await self._commit(plan, {"finished_after": reason}, claimed=True)
+            if fenced:
+                written = status
+            else:
+                resumes = False
         if plan.target and plan.target_instance and self._gone(plan.target):
             # Nobody to tell; a restarted executor ends what it ran (reported lost), and a copy
             # that comes back finds the record naming another instance (fenced).
@@ -469,41 +515,67 @@ class MigrationRunner:
                 await retrying(lambda: self.executors.stop(target, plan.service, instance))
             except (RemoteError, BusError) as exc:
                 notes["target_stop_error"] = str(exc)
-        status = {"resume": ServiceStatus.SUSPENDED, "recover": ServiceStatus.FAILED}.get(
-            plan.kind, ServiceStatus.SERVING
-        )
-        if plan.kind == "resume":
-            status = ServiceStatus(plan.record.get("status") or ServiceStatus.SUSPENDED)
-        if (
-            plan.source
-            and plan.source_instance
-            and plan.kind != "recover"
-            and self._gone(plan.source)
-        ):
-            notes["source_resume_error"] = f"node {plan.source} is offline"
-            status = (
-                ServiceStatus.FAILED
-            )  # and the scheduler recovers it from its latest checkpoint
-        elif plan.source and plan.source_instance and plan.kind != "recover":
+        if resumes and plan.source and plan.source_instance:
             source, instance = plan.source, plan.source_instance
             try:
                 await retrying(lambda: self.executors.resume(source, plan.service, instance))
             except (RemoteError, BusError) as exc:
                 notes["source_resume_error"] = str(exc)
                 status = ServiceStatus.FAILED
-        with contextlib.suppress(RemoteError, BusError):
-            # Only while the record still names the source: a source that claimed its service
-            # back on its own, or a later plan, has already written what is true.
-            await retrying(
-                lambda: self.store.put_service(
-                    {**plan.record, "status": status},
-                    expect={"instance": plan.record.get("instance")},
-                )
-            )
+        if status != written:
+            with contextlib.suppress(RemoteError, BusError):
+                # Only while the record still names the source: a source that claimed its
+                # service back on its own has already written what is true.
+                await retrying(lambda: self._put_rolled_back(plan, status))
         notes["outcome_status"] = status
         notes["total_ms"] = self._total_ms(plan)
         await self.emit(plan, Phase.ROLLED_BACK, detail=notes)
         return notes
+
+    @staticmethod
+    def _status_after_rollback(plan: Plan) -> ServiceStatus:
+        if plan.kind == "resume":
+            return ServiceStatus(plan.record.get("status") or ServiceStatus.SUSPENDED)
+        if plan.kind == "recover":
+            return ServiceStatus.FAILED
+        return ServiceStatus.SERVING
+
+    async def _put_rolled_back(self, plan: Plan, status: ServiceStatus) -> None:
+        """The record as the rollback leaves it, past the plan's epoch (fence) for every kind
+        with a target, and only while it still names the source."""
+        epoch = plan.epoch if plan.kind != "suspend" else int(plan.record["epoch"])
+        await self.store.put_service(
+            {**plan.record, "status": status, "epoch": epoch},
+            expect={"instance": plan.record.get("instance")},
+        )
+
+    async def _fence(
+        self, plan: Plan, status: ServiceStatus, notes: dict[str, Any]
+    ) -> bool | None:
+        """Move the record past the plan's epoch, so the target's claim (which expects that
+        epoch) can no longer win. True: fenced; None: the target had claimed the service
+        already (finish the plan instead); False: the record could not be moved (statestore
+        unreachable, or someone else owns it): the source must not be resumed from here; it
+        serves again on its own once it claims its service back (``pause_timeout``)."""
+        try:
+            await retrying(
+                lambda: self.store.put_service(
+                    {**plan.record, "status": status, "epoch": plan.epoch},
+                    expect={
+                        "instance": plan.record.get("instance"),
+                        "epoch": int(plan.record["epoch"]),
+                    },
+                )
+            )
+            return True
+        except RemoteError as exc:
+            if await self._already_committed(plan):
+                return None
+            notes["fence_error"] = str(exc)
+        except BusError as exc:
+            notes["fence_error"] = f"statestore unreachable: {exc}"
+        log.warning("%s: rollback not fenced: %s", plan.id, notes["fence_error"])
+        return False
 
     async def recover(self, plan: Plan, phase: str) -> dict[str, Any]:
         """Finish or undo a plan a previous scheduler process left at ``phase``."""
