@@ -490,9 +490,8 @@ class Executor:
         unacknowledged input belongs to the owner)."""
         if not locked:
             async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
-                await self._fenced(instance, record, locked=True)
-            return
-        if self.instances.get(instance.instance_id) is not instance:
+                if instance.state == InstanceState.PAUSED:  # not stopped by a commit meanwhile
+                    await self._fenced(instance, record, locked=True)
             return
         reason = (
             f"{instance.service}: instance {instance.instance_id} on {self.node} is "
