@@ -286,10 +286,11 @@ class Instance:
         if self._on_failure is not None:
             self._on_failure(self)
 
-    async def start_fresh(self, params: dict[str, Any]) -> None:
+    async def start_fresh(self, params: dict[str, Any], claim: Claim | None = None) -> None:
+        """Start the app with empty state and serve (with ``claim``: see ``attach_input``)."""
         guest = self._require(InstanceState.WAITING)
         await guest.channel.start(params)
-        await self.attach_input()
+        await self.attach_input(claim)
 
     async def restore(self, capture: Capture, claim: Claim | None = None) -> float:
         """Restore the guest from ``capture`` and take over the input session.

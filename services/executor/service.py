@@ -295,12 +295,18 @@ class Executor:
         )
         self.instances[instance_id] = instance
         self.lost.pop(service, None)
+        claim = command.get("claim") if command["mode"] == "fresh" else None
         try:
             await instance.boot(fresh=command["mode"] == "fresh")
             record_instance(workdir, instance)
             if command["mode"] == "fresh":
-                await instance.start_fresh(command.get("params") or {})
-        except BaseException:
+                await instance.start_fresh(
+                    command.get("params") or {},
+                    self._claimer(instance, claim) if claim else None,
+                )
+        except BaseException as exc:
+            if isinstance(exc, InstanceError) and exc.code == "detached":
+                raise  # started; whether it serves is the statestore's answer (see attach_input)
             await instance.stop()
             self.instances.pop(instance_id, None)
             shutil.rmtree(workdir, ignore_errors=True)
@@ -309,6 +315,7 @@ class Executor:
         return {
             "state": instance.state,
             "instance": instance_id,
+            "claimed": claim is not None,
             "timings": {
                 "image_ms": (fetched - started) * 1000,
                 "boot_ms": (booted - fetched) * 1000,

@@ -308,7 +308,7 @@ class MigrationRunner:
                 instance=plan.target_instance,
                 checkpoint=ref,
                 migration=plan.id,
-                claim={"record": self._committed_record(plan), "expect": self._claim_expects(plan)},
+                claim=self._claim(plan),
             ),
             (plan.target, plan.target_instance),
         )
@@ -374,12 +374,17 @@ class MigrationRunner:
                     params=service.get("params") or {},
                     mode="fresh",
                     migration=plan.id,
+                    claim=self._claim(plan),
                 ),
                 (plan.target, None),
             )
             await self.emit(plan, Phase.TARGET_READY, plan.target, detail=started.get("timings"))
             await self.emit(plan, Phase.TARGET_SERVING, plan.target)
-            return await self._commit(plan, {"bytes_moved": 0, "from_checkpoint": None})
+            return await self._commit(
+                plan,
+                {"bytes_moved": 0, "from_checkpoint": None},
+                claimed=bool(started.get("claimed")),
+            )
         checkpoint = latest["checkpoint"]
         await self._preboot(plan)
         restored = await self._restore(plan, checkpoint)
@@ -401,10 +406,14 @@ class MigrationRunner:
             return {"instance": plan.source_instance}
         return {"status": plan.record.get("status", ServiceStatus.SUSPENDED)}
 
-    def _claim_expects(self, plan: Plan) -> dict[str, Any]:
-        """The commit's expectations plus the epoch the plan started from, which a rollback
+    def _claim(self, plan: Plan) -> dict[str, Any]:
+        """The commit, for the target to make before it forwards input: the record naming it,
+        and the commit's expectations plus the epoch the plan started from, which a rollback
         moves past (``_fence``): the one field every kind of plan can be fenced on."""
-        return {**self._commit_expects(plan), "epoch": int(plan.record["epoch"])}
+        return {
+            "record": self._committed_record(plan),
+            "expect": {**self._commit_expects(plan), "epoch": int(plan.record["epoch"])},
+        }
 
     def _committed_record(self, plan: Plan) -> dict[str, Any]:
         """The service record once the target serves."""
