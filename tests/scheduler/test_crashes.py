@@ -621,6 +621,11 @@ KILLS = ("source", "target", "scheduler", "statestore")
 PHASES = ("target_ready", "source_paused", "checkpoint_stored", "target_serving")
 
 
+#: How long a SIGSTOP lasts: past the pause bound (a paused source claims its service back),
+#: within 1.5 broker keepalives (nobody's last will is published).
+FREEZE = PAUSE_TIMEOUT + 1.5
+
+
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("victim", KILLS)
 async def test_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
@@ -629,6 +634,28 @@ async def test_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
     """kill -9 of one component when a phase is announced, under steady input: the migration
     ends committed or rolled back, exactly one instance serves, every input is applied exactly
     once, and the service migrates again afterwards."""
+    await fault_at_phase(system, ops, procs, victim, phase, freeze=False)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("victim", KILLS)
+async def test_sigstop_at_every_phase_ends_the_migration_and_loses_nothing(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, victim: str, phase: str
+) -> None:
+    """SIGSTOP of one component when a phase is announced, for ``FREEZE`` s, then SIGCONT: the
+    frozen one wakes to a world that moved on (a source that claimed its service back, a
+    rollback, a restore it must no longer act on) and the same guarantees hold."""
+    await fault_at_phase(system, ops, procs, victim, phase, freeze=True)
+
+
+async def fault_at_phase(
+    system: FerryConfig,
+    ops: Operator,
+    procs: ServiceProcesses,
+    victim: str,
+    phase: str,
+    freeze: bool,
+) -> None:
     process = {
         "source": ("executor@edge-a", "--node", "edge-a"),
         "target": ("executor@edge-b", "--node", "edge-b"),
@@ -640,20 +667,35 @@ async def test_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
     sim = simulate(system, service, 1, 200)
     await asyncio.sleep(1.0)
     started = await ops.command("migrate", service=service, node="edge-b")
-    killed = asyncio.Event()
+    hit = asyncio.Event()
+    pid = procs.procs[process[0]].pid
+    thawed = asyncio.get_running_loop().create_future()
 
-    def kill_at_phase(event: dict[str, Any]) -> None:
-        if event["phase"] == phase and not killed.is_set():
-            procs.kill(process[0])
-            killed.set()
+    def thaw() -> None:
+        os.killpg(pid, signal.SIGCONT)
+        if not thawed.done():
+            thawed.set_result(None)
+
+    def fault_at(event: dict[str, Any]) -> None:
+        if event["phase"] == phase and not hit.is_set():
+            hit.set()
+            if freeze:
+                os.killpg(pid, signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(FREEZE, thaw)
+            else:
+                procs.kill(process[0])
 
     try:
-        await ops.follow(started["migration"], kill_at_phase, timeout=25)
+        await ops.follow(started["migration"], fault_at, timeout=25)
     except TimeoutError:
         assert victim in ("scheduler", "statestore"), "the migration stayed open"
-    if not killed.is_set():
+    finally:
+        if freeze and hit.is_set():
+            await thawed
+    if not hit.is_set():
         pytest.skip(f"the migration never announced {phase}")
-    await restart(system, procs, *process)
+    if not freeze:
+        await restart(system, procs, *process)
     async with asyncio.timeout(40):  # whatever happened, it ends (a restarted scheduler ends it)
         while True:
             found = await ops.query("get_migration", migration=started["migration"])
