@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
@@ -179,7 +179,7 @@ class Instance:
         policy: CheckpointPolicy,
         max_input_bytes: int,
         on_failure: Callable[[Instance], None] | None = None,
-        on_session_lost: Callable[[Instance], Coroutine[Any, Any, None]] | None = None,
+        on_session_lost: Callable[[Instance], None] | None = None,
     ) -> None:
         self.node = node
         self.service = service
@@ -441,7 +441,7 @@ class Instance:
             )
         self.state = InstanceState.DETACHED
         if self._on_session_lost is not None:
-            asyncio.get_running_loop().create_task(self._on_session_lost(self))
+            self._on_session_lost(self)
         raise InstanceError(
             "detached",
             f"instance {self.instance_id} of {self.service} is restored but not serving yet "
@@ -482,7 +482,7 @@ class Instance:
         if self._pump is not None:
             self._pump.cancel()
         if self._on_session_lost is not None:
-            asyncio.get_running_loop().create_task(self._on_session_lost(self))
+            self._on_session_lost(self)
 
     async def _stop_forwarding(self) -> None:
         """Stop forwarding and wait until every forwarded input is DONE."""

@@ -291,7 +291,7 @@ class Executor:
             ),
             max_input_bytes=self.config.executor.max_input_bytes,
             on_failure=self._instance_failed,
-            on_session_lost=self._session_lost,
+            on_session_lost=self._detached,
         )
         self.instances[instance_id] = instance
         self.lost.pop(service, None)
@@ -450,6 +450,11 @@ class Executor:
 
     # -- an instance that lost its input session, or waits paused too long -----------------
 
+    def _detached(self, instance: Instance) -> None:
+        # A task the executor holds: an unreferenced task may be collected mid-way, and this one
+        # must run until the instance serves again or stops.
+        self._in_background(self._session_lost(instance))
+
     async def _session_lost(self, instance: Instance) -> None:
         """Take the session back only while the service record still names this instance.
 
@@ -460,9 +465,13 @@ class Executor:
         delay = 0.2
         while instance.state == InstanceState.DETACHED:
             try:
-                record = await self._statestore().get_service(instance.service)
-            except (RemoteError, BusError) as exc:
-                log.info("%s: cannot ask who owns %s yet: %s", self.node, instance.service, exc)
+                # Bounded here too: a request on a connection that broke under it must not
+                # leave the instance detached for good.
+                async with asyncio.timeout(2 * self.config.broker.request_timeout):
+                    record = await self._statestore().get_service(instance.service)
+            except (RemoteError, BusError, TimeoutError) as exc:
+                why = str(exc) or "no answer"
+                log.warning("%s: cannot ask who owns %s yet: %s", self.node, instance.service, why)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue

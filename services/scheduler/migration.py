@@ -558,9 +558,7 @@ class MigrationRunner:
             expect={"instance": plan.record.get("instance")},
         )
 
-    async def _fence(
-        self, plan: Plan, status: ServiceStatus, notes: dict[str, Any]
-    ) -> bool | None:
+    async def _fence(self, plan: Plan, status: ServiceStatus, notes: dict[str, Any]) -> bool | None:
         """Move the record past the plan's epoch, so the target's claim (which expects that
         epoch) can no longer win. True: fenced; None: the target had claimed the service
         already (finish the plan instead); False: the record could not be moved (statestore
