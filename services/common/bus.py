@@ -136,6 +136,8 @@ class Bus:
         self._background: set[asyncio.Task[None]] = set()
         #: PUBACKs ``publish_many`` waits for on the current connection, by message id.
         self._acks: dict[int, tuple[_Batch, int]] = {}
+        #: The waits of ``publish`` calls for their PUBACK on the current connection.
+        self._awaiting_puback: set[asyncio.Timeout] = set()
         #: Built once (TLSError here names the bad file before any connection is tried).
         self._tls = tls.broker_context(broker)
 
@@ -347,13 +349,18 @@ class Bus:
                     self._in_background(self._announce_again())
 
     def _fail_unconfirmed(self) -> None:
-        """The connection is gone: the PUBACKs ``publish_many`` waits for will never come, so
-        its batches end now (as not confirmed) instead of at PUBLISH_TIMEOUT."""
+        """The connection is gone: the PUBACKs ``publish_many`` and ``publish`` wait for will
+        never come, so they fail now (not confirmed) instead of at PUBLISH_TIMEOUT: a component
+        whose broker restarted acts again within the reconnect, not 10 s later."""
         waiting = list(self._acks.values())
         self._acks.clear()  # the old client's callback holds this dict: a late PUBACK is void
         for batch, _index in waiting:
             if not batch.done.done():
                 batch.done.set_result(None)
+        now = asyncio.get_running_loop().time()
+        for wait in self._awaiting_puback:
+            wait.reschedule(now)
+        self._awaiting_puback.clear()
 
     async def _announce_again(self) -> None:
         for topic, make_payload in list(self._announcements.items()):
@@ -485,10 +492,23 @@ class Bus:
             if expiry:
                 props.MessageExpiryInterval = expiry
         body = orjson.dumps(payload) if payload is not None else b""
+        client = self._client
+        wait: asyncio.Timeout | None = None
         try:
-            await self._client.publish(topic, body, qos=qos, retain=retain, properties=props)
-        except aiomqtt.MqttError as exc:
+            async with asyncio.timeout(None) as wait:  # cut short by _fail_unconfirmed
+                self._awaiting_puback.add(wait)
+                await client.publish(topic, body, qos=qos, retain=retain, properties=props)
+        except TimeoutError:  # first: TimeoutError is an OSError
+            raise BusError(
+                f"publish to {topic} failed: the broker connection was lost before its PUBACK"
+            ) from None
+        except (aiomqtt.MqttError, OSError) as exc:
+            # OSError: paho registering the socket of a connection that just broke (EBADF), in
+            # the moment before the reader notices: a failed publish like any other.
             raise BusError(f"publish to {topic} failed: {exc}") from exc
+        finally:
+            if wait is not None:
+                self._awaiting_puback.discard(wait)
 
     async def announce(self, topic: str, make_payload: Callable[[], dict[str, Any]]) -> None:
         """Publish ``make_payload()`` retained now, and again after every reconnect.
@@ -536,7 +556,12 @@ class Bus:
             except contract.ContractError as exc:
                 results[index] = exc
                 continue
-            info = client._client.publish(topic, orjson.dumps(payload), qos=1)
+            try:
+                info = client._client.publish(topic, orjson.dumps(payload), qos=1)
+            except OSError as exc:  # a connection that just broke (see ``publish``)
+                failed = BusError(f"publish to {topic} failed: {exc}")
+                results[index:] = [failed] * (len(messages) - index)
+                break
             if info.rc != 0:
                 failed = BusError(f"publish to {topic} failed: {mqtt_error(info.rc)}")
                 results[index:] = [failed] * (len(messages) - index)

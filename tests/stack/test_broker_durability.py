@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from bench.broker_persistence import Producer, Session
@@ -154,3 +155,39 @@ async def test_a_service_holding_a_second_of_input_unacknowledged_does_not_stall
                     if received == held:
                         break
     assert received == held, f"delivery stalled at {received} unacknowledged inputs"
+
+
+async def test_a_publish_waiting_for_its_puback_fails_when_the_connection_drops(
+    durable: FerryConfig,
+) -> None:
+    """The broker stops answering (SIGSTOP) while a QoS 1 publish waits for its PUBACK, then dies:
+    the publish fails as soon as the connection is known lost, saying so, rather than waiting
+    out aiomqtt's publish timeout (a scheduler whose broker restarted sat 10 s in such a wait
+    before it rolled anything back). The bus then publishes on the new connection."""
+    import os
+
+    from services.common.bus import BusError
+
+    state = orjson.loads((durable.stack.dir / "stack.json").read_bytes())
+    [pid] = [c["pid"] for c in state["components"] if c["name"] == "mosquitto"]
+    async with Bus(durable.broker, f"test-puback-{uuid.uuid4().hex[:6]}") as bus:
+        topic = topics.component_status("statestore")
+        payload = {"component": "statestore", "status": "online", "time": now_ms()}
+        os.killpg(int(pid), signal.SIGSTOP)
+        try:
+            waiting = asyncio.create_task(bus.publish(topic, payload))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # no PUBACK from a stopped broker
+            await kill_broker(durable)  # killed while stopped: the connection resets
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid), signal.SIGCONT)
+            raise
+        with pytest.raises(BusError, match="connection was lost before its PUBACK"):
+            await waiting
+        async with asyncio.timeout(15):
+            while True:  # reconnected: publishing works again
+                with contextlib.suppress(BusError):
+                    await bus.publish(topic, {**payload, "time": now_ms()})
+                    break
+                await asyncio.sleep(0.2)
