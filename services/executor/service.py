@@ -469,7 +469,9 @@ class Executor:
                 # leave the instance detached for good.
                 async with asyncio.timeout(2 * self.config.broker.request_timeout):
                     record = await self._statestore().get_service(instance.service)
-            except (RemoteError, BusError, TimeoutError) as exc:
+            except Exception as exc:  # anything: this loop must end only when it decided
+                if not isinstance(exc, RemoteError | BusError | TimeoutError):
+                    log.exception("%s: asking who owns %s failed", self.node, instance.service)
                 why = str(exc) or "no answer"
                 log.warning("%s: cannot ask who owns %s yet: %s", self.node, instance.service, why)
                 await asyncio.sleep(delay)
@@ -576,7 +578,14 @@ class Executor:
     def _in_background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        """Forget a finished background task, and say what ended one that failed (nothing
+        awaits these: an exception would otherwise vanish, as a detached instance's did)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: background task failed", self.node, exc_info=task.exception())
 
     async def _cmd_restore(self, command: dict[str, Any]) -> dict[str, Any]:
         instance = self._instance(command)
