@@ -539,6 +539,39 @@ async def test_a_target_that_restores_after_the_source_took_its_service_back_nev
     await ops.command("stop", service=service)
 
 
+async def test_a_statestore_restarted_during_the_hand_over_delays_the_claim_not_the_move(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses
+) -> None:
+    """kill -9 of the statestore as the source pauses, started again at once (as a supervisor
+    would): the target's claim is retried until the statestore answers, so the migration
+    commits (its downtime is the restart) instead of rolling back, with nothing lost."""
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = simulate(system, service, 1, 200)
+    await asyncio.sleep(1.0)
+    started = await ops.command("migrate", service=service, node="edge-b")
+    restarted: list[asyncio.Task[None]] = []
+
+    def kill_statestore_once_paused(event: dict[str, Any]) -> None:
+        if event["phase"] == "source_paused" and not restarted:
+            procs.kill("statestore")
+            restarted.append(asyncio.create_task(restart(system, procs, "statestore")))
+
+    with contextlib.suppress(TimeoutError):  # events during the restart may not be recorded
+        await ops.follow(started["migration"], kill_statestore_once_paused, timeout=25)
+    assert restarted, "the migration never announced source_paused"
+    await restarted[0]
+    record = await serving(ops, service, 1)
+    assert record["node"] == "edge-b", record
+    found = await ops.query("get_migration", migration=started["migration"])
+    assert found["migration"]["outcome"] == "committed", found["migration"]
+    await asyncio.sleep(1.0)
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
 async def test_outputs_stay_in_input_order_across_migrations_at_2000_per_second(
     system: FerryConfig, ops: Operator
 ) -> None:
