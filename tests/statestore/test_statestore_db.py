@@ -77,6 +77,30 @@ def test_service_epoch_fence(tmp_path: Path) -> None:
         db.get_service("svc")
 
 
+def test_a_rollback_that_moves_the_epoch_makes_a_late_claim_lose(tmp_path: Path) -> None:
+    """The hand-over's fence, as the statestore sees it: the source's record at epoch 1 is
+    migrating; whichever of the target's claim (expects epoch 1) and the rollback (moves the
+    record to epoch 2, still naming the source) comes first wins, and the other conflicts."""
+    db = Database(tmp_path / "s.db")
+    db.put_service(service(1, "migrating"))
+    source = {"instance": "svc.1", "epoch": 1}
+    rolled_back = {**service(1), "epoch": 2}  # the source serves again, past the plan's epoch
+    claim = {**service(2), "node": "edge-b"}  # the target, instance svc.2 at epoch 2
+    db.put_service(rolled_back, expect=source)
+    with pytest.raises(Conflict) as late:
+        db.put_service(claim, expect={**source, "status": "migrating"})
+    assert late.value.code == "conflict"
+    assert db.get_service("svc")["instance"] == "svc.1"
+    # the other order: the claim first, and the rollback is the one refused
+    db.put_service({**service(3, "migrating"), "instance": "svc.1"})
+    db.put_service({**service(4), "node": "edge-b"}, expect={"instance": "svc.1", "epoch": 3})
+    with pytest.raises(Conflict):
+        db.put_service(
+            {**service(1), "epoch": 4}, expect={"instance": "svc.1", "epoch": 3}
+        )
+    assert db.get_service("svc")["instance"] == "svc.4"
+
+
 def test_events_out_of_order_and_twice(tmp_path: Path) -> None:
     db = Database(tmp_path / "s.db")
     committed = event("committed", 50, detail={"downtime_ms": 21.5, "bytes_moved": 9})
