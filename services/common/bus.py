@@ -498,13 +498,11 @@ class Bus:
             async with asyncio.timeout(None) as wait:  # cut short by _fail_unconfirmed
                 self._awaiting_puback.add(wait)
                 await client.publish(topic, body, qos=qos, retain=retain, properties=props)
-        except TimeoutError:  # first: TimeoutError is an OSError
+        except TimeoutError:
             raise BusError(
                 f"publish to {topic} failed: the broker connection was lost before its PUBACK"
             ) from None
-        except (aiomqtt.MqttError, OSError) as exc:
-            # OSError: paho registering the socket of a connection that just broke (EBADF), in
-            # the moment before the reader notices: a failed publish like any other.
+        except aiomqtt.MqttError as exc:
             raise BusError(f"publish to {topic} failed: {exc}") from exc
         finally:
             if wait is not None:
@@ -556,12 +554,7 @@ class Bus:
             except contract.ContractError as exc:
                 results[index] = exc
                 continue
-            try:
-                info = client._client.publish(topic, orjson.dumps(payload), qos=1)
-            except OSError as exc:  # a connection that just broke (see ``publish``)
-                failed = BusError(f"publish to {topic} failed: {exc}")
-                results[index:] = [failed] * (len(messages) - index)
-                break
+            info = client._client.publish(topic, orjson.dumps(payload), qos=1)
             if info.rc != 0:
                 failed = BusError(f"publish to {topic} failed: {mqtt_error(info.rc)}")
                 results[index:] = [failed] * (len(messages) - index)

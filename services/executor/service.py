@@ -465,15 +465,9 @@ class Executor:
         delay = 0.2
         while instance.state == InstanceState.DETACHED:
             try:
-                # Bounded here too: a request on a connection that broke under it must not
-                # leave the instance detached for good.
-                async with asyncio.timeout(2 * self.config.broker.request_timeout):
-                    record = await self._statestore().get_service(instance.service)
-            except Exception as exc:  # anything: this loop must end only when it decided
-                if not isinstance(exc, RemoteError | BusError | TimeoutError):
-                    log.exception("%s: asking who owns %s failed", self.node, instance.service)
-                why = str(exc) or "no answer"
-                log.warning("%s: cannot ask who owns %s yet: %s", self.node, instance.service, why)
+                record = await self._statestore().get_service(instance.service)
+            except (RemoteError, BusError) as exc:
+                log.warning("%s: cannot ask who owns %s yet: %s", self.node, instance.service, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -498,19 +492,12 @@ class Executor:
                         await asyncio.sleep(delay)
                         continue
                 else:
-                    await self._fenced(instance, record, locked=True)
+                    await self._fenced(instance, record)
                 return
 
-    async def _fenced(
-        self, instance: Instance, record: dict[str, Any], locked: bool = False
-    ) -> None:
+    async def _fenced(self, instance: Instance, record: dict[str, Any]) -> None:
         """The service record names another instance: this copy stops and says so (its
-        unacknowledged input belongs to the owner)."""
-        if not locked:
-            async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
-                if instance.state == InstanceState.PAUSED:  # not stopped by a commit meanwhile
-                    await self._fenced(instance, record, locked=True)
-            return
+        unacknowledged input belongs to the owner). The caller holds the service's lock."""
         reason = (
             f"{instance.service}: instance {instance.instance_id} on {self.node} is "
             f"fenced: the service moved on to {record.get('instance')} "
@@ -541,7 +528,9 @@ class Executor:
         try:
             record = await self._statestore().get_service(instance.service)
             if record.get("instance") not in (instance.instance_id, None):
-                await self._fenced(instance, record)  # its target claimed the service
+                async with self._service_locks.setdefault(instance.service, asyncio.Lock()):
+                    if instance.state == InstanceState.PAUSED:  # not stopped by a commit
+                        await self._fenced(instance, record)  # its target claimed the service
                 return
             if (
                 record.get("instance") != instance.instance_id
@@ -582,7 +571,7 @@ class Executor:
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         """Forget a finished background task, and say what ended one that failed (nothing
-        awaits these: an exception would otherwise vanish, as a detached instance's did)."""
+        awaits these: an exception would otherwise vanish)."""
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: background task failed", self.node, exc_info=task.exception())
