@@ -30,12 +30,11 @@ from paho.mqtt.properties import Properties
 
 from services.cli.operator import Operator
 from services.cli.simulate import Simulator, connect_paho
-from services.common import images, topics
-from services.common.blobstore import BlobStore
+from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, now_ms
 from services.common.config import FerryConfig
 from services.stack import Stack
-from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tests.conftest import ServiceProcesses, stack_config, start_system, wait_online
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -211,17 +210,7 @@ async def system(
         # shorter one loses busy executors under load: their pings come late)
         FERRY_BROKER__KEEPALIVE="5",
     )
-    store = BlobStore(config.s3)
-    await images.push(store, "counter", unikernel_builds)
-    procs.start("statestore")
-    procs.start("scheduler")
-    for node in NODES:
-        procs.start(f"executor@{node}", "--node", node)
-    await wait_online(
-        config,
-        [topics.component_status("statestore"), topics.component_status("scheduler")]
-        + [topics.node_status(n) for n in NODES],
-    )
+    await start_system(config, procs, unikernel_builds, nodes=NODES)
     yield config
 
 
@@ -531,7 +520,7 @@ async def test_a_target_that_restores_after_the_source_took_its_service_back_nev
     await asyncio.sleep(1.5)
     sent = await finish(sim, outputs)
     outputs.assert_exactly_once(sent)
-    assert {node for o in outputs.by_producer["dev-1"] for node in [o[2]]} == {"edge-a"}
+    assert {node for _, _, node in outputs.by_producer["dev-1"]} == {"edge-a"}
     copy = await instance_on(system, "edge-b", service)
     assert copy is None or copy["state"] != "serving", copy
     assert (await ops.move("migrate", service, "edge-b"))["phase"] == "committed"
@@ -543,8 +532,9 @@ async def test_a_statestore_restarted_during_the_hand_over_delays_the_claim_not_
     system: FerryConfig, ops: Operator, procs: ServiceProcesses
 ) -> None:
     """kill -9 of the statestore as the source pauses, started again at once (as a supervisor
-    would): the target's claim is retried until the statestore answers, so the migration
-    commits (its downtime is the restart) instead of rolling back, with nothing lost."""
+    would): the target's claim waits in the statestore's persistent session until it answers,
+    so the migration commits (its downtime is the restart) instead of rolling back, with
+    nothing lost."""
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
     sim = simulate(system, service, 1, 200)
