@@ -412,9 +412,19 @@ class Instance:
         and asks again who owns the service, like one whose session dropped.
         """
         await self._close_session()
+        opening = asyncio.ensure_future(self._open_session())
         claiming = asyncio.ensure_future(claim()) if claim is not None else None
+        if claiming is not None:
+            await asyncio.wait({opening, claiming}, return_when=asyncio.FIRST_COMPLETED)
+            if claiming.done() and claiming.result() is not True and not opening.done():
+                # Lost (or unanswered) before the session opened: stop opening it, rather than
+                # fight the owner for it (each attempt it takes back costs a subscribe timeout).
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BusError):
+                    await opening
+                await self._detach_unless_fenced(claiming.result(), "the statestore did not answer")
         try:
-            session = await self._open_session()
+            session = await opening
         except BusError as exc:
             if claiming is None:
                 raise
@@ -466,6 +476,9 @@ class Instance:
                     topics.app_input(self.service), topics.app_input_from(self.service, "+")
                 )
                 return session
+            except asyncio.CancelledError:
+                await session.close()
+                raise
             except BusError:
                 # Taken from us between connect and subscribe (another client with the same
                 # id): try again a couple of times before giving up.
