@@ -13,17 +13,17 @@ setup-podman:
 	@bash deploy/setup.sh --podman
 
 test: setup-podman
-	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff check services tools tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -ra
 
 lint: setup
-	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/ruff check services tools tests bench
 	$(VENV)/bin/mypy
 
 # DEMO_ARGS: e.g. --keep (leave the stack up afterwards) or --runtime unix
 demo: setup
-	$(PY) -m services.cli.demo $(DEMO_ARGS)
+	$(PY) -m tools.cli.demo $(DEMO_ARGS)
 
 # bench.drain (issue 13): drain of N services per runtime on the local stack, after the netlab run.
 bench: setup-podman

@@ -28,9 +28,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from services.stack import mosquitto
-from services.stack import mqtt as stack_mqtt
-from services.stack.ports import free_ports
+from tools.stack import mosquitto
+from tools.stack import mqtt as stack_mqtt
+from tools.stack.ports import free_ports
 
 PRODUCER_WINDOW = 1000
 SESSION_EXPIRY_S = 3600

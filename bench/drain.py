@@ -5,13 +5,13 @@ Issue 13's drain benchmark: how long ``ferry drain edge-a`` takes to move N serv
 per migration. Why a harness of its own (not inside ``bench.run``'s netlab): the question is the
 control plane's cost at scale, not the link; unshaped local networking keeps the link out of it.
 
-Starts the real local stack the way ``ferry up`` does (``services.stack.Stack``: Mosquitto,
+Starts the real local stack the way ``ferry up`` does (``tools.stack.Stack``: Mosquitto,
 Swift, memcached, statestore, scheduler, executors ``edge-a`` and ``edge-b``, each a process of
 its own), pushes the ``counter`` app, then per (runtime, N): deploys N services on ``edge-a``,
 optionally feeds them a steady input (``--input-rate`` per service; off by default: with the
 shipped checkpoint policy each fed service stores a checkpoint every second, N PUTs to S3 and N
 statestore writes per second, which then dominate the machine), and sends ``drain edge-a``
-through ``services.cli.operator.Operator`` (what ``ferry drain`` does) until every migration has
+through ``tools.cli.operator.Operator`` (what ``ferry drain`` does) until every migration has
 its final event. It measures:
 
 - drain time: the drain command sent → the last final event, on this process's clock;
@@ -55,14 +55,14 @@ from typing import Any
 import orjson
 
 from bench import stats
-from services.cli.operator import Operator
-from services.cli.simulate import connect_paho
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import BusError, RemoteError
 from services.common.config import DEFAULTS, BrokerConfig, load_config
-from services.stack import ServiceSpec, Stack
-from services.stack.ferry_services import default_services
+from tools.cli.operator import Operator
+from tools.cli.simulate import connect_paho
+from tools.stack import ServiceSpec, Stack
+from tools.stack.ferry_services import default_services
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -5,7 +5,7 @@
 reach the broker and the S3 store at the cloud address. The two talk through files:
 
 - ``up --config BENCH.toml --ready FILE``: start Mosquitto, memcached, Swift, the statestore and
-  the scheduler with ``services.stack.Stack`` (its config writers and readiness probes; every
+  the scheduler with ``tools.stack.Stack`` (its config writers and readiness probes; every
   server bound to the cloud address), push the ``aggregator`` image, then write ``FILE``
   (``{"config": ".../ferry.toml"}``) and exit. The stack's processes stay up in ``cloud``.
 - ``job --config ferry.toml --job JOB.json --out RECORDS.jsonl``: wait for the executors, carry
@@ -34,14 +34,14 @@ from typing import Any
 from bench import faults
 from bench.fmt import fmt_ms, fmt_size
 from bench.records import RunRecord
-from services.cli.operator import Operator
-from services.cli.simulate import Simulator
 from services.common import images
 from services.common.blobstore import BlobStore
 from services.common.bus import BusError, RemoteError
 from services.common.config import FerryConfig, load_config
-from services.stack import Stack
-from services.stack.ferry_services import default_services
+from tools.cli.operator import Operator
+from tools.cli.simulate import Simulator
+from tools.stack import Stack
+from tools.stack.ferry_services import default_services
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "aggregator"

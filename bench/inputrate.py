@@ -30,13 +30,13 @@ from typing import Any
 import orjson
 
 from bench import load
-from services.cli.operator import Operator
-from services.cli.simulate import connect_paho
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.config import load_config
-from services.stack import ServiceSpec, Stack
-from services.stack.ferry_services import default_services
+from tools.cli.operator import Operator
+from tools.cli.simulate import connect_paho
+from tools.stack import ServiceSpec, Stack
+from tools.stack.ferry_services import default_services
 
 REPO = Path(__file__).resolve().parents[1]
 NODE = "edge-a"

@@ -27,9 +27,9 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from bench import stats
-from services.cli.simulate import connect_paho
 from services.common import topics
 from services.common.config import BrokerConfig
+from tools.cli.simulate import connect_paho
 
 #: Publishing granularity: every tick publishes what is due (a sleep per message cannot keep
 #: 5000/s on a loaded 2-core machine).

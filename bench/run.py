@@ -2,7 +2,7 @@
 
 Builds the network lab (``bench.netlab``: a ``cloud`` site and two edges), starts the Ferry stack
 in it — Mosquitto, memcached, Swift, statestore and scheduler in ``cloud`` through
-``services.stack.Stack`` (driven by ``bench.drive up`` inside ``cloud``), one executor per edge in
+``tools.stack.Stack`` (driven by ``bench.drive up`` inside ``cloud``), one executor per edge in
 that edge's namespace (host mounts kept, so Podman works) — then runs the scenarios, one
 ``bench.drive job`` per link rate, and writes ``bench/results/<timestamp>/``: ``results.json``
 (``bench.records``), ``report.md`` and the PNGs (``bench.report``), plus the components' logs.
@@ -41,7 +41,7 @@ from typing import Any
 from bench.headline import PARALLEL_N, PARALLEL_RATE_MBIT
 from bench.netlab import NetLab, unavailable_reason
 from bench.records import METHODS, RATE_TARGETS, SCHEMA, RunRecord, records_of
-from services.stack.stack import login_env
+from tools.stack.stack import login_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

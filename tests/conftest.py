@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 import services.common.config as config_module
-import services.stack.mqtt as stack_mqtt
-import services.stack.stack as stack_module
-from services.cli.operator import Operator
+import tools.stack.mqtt as stack_mqtt
+import tools.stack.stack as stack_module
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus
 from services.common.config import FerryConfig, load_config
-from services.stack.process import die_with_parent
+from tools.cli.operator import Operator
+from tools.stack.process import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_NODES = ("edge-a", "edge-b", "edge-c", "edge-x", "edge-y")
@@ -48,7 +48,7 @@ def unikernel_builds() -> Path:
 @pytest.fixture(scope="session")
 async def infra(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FerryConfig]:
     """Broker and S3 store started by the project's own stack code, for the whole session."""
-    from services.stack import Stack
+    from tools.stack import Stack
 
     directory = tmp_path_factory.mktemp("stack")
     config = load_config(env={"FERRY_STACK__DIR": str(directory), "FERRY_EXECUTOR__ACCEL": "tcg"})
@@ -207,7 +207,7 @@ def ferry(
 ) -> subprocess.CompletedProcess[str]:
     """Run the ``ferry`` CLI against ``config``; it never prints a traceback, whatever happens."""
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(config.source), *args],
+        [sys.executable, "-m", "tools.cli", "--config", str(config.source), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

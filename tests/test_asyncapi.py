@@ -31,16 +31,16 @@ import pytest
 import yaml
 from jsonschema import Draft7Validator
 
-from services.cli.main import publish_one
-from services.cli.operator import Operator
-from services.cli.simulate import Simulator, connect_paho, publish_mobility
 from services.common import contract, images, topics
 from services.common.blobstore import BlobStore
 from services.common.config import FerryConfig
-from services.stack import mosquitto
-from services.stack import mqtt as stack_mqtt
-from services.stack.ports import free_ports
 from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tools.cli.main import publish_one
+from tools.cli.operator import Operator
+from tools.cli.simulate import Simulator, connect_paho, publish_mobility
+from tools.stack import mosquitto
+from tools.stack import mqtt as stack_mqtt
+from tools.stack.ports import free_ports
 
 NODE_TOOLS = Path(__file__).resolve().parent / "asyncapi"  # package.json + check.mjs
 NODE_MODULES = NODE_TOOLS / "node_modules"

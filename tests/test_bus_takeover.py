@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 import uuid
 
-from services.cli.simulate import connect_paho
 from services.common.bus import Bus
 from services.common.config import FerryConfig
+from tools.cli.simulate import connect_paho
 
 
 async def test_closing_a_session_taken_over_does_not_wait_for_an_answer(

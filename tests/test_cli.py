@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.cli.output import format_detail
+from tools.cli.output import format_detail
 
 
 def ferry(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -17,7 +17,7 @@ def ferry(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "ferry.toml"
     config.write_text(f'[stack]\ndir = "{tmp_path / "stack"}"\n[broker]\nport = {port}\n')
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(config), *args],
+        [sys.executable, "-m", "tools.cli", "--config", str(config), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -44,7 +44,7 @@ def test_bad_usage_and_bad_config_are_explained(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text("[broker]\nport = 'x'\n")
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(broken), "services"],
+        [sys.executable, "-m", "tools.cli", "--config", str(broken), "services"],
         capture_output=True,
         text=True,
         timeout=60,

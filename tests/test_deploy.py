@@ -26,15 +26,15 @@ import orjson
 import pytest
 import yaml
 
-from services.cli.operator import Operator
-from services.cli.simulate import Simulator, connect_paho
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus, BusError, RemoteError, RequestTimeout
 from services.common.config import FerryConfig, load_config
 from services.common.contract import ContractError
-from services.stack.ports import free_ports
 from tests.conftest import REPO, ServiceProcesses, stack_config, wait_online
+from tools.cli.operator import Operator
+from tools.cli.simulate import Simulator, connect_paho
+from tools.stack.ports import free_ports
 
 on_session_loop = pytest.mark.asyncio(loop_scope="session")
 

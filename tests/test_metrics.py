@@ -18,13 +18,13 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cli.operator import Operator
-from services.cli.simulate import connect_paho
 from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig, load_config
-from services.stack.ports import free_ports
 from tests.conftest import ServiceProcesses, stack_config, start_system
+from tools.cli.operator import Operator
+from tools.cli.simulate import connect_paho
+from tools.stack.ports import free_ports
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -259,8 +259,8 @@ async def test_a_taken_metrics_port_stops_the_component_with_a_clear_error(
 async def test_ferry_up_gives_every_component_its_own_metrics_port(tmp_path: Path) -> None:
     """The whole local stack as `ferry up` starts it: each Ferry service serves /metrics on a
     port of its own, listed as Prometheus file_sd targets."""
-    from services.stack import Stack
-    from services.stack.stack import METRICS_TARGETS
+    from tools.stack import Stack
+    from tools.stack.stack import METRICS_TARGETS
 
     path = tmp_path / "test.toml"
     path.write_text(

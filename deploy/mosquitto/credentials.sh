@@ -14,7 +14,7 @@
 #                      broker and MinIO (server.pem/.key; names mosquitto, minio, localhost,
 #                      127.0.0.1 and $FERRY_TLS_HOSTS, space-separated) and a client certificate
 #                      per login (<user>.pem/.key, CN = the login) for mutual TLS; made by
-#                      services/stack/pki.py (Python with the `cryptography` package: $PYTHON)
+#                      tools/stack/pki.py (Python with the `cryptography` package: $PYTHON)
 # Secrets are random; an existing OUT_DIR is left untouched (delete it to rotate everything).
 # Needs mosquitto_passwd (Debian package mosquitto) and python3 with `cryptography`.
 set -euo pipefail
@@ -81,7 +81,7 @@ hosts=(--host mosquitto --host minio)
 for host in ${FERRY_TLS_HOSTS:-}; do hosts+=(--host "$host"); done
 clients=()
 for user in $(users_of "$here/acl") $(users_of "$here/acl-devices"); do clients+=(--client "$user"); done
-"$python" "$here/../../services/stack/pki.py" "$out/tls" "${hosts[@]}" "${clients[@]}"
+"$python" "$here/../../tools/stack/pki.py" "$out/tls" "${hosts[@]}" "${clients[@]}"
 # Certificates are public; keys stay 0600. Mosquitto drops root right after reading its config,
 # before it opens the listeners' files, so the broker image's user (mosquitto, uid 1883) must
 # own the server key (MinIO's container runs as root and reads it anyway).

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.main import build_parser, main
 from services.common import images, params
 from services.executor import guest_log
 from tests.conftest import REPO
+from tools.cli.main import build_parser, main
 
 BAD = "bad/name"
 
@@ -144,7 +144,7 @@ def test_a_bad_argument_is_one_clear_line_and_exit_2(
 )
 def test_no_traceback_from_the_real_program(argv: list[str], dead_config: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(dead_config), *argv],
+        [sys.executable, "-m", "tools.cli", "--config", str(dead_config), *argv],
         capture_output=True,
         text=True,
         timeout=60,
@@ -157,7 +157,7 @@ def test_no_traceback_from_the_real_program(argv: list[str], dead_config: Path) 
 def test_env_names_the_broker_and_a_ready_mosquitto_pub_line(dead_config: Path) -> None:
     port = dead_config.read_text().split("port = ")[1].split()[0]
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(dead_config), "env"],
+        [sys.executable, "-m", "tools.cli", "--config", str(dead_config), "env"],
         capture_output=True,
         text=True,
         timeout=60,

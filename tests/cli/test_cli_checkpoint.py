@@ -18,11 +18,11 @@ from typing import Any
 import orjson
 import pytest
 
-from services.cli.operator import Operator
 from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig
 from tests.conftest import ServiceProcesses, ferry, name, stack_config, start_system
+from tools.cli.operator import Operator
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from services.cli.operator import Operator
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus, RemoteError
 from services.common.config import FerryConfig
 from tests.conftest import ServiceProcesses, ferry, name, stack_config, wait_online
+from tools.cli.operator import Operator
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

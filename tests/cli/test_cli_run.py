@@ -37,7 +37,7 @@ def readings() -> str:
 
 def ferry_run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "run", *args],
+        [sys.executable, "-m", "tools.cli", "run", *args],
         input=stdin,
         capture_output=True,
         text=True,

@@ -16,13 +16,13 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from services.cli.simulate import Simulator
 from services.common import checkpoint_blob, contract, images, topics
 from services.common.blobstore import BlobRef, BlobStore
 from services.common.bus import Bus, RemoteError, now_ms
 from services.common.config import FerryConfig
 from services.executor.service import instance_dir
 from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tools.cli.simulate import Simulator
 
 RUNTIMES = ["unix", "microvm"]
 WHOLE_IMAGE = ["microvm-snapshot", "podman"]

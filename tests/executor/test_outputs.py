@@ -24,7 +24,7 @@ from services.common.bus import Bus, now_ms
 from services.common.config import FerryConfig
 from services.executor import outputs as outputs_module
 from services.executor.outputs import OutputLine
-from services.stack import Stack
+from tools.stack import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.operator import Operator
-from services.cli.simulate import Simulator
 from services.common import topics
 from services.common.bus import now_ms
 from services.common.config import FerryConfig
 from tests.conftest import ServiceProcesses, ferry, name, stack_config, start_system, wait_online
+from tools.cli.operator import Operator
+from tools.cli.simulate import Simulator
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -28,13 +28,13 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from services.cli.operator import Operator
-from services.cli.simulate import Simulator, connect_paho
 from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, now_ms
 from services.common.config import FerryConfig
-from services.stack import Stack
 from tests.conftest import ServiceProcesses, stack_config, start_system, wait_online
+from tools.cli.operator import Operator
+from tools.cli.simulate import Simulator, connect_paho
+from tools.stack import Stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

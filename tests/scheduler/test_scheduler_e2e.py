@@ -15,12 +15,12 @@ from typing import Any
 import orjson
 import pytest
 
-from services.cli.operator import Operator
-from services.cli.simulate import Simulator, publish_mobility
 from services.common import topics
 from services.common.bus import Bus, RemoteError, now_ms
 from services.common.config import FerryConfig
 from tests.conftest import ServiceProcesses, ferry, name, stack_config, start_system, wait_online
+from tools.cli.operator import Operator
+from tools.cli.simulate import Simulator, publish_mobility
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -241,7 +241,7 @@ async def test_operator_views_services_nodes_and_watch(system: FerryConfig, ops:
     service = name("view")
     await deploy(ops, service)
     watch = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "--config", str(system.source), "watch",
+        sys.executable, "-m", "tools.cli", "--config", str(system.source), "watch",
         "migrations/#", stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

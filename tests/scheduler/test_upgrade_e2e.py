@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from services.cli.operator import Operator
-from services.cli.simulate import Simulator, reading_value
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.bus import Bus, RemoteError
 from services.common.config import FerryConfig
 from tests.conftest import ServiceProcesses, ferry, stack_config, start_system
+from tools.cli.operator import Operator
+from tools.cli.simulate import Simulator, reading_value
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -28,8 +28,8 @@ from services.common import topics
 from services.common.bus import Bus, now_ms
 from services.common.config import FerryConfig, load_config
 from services.executor.instance import RECEIVE_MAXIMUM
-from services.stack import Stack
 from tests.conftest import ServiceProcesses, stack_config, wait_online
+from tools.stack import Stack
 
 N = 500
 

@@ -20,8 +20,8 @@ from minio import Minio
 
 from services.common import topics
 from services.common.config import FerryConfig, load_config
-from services.stack import ServiceSpec, Stack, StackError, StackInfo
-from services.stack.process import is_alive
+from tools.stack import ServiceSpec, Stack, StackError, StackInfo
+from tools.stack.process import is_alive
 
 STANDIN = Path(__file__).with_name("standin_service.py")
 STANDIN_TOPIC = topics.component_status("standin")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from services.common.config import load_config
-from services.stack import state
-from services.stack.process import is_alive
+from tools.stack import state
+from tools.stack.process import is_alive
 
 HELD = Path(__file__).with_name("held_stack.py")
 REPO = Path(__file__).resolve().parents[2]

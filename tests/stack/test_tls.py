@@ -1,5 +1,5 @@
 """TLS on the local stack as `ferry up` runs it: Mosquitto with mutual TLS and Swift's proxy over
-https, from the stack's own CA (services/stack/pki.py), every component with its own client
+https, from the stack's own CA (tools/stack/pki.py), every component with its own client
 certificate. The rest of the suite runs plaintext stacks (tests/conftest.py says why); these
 tests start a TLS one of their own, with the real statestore, scheduler and two executors.
 """
@@ -22,15 +22,15 @@ import orjson
 import pytest
 from cryptography import x509
 
-from services.cli.operator import Operator
-from services.cli.simulate import Simulator, connect_paho
 from services.common import images, topics
 from services.common.blobstore import BlobError, BlobStore
 from services.common.bus import Bus, BusError, RemoteError
 from services.common.config import FerryConfig, load_config
 from services.common.tls import TLSError
-from services.stack import Stack, StackInfo, pki
 from tests.conftest import REPO
+from tools.cli.operator import Operator
+from tools.cli.simulate import Simulator, connect_paho
+from tools.stack import Stack, StackInfo, pki
 
 NODES = ("edge-a", "edge-b")
 #: The broker logins of the components (certificate CNs): an executor's is its node's name.
@@ -242,7 +242,7 @@ async def test_a_missing_ca_file_is_a_clear_error_naming_the_key(tls_stack: Stac
 
 def ferry(config_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", "--config", str(config_path), *args],
+        [sys.executable, "-m", "tools.cli", "--config", str(config_path), *args],
         capture_output=True,
         text=True,
         timeout=60,

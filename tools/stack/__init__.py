@@ -7,8 +7,8 @@ Everything else in this package is private; use::
     await Stack(load_config()).down()
 """
 
-from services.stack.errors import StackError
-from services.stack.ferry_services import ServiceSpec
-from services.stack.stack import ComponentStatus, Stack, StackInfo
+from tools.stack.errors import StackError
+from tools.stack.ferry_services import ServiceSpec
+from tools.stack.stack import ComponentStatus, Stack, StackInfo
 
 __all__ = ["ComponentStatus", "ServiceSpec", "Stack", "StackError", "StackInfo"]

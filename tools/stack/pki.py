@@ -231,7 +231,7 @@ def _now() -> datetime.datetime:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python services/stack/pki.py DIR --host H ... --client NAME ...``: the same PKI for a
+    """``python tools/stack/pki.py DIR --host H ... --client NAME ...``: the same PKI for a
     deployment (``deploy/mosquitto/credentials.sh`` calls it); prints what it wrote."""
     import argparse
 

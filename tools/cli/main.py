@@ -21,14 +21,14 @@ from typing import Any, NoReturn
 import orjson
 from rich.table import Table
 
-from services.cli.drain import drain
-from services.cli.operator import Operator
-from services.cli.output import console, err, format_detail
 from services.common import checkpoint_blob, contract, images, params, topics
 from services.common.blobstore import BlobError, BlobRef, BlobStore
 from services.common.bus import BusError, RemoteError
 from services.common.config import BrokerConfig, ConfigError, FerryConfig, load_config
 from services.common.contract import ContractError
+from tools.cli.drain import drain
+from tools.cli.operator import Operator
+from tools.cli.output import console, err, format_detail
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -471,14 +471,14 @@ async def cmd_image_show(config: FerryConfig, args: argparse.Namespace) -> int:
 
 
 async def cmd_watch(config: FerryConfig, args: argparse.Namespace) -> int:
-    from services.cli.watch import watch
+    from tools.cli.watch import watch
 
     await watch(config, args.filter)
     return 0
 
 
 async def cmd_simulate(config: FerryConfig, args: argparse.Namespace) -> int:
-    from services.cli.simulate import Simulator, publish_mobility
+    from tools.cli.simulate import Simulator, publish_mobility
 
     simulator = Simulator(
         config.broker,
@@ -523,7 +523,7 @@ async def cmd_simulate(config: FerryConfig, args: argparse.Namespace) -> int:
 
 
 async def cmd_run(config: FerryConfig, args: argparse.Namespace) -> int:
-    from services.cli.run import run
+    from tools.cli.run import run
 
     return await run(config, args)
 
@@ -532,7 +532,7 @@ def publish_one(broker: BrokerConfig, topic: str, body: bytes, timeout: float = 
     """Publish with QoS 1 and return once the broker's PUBACK says it took the message."""
     import uuid
 
-    from services.cli.simulate import connect_paho
+    from tools.cli.simulate import connect_paho
 
     client = connect_paho(broker, f"ferry-cli-publish-{uuid.uuid4().hex[:8]}")
     refused: list[Any] = []
@@ -569,8 +569,8 @@ async def cmd_publish(config: FerryConfig, args: argparse.Namespace) -> int:
 
 
 async def cmd_stack(config: FerryConfig, args: argparse.Namespace) -> int:
-    from services.stack import Stack
-    from services.stack.stack import METRICS_TARGETS
+    from tools.stack import Stack
+    from tools.stack.stack import METRICS_TARGETS
 
     if args.command == "up" and args.tls is not None:
         config = dataclasses.replace(config, stack=dataclasses.replace(config.stack, tls=args.tls))

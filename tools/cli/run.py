@@ -20,7 +20,6 @@ from typing import IO, Any
 
 import orjson
 
-from services.cli.output import err
 from services.common import contract, images, params, topics
 from services.common.bus import now_ms
 from services.common.config import FerryConfig
@@ -30,6 +29,7 @@ from services.executor.channel import ChannelError, Frame, FrameType, GuestError
 from services.executor.instance import output_message, sequence_of
 from services.executor.runtime import Guest, GuestRuntimeError, LaunchSpec, Runtime
 from services.executor.runtimes import available_runtimes
+from tools.cli.output import err
 
 #: The service and node names a local run's outputs carry.
 LOCAL = "local"

@@ -1,4 +1,4 @@
-"""``python -m services.stack up|down|status [--config PATH]``: the stack by hand.
+"""``python -m tools.stack up|down|status [--config PATH]``: the stack by hand.
 
 The ``ferry`` CLI offers the same commands; this entry point exists so the stack can be run and
 debugged on its own. Exit status: 0 on success (for ``status``: everything ready), 1 otherwise.
@@ -17,11 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from services.common.config import ConfigError, load_config
-from services.stack import ComponentStatus, Stack, StackError
+from tools.stack import ComponentStatus, Stack, StackError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.stack", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--config", type=Path, help="TOML config file (default: see ferry docs)")
     parser.add_argument(

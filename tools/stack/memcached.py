@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 
-from services.stack.probes import Probe
+from tools.stack.probes import Probe
 
 
 def argv(binary: str, host: str, port: int) -> list[str]:

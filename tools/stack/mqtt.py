@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from services.stack.probes import Probe
+from tools.stack.probes import Probe
 
 
 def _client(prefix: str, tls: ssl.SSLContext | None = None) -> mqtt.Client:

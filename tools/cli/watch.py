@@ -8,11 +8,11 @@ from typing import Any
 
 from rich.markup import escape
 
-from services.cli.operator import CONNECT_TIMEOUT
-from services.cli.output import console, format_detail
 from services.common import topics
 from services.common.bus import Bus
 from services.common.config import FerryConfig
+from tools.cli.operator import CONNECT_TIMEOUT
+from tools.cli.output import console, format_detail
 
 STYLE = {"migrations": "bold cyan", "errors": "bold red", "nodes": "green", "apps": "dim"}
 

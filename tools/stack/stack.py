@@ -26,13 +26,13 @@ from typing import Any
 from services.common import checkpoint_blob, tls
 from services.common import config as config_module
 from services.common.config import FerryConfig
-from services.stack import memcached, mosquitto, mqtt, pki, state, swift
-from services.stack.errors import StackError
-from services.stack.ferry_services import ServiceSpec, default_services
-from services.stack.ports import free_ports, port_is_free, split_endpoint
-from services.stack.probes import Probe, Prober
-from services.stack.process import ProcessHandle, spawn_detached, stop_group, tail
-from services.stack.state import StackState
+from tools.stack import memcached, mosquitto, mqtt, pki, state, swift
+from tools.stack.errors import StackError
+from tools.stack.ferry_services import ServiceSpec, default_services
+from tools.stack.ports import free_ports, port_is_free, split_endpoint
+from tools.stack.probes import Probe, Prober
+from tools.stack.process import ProcessHandle, spawn_detached, stop_group, tail
+from tools.stack.state import StackState
 
 Progress = Callable[[str], None]
 

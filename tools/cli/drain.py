@@ -13,8 +13,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.cli.operator import Operator
-from services.cli.output import console
+from tools.cli.operator import Operator
+from tools.cli.output import console
 
 FOLLOW_TIMEOUT = 600.0  # seconds for the whole drain: node slots queue the migrations
 

@@ -14,14 +14,14 @@ import sys
 
 from rich.rule import Rule
 
-from services.cli.main import REPO, cmd_migrations, print_event, print_outcome
-from services.cli.operator import Operator
-from services.cli.output import console
-from services.cli.simulate import Simulator, publish_mobility
 from services.common import images
 from services.common.blobstore import BlobStore
 from services.common.config import FerryConfig, load_config
-from services.stack import Stack
+from tools.cli.main import REPO, cmd_migrations, print_event, print_outcome
+from tools.cli.operator import Operator
+from tools.cli.output import console
+from tools.cli.simulate import Simulator, publish_mobility
+from tools.stack import Stack
 
 SERVICE = "counter-demo"
 

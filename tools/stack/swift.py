@@ -18,9 +18,9 @@ from minio import Minio
 
 from services.common import tls
 from services.common.config import S3Config
-from services.stack import pki
-from services.stack.errors import StackError
-from services.stack.probes import Probe, http_status, tcp_accepts
+from tools.stack import pki
+from tools.stack.errors import StackError
+from tools.stack.probes import Probe, http_status, tcp_accepts
 
 SWIFT_CONF = Path("/etc/swift/swift.conf")
 PACKAGE_SWIFT_CONF = Path("/usr/share/doc/swift/examples/swift.conf")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.stack.errors import StackError
-from services.stack.process import ProcessHandle
+from tools.stack.errors import StackError
+from tools.stack.process import ProcessHandle
 
 STATE_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
