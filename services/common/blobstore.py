@@ -13,8 +13,8 @@ import contextlib
 import hashlib
 import io
 import logging
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from minio.error import S3Error
 
 from services.common import tls
 from services.common.config import S3Config
+from services.common.messages import BlobRefDoc
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ class BlobRef:
     sha256: str
     size: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> BlobRefDoc:
+        return BlobRefDoc(bucket=self.bucket, key=self.key, sha256=self.sha256, size=self.size)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BlobRef:
+    def from_dict(cls, data: Mapping[str, Any]) -> BlobRef:
         return cls(str(data["bucket"]), str(data["key"]), str(data["sha256"]), int(data["size"]))
 
 

@@ -33,6 +33,7 @@ from services.common import contract, topics
 from services.common.blobstore import BlobRef
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import BrokerConfig
+from services.common.messages import BlobRefDoc
 from services.common.states import InstanceState
 from services.executor import guest_log
 from services.executor.capture import Capture
@@ -157,7 +158,7 @@ class _Durability:
     taken: int = 0
     failed: int = 0
     last_error: str | None = None
-    last_ref: dict[str, Any] | None = None
+    last_ref: BlobRefDoc | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -715,7 +716,7 @@ class Instance:
                 durability.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("%s: periodic checkpoint failed", self.instance_id)
 
-    async def checkpoint_now(self) -> dict[str, Any] | None:
+    async def checkpoint_now(self) -> BlobRefDoc | None:
         """Take, store and record one checkpoint while serving, then acknowledge what it covers.
 
         The guest keeps applying input throughout; only the capture itself (one step boundary)

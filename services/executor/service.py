@@ -15,13 +15,13 @@ import shutil
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
 
-from services.common import checkpoint_blob, topics
+from services.common import checkpoint_blob, messages, topics
 from services.common.blobstore import (
     BlobError,
     BlobRef,
@@ -32,6 +32,19 @@ from services.common.blobstore import (
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.clients import StatestoreClient
 from services.common.config import FerryConfig
+from services.common.messages import (
+    CheckpointCommand,
+    CheckpointNowReply,
+    CheckpointReply,
+    ExecutorCommand,
+    InstanceCommand,
+    RestoreCommand,
+    RestoreReply,
+    ResumeReply,
+    StartCommand,
+    StartReply,
+    StopReply,
+)
 from services.common.metrics import metrics_port
 from services.common.states import InstanceState, ServiceStatus
 from services.executor.capture import Capture
@@ -178,7 +191,9 @@ class Executor:
             while len(self._answers) > REMEMBERED_REQUESTS:
                 self._answers.popitem(last=False)
             try:
-                answer.set_result({"ok": True, "result": await self.execute(message.payload)})
+                # The bus checked the payload against executor-command.schema.json.
+                command = cast(ExecutorCommand, message.payload)
+                answer.set_result({"ok": True, "result": await self.execute(command)})
             except RemoteError as exc:
                 answer.set_result({"ok": False, "error": exc})
             except Exception as exc:
@@ -195,12 +210,11 @@ class Executor:
             # After the reply: a migration's downtime must not wait for bookkeeping.
             await self.publish_status_quietly()
 
-    async def execute(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def execute(self, command: ExecutorCommand) -> Mapping[str, Any]:
         """Carry out one validated command; raise RemoteError with a clear code on failure."""
-        name = command["command"]
-        if name == "status":
+        if command["command"] == "status":
             return self.status()
-        service = command["service"]
+        name, service = command["command"], command["service"]
         async with self._service_locks.setdefault(service, asyncio.Lock()):
             try:
                 result = await self.COMMANDS[name](self, command)
@@ -225,7 +239,7 @@ class Executor:
     def _services(self) -> set[str]:
         return {instance.service for instance in self.instances.values()}
 
-    def _instance(self, command: dict[str, Any]) -> Instance:
+    def _instance(self, command: CheckpointCommand | RestoreCommand | InstanceCommand) -> Instance:
         instance = self.instances.get(command["instance"])
         if instance is None or instance.service != command["service"]:
             raise RemoteError(
@@ -235,7 +249,7 @@ class Executor:
             )
         return instance
 
-    async def _cmd_start(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_start(self, command: StartCommand) -> StartReply:
         service, instance_id = command["service"], command["instance"]
         same = self.instances.get(instance_id)
         if (
@@ -322,7 +336,7 @@ class Executor:
             },
         }
 
-    async def _cmd_checkpoint(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_checkpoint(self, command: CheckpointCommand) -> CheckpointReply:
         """Capture for a move; answer once the blob is stored and every output is out.
 
         A suspend (``stop_after``) records the checkpoint before answering, since the resume
@@ -373,7 +387,7 @@ class Executor:
             },
         }
 
-    async def _cmd_checkpoint_now(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_checkpoint_now(self, command: CheckpointCommand) -> CheckpointNowReply:
         """A fresh checkpoint of a serving instance, for an operator (``ferry checkpoint show
         --fresh``): taken without pausing, stored, recorded with the statestore (which refuses
         a fenced copy) and acknowledged like a periodic one, so it is also the recovery point.
@@ -576,7 +590,7 @@ class Executor:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: background task failed", self.node, exc_info=task.exception())
 
-    async def _cmd_restore(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_restore(self, command: RestoreCommand) -> RestoreReply:
         instance = self._instance(command)
         ref = BlobRef.from_dict(command["checkpoint"])
         started = time.perf_counter()
@@ -612,7 +626,7 @@ class Executor:
             },
         }
 
-    def _claimer(self, instance: Instance, claim: dict[str, Any]) -> Claim:
+    def _claimer(self, instance: Instance, claim: messages.Claim) -> Claim:
         """The restore's claim: the scheduler's commit, as a compare-and-set by the target."""
 
         async def make_owner() -> bool | None:
@@ -635,12 +649,12 @@ class Executor:
 
         return make_owner
 
-    async def _cmd_resume(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_resume(self, command: InstanceCommand) -> ResumeReply:
         instance = self._instance(command)
         await instance.resume()
         return {"state": instance.state, "resumed_at": time.time() * 1000}
 
-    async def _cmd_stop(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_stop(self, command: InstanceCommand) -> StopReply:
         instance = self.instances.get(command["instance"])
         if instance is None or instance.service != command["service"]:
             return {"state": InstanceState.STOPPED, "already": True}
@@ -666,7 +680,7 @@ class Executor:
 
     #: Every command but `status` (answered by `execute`), named as executor-command.schema.json.
     COMMANDS: ClassVar[
-        dict[str, Callable[[Executor, dict[str, Any]], Awaitable[dict[str, Any]]]]
+        dict[str, Callable[[Executor, Any], Awaitable[Mapping[str, Any]]]]
     ] = {
         "start": _cmd_start,
         "checkpoint": _cmd_checkpoint,

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -41,6 +41,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_before_delay, wait_
 from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, RequestTimeout, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
+from services.common.messages import BlobRefDoc, CheckpointReply, Claim, Expect, RestoreReply
 from services.common.states import Phase, ServiceStatus
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
@@ -160,7 +161,7 @@ class MigrationRunner:
         phase: str,
         actor: str | None = "scheduler",
         at: float | None = None,
-        detail: dict[str, Any] | None = None,
+        detail: Mapping[str, Any] | None = None,
     ) -> None:
         event: dict[str, Any] = {
             "migration": plan.id,
@@ -221,21 +222,21 @@ class MigrationRunner:
             )
 
     async def _step(
-        self, phase: str, coro: Any, watch: tuple[str | None, str | None] | None = None
-    ) -> dict[str, Any]:
+        self, phase: str, coro: Awaitable[T], watch: tuple[str | None, str | None] | None = None
+    ) -> T:
         """Await one phase; fail it at once if the node (or instance) it waits for is lost."""
         task = asyncio.ensure_future(coro)
         lost: asyncio.Future[str] | None = None
         if watch is not None and watch[0]:
             lost = asyncio.ensure_future(self.liveness.gone(watch[0], watch[1]))
         try:
-            waited = {task} if lost is None else {task, lost}
+            waited: set[asyncio.Future[Any]] = {task} if lost is None else {task, lost}
             await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
                 assert lost is not None
                 task.cancel()
                 raise MigrationFailed(phase, NodeLost(lost.result()))
-            result: dict[str, Any] = task.result()
+            result = task.result()
         except (RemoteError, BusError) as exc:
             raise MigrationFailed(phase, exc) from exc
         finally:
@@ -264,7 +265,7 @@ class MigrationRunner:
         )
         await self.emit(plan, Phase.TARGET_READY, plan.target, detail=ready.get("timings"))
 
-    async def _checkpoint(self, plan: Plan, stop_after: bool) -> dict[str, Any]:
+    async def _checkpoint(self, plan: Plan, stop_after: bool) -> CheckpointReply:
         assert plan.source and plan.source_instance
         return await self._step(
             "checkpoint",
@@ -278,7 +279,7 @@ class MigrationRunner:
             (plan.source, plan.source_instance),
         )
 
-    async def _record_checkpoint(self, plan: Plan, checkpoint: dict[str, Any]) -> None:
+    async def _record_checkpoint(self, plan: Plan, checkpoint: CheckpointReply) -> None:
         """The phase events, off the critical path of the restore (the source executor records
         the checkpoint itself, before it acknowledges the input the checkpoint covers)."""
         assert plan.source
@@ -291,7 +292,7 @@ class MigrationRunner:
             detail={"bytes": ref["size"], "key": ref["key"], **checkpoint.get("timings", {})},
         )
 
-    async def _restore(self, plan: Plan, ref: dict[str, Any]) -> dict[str, Any]:
+    async def _restore(self, plan: Plan, ref: BlobRefDoc) -> RestoreReply:
         """Have the target restore ``ref``, claim the service and serve (its reply says when
         input flowed again).
 
@@ -314,7 +315,7 @@ class MigrationRunner:
         )
         return restored
 
-    async def _announce_serving(self, plan: Plan, restored: dict[str, Any]) -> None:
+    async def _announce_serving(self, plan: Plan, restored: RestoreReply) -> None:
         at = restored["resumed_at"]
         await self.emit(plan, Phase.TARGET_SERVING, plan.target, at=at, detail=restored["timings"])
 
@@ -398,7 +399,7 @@ class MigrationRunner:
     async def _latest_or_none(self, service: str) -> dict[str, Any]:
         return {"checkpoint": await self.store.latest_checkpoint(service)}
 
-    def _commit_expects(self, plan: Plan) -> dict[str, Any]:
+    def _commit_expects(self, plan: Plan) -> Expect:
         """What the service record must still say for this plan's commit to win."""
         if plan.kind in ("migrate", "upgrade"):
             return {"instance": plan.source_instance, "status": ServiceStatus.MIGRATING}
@@ -406,7 +407,7 @@ class MigrationRunner:
             return {"instance": plan.source_instance}
         return {"status": plan.record.get("status", ServiceStatus.SUSPENDED)}
 
-    def _claim(self, plan: Plan) -> dict[str, Any]:
+    def _claim(self, plan: Plan) -> Claim:
         """The commit, for the target to make before it forwards input: the record naming it,
         and the commit's expectations plus the epoch the plan started from, which a rollback
         moves past (``_fence``): the one field every kind of plan can be fenced on."""
@@ -474,7 +475,7 @@ class MigrationRunner:
             return False
         try:
             # Not knowing is not "no": rolling back a target that serves loses what it applied.
-            status = await retrying(lambda: self.executors.call(target, "status"))
+            status = await retrying(lambda: self.executors.status(target))
         except (RemoteError, BusError):
             return False
         return any(

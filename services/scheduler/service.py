@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from services.common import images, names, topics
 from services.common import params as app_params
@@ -30,6 +30,14 @@ from services.common.blobstore import BlobError, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, RequestTimeout, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
 from services.common.config import FerryConfig
+from services.common.messages import (
+    BindCommand,
+    DeployCommand,
+    MoveCommand,
+    NodeCommand,
+    SchedulerCommand,
+    ServiceCommand,
+)
 from services.common.metrics import metrics_port
 from services.common.states import Phase, ServiceStatus
 from services.scheduler.liveness import Liveness
@@ -158,7 +166,8 @@ class Scheduler:
 
     async def _answer(self, bus: Bus, message: Inbound) -> None:
         try:
-            result = await self.execute(message.payload)
+            # The bus checked the payload against scheduler-command.schema.json.
+            result = await self.execute(cast(SchedulerCommand, message.payload))
         except RemoteError as exc:
             await bus.reply(message, error=exc)
         except Exception as exc:
@@ -169,8 +178,13 @@ class Scheduler:
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def execute(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def execute(self, command: SchedulerCommand) -> dict[str, Any]:
         return await self.COMMANDS[command["command"]](self, command)
+
+    @staticmethod
+    def _move(service: str, node: str) -> MoveCommand:
+        """The migrate command a drain or a device's mobility gives on the operator's behalf."""
+        return MoveCommand(command="migrate", service=service, node=node)
 
     async def _service(self, name: str) -> dict[str, Any]:
         assert self.store is not None
@@ -197,7 +211,7 @@ class Scheduler:
                 f"placements are kept off it; `ferry uncordon {node}` lets them back",
             )
 
-    async def _cmd_deploy(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_deploy(self, command: DeployCommand) -> dict[str, Any]:
         assert self.store is not None and self.executors is not None
         name, node = command["service"], command["node"]
         runtime = command.get("runtime", "microvm")
@@ -229,7 +243,7 @@ class Scheduler:
             app_params.check(command["app"], declared, command.get("params") or {})
         except app_params.ParamError as exc:
             raise RemoteError("bad_params", str(exc)) from None
-        record = {
+        record: dict[str, Any] = {
             "service": name,
             "app": command["app"],
             "runtime": runtime,
@@ -260,10 +274,10 @@ class Scheduler:
         await self.store.put_service({**record, "status": ServiceStatus.SERVING})
         return {"service": name, "node": node, "instance": record["instance"], **started}
 
-    async def _cmd_stop(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_stop(self, command: ServiceCommand) -> dict[str, Any]:
         assert self.store is not None and self.executors is not None
         record = await self._service(command["service"])
-        self._claim(record["service"], "stop")
+        self._mark_busy(record["service"], "stop")
         try:
             if record.get("node") and record.get("instance"):
                 await self.executors.stop(record["node"], record["service"], record["instance"])
@@ -278,10 +292,10 @@ class Scheduler:
     async def _purge(self, service: str) -> dict[str, Any]:
         """Forget a stopped service now, with everything the statestore keeps of it."""
         assert self.store is not None
-        done = await self.store.call("delete_service", service=service, purge=True)
+        done = await self.store.delete_service(service, purge=True)
         return {"purged": True, "checkpoints": done.get("checkpoints", 0)}
 
-    async def _cmd_rm(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_rm(self, command: ServiceCommand) -> dict[str, Any]:
         """Forget a stopped or failed service; a live one must be stopped first (its state)."""
         assert self.store is not None and self.executors is not None
         record = await self._service(command["service"])
@@ -290,7 +304,7 @@ class Scheduler:
             raise RemoteError(
                 "service_active", f"{name} is {status}: stop it first (`ferry stop {name}`)"
             )
-        self._claim(name, "rm")
+        self._mark_busy(name, "rm")
         try:
             if record.get("node") and record.get("instance"):
                 # A failed guest's instance may still be listed on its node: end it there too.
@@ -300,12 +314,12 @@ class Scheduler:
                 purged = await self._purge(name)
             else:
                 purged = {}
-                await self.store.call("delete_service", service=name)
+                await self.store.delete_service(name)
         finally:
             self.busy.pop(name, None)
         return {"service": name, "removed": True, **purged}
 
-    async def _cmd_checkpoint_now(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_checkpoint_now(self, command: ServiceCommand) -> dict[str, Any]:
         """A fresh checkpoint of a serving service, taken by the node that serves it (operators
         command only the scheduler); the reply carries its blob reference.
 
@@ -338,9 +352,7 @@ class Scheduler:
         node, instance = record["node"], record["instance"]
         self._require_online(node)
         try:
-            taken = await self.executors.call(
-                node, "checkpoint_now", service=name, instance=instance
-            )
+            taken = await self.executors.checkpoint_now(node, name, instance)
         except RequestTimeout:
             # Either the node is gone or the guest has not reached a step boundary: the
             # checkpoint, if it comes, is still recorded (it is one like the periodic ones).
@@ -354,15 +366,13 @@ class Scheduler:
             raise RemoteError("node_unreachable", f"cannot reach {node}: {exc}") from exc
         return {"service": name, "node": node, **taken}
 
-    async def _cmd_bind(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_bind(self, command: BindCommand) -> dict[str, Any]:
         assert self.store is not None
         record = await self._service(command["service"])
         await self.store.put_service({**record, "device": command["device"]})
         return {"service": record["service"], "device": command["device"]}
 
-    async def _cmd_migrate(
-        self, command: dict[str, Any], trigger: str = "operator"
-    ) -> dict[str, Any]:
+    async def _cmd_migrate(self, command: MoveCommand, trigger: str = "operator") -> dict[str, Any]:
         record = await self._service(command["service"])
         target = command["node"]
         if record.get("status") == ServiceStatus.FAILED:
@@ -390,7 +400,7 @@ class Scheduler:
         )
         return await self._launch(plan)
 
-    async def _cmd_upgrade(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_upgrade(self, command: ServiceCommand) -> dict[str, Any]:
         """Move a serving service into another pushed version of its app (see the docstring)."""
         record = await self._service(command["service"])
         service, app = record["service"], record["app"]
@@ -442,7 +452,7 @@ class Scheduler:
         )
         return {**await self._launch(plan), **plan.versions()}
 
-    async def _cmd_suspend(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_suspend(self, command: ServiceCommand) -> dict[str, Any]:
         record = await self._service(command["service"])
         if record.get("status") != ServiceStatus.SERVING:
             raise RemoteError(
@@ -462,7 +472,7 @@ class Scheduler:
         )
         return await self._launch(plan)
 
-    async def _cmd_resume(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_resume(self, command: MoveCommand) -> dict[str, Any]:
         record = await self._service(command["service"])
         if record.get("status") == ServiceStatus.FAILED:
             # A failed service resumes from its latest durable checkpoint, like a recovery.
@@ -490,19 +500,19 @@ class Scheduler:
 
     # -- cordon and drain -------------------------------------------------------------------
 
-    async def _cmd_cordon(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_cordon(self, command: NodeCommand) -> dict[str, Any]:
         node = command["node"]
         self._require_known(node)
         await self._set_cordon(node, command.get("reason") or "cordoned by the operator")
         return {"node": node, "cordoned": True}
 
-    async def _cmd_uncordon(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_uncordon(self, command: NodeCommand) -> dict[str, Any]:
         node = command["node"]
         self._require_known(node)
         await self._set_cordon(node, None)
         return {"node": node, "cordoned": False}
 
-    async def _cmd_drain(self, command: dict[str, Any]) -> dict[str, Any]:
+    async def _cmd_drain(self, command: NodeCommand) -> dict[str, Any]:
         """Cordon ``node``, then move every service on it to the least loaded node with room.
 
         Returns at once with the migrations started (each then runs like any migration, within
@@ -527,7 +537,7 @@ class Scheduler:
                 refused.append({"service": service, "error": f"{error} ({self._loads(planned)})"})
                 continue
             try:
-                started = await self._cmd_migrate({"service": service, "node": target}, "drain")
+                started = await self._cmd_migrate(self._move(service, target), "drain")
             except (RemoteError, BusError) as exc:
                 refused.append({"service": service, "error": str(exc)})
                 continue
@@ -588,7 +598,7 @@ class Scheduler:
             candidates.append((node != away_from, -load, node))
         return max(candidates)[2] if candidates else None
 
-    def _claim(self, service: str, migration: str) -> None:
+    def _mark_busy(self, service: str, migration: str) -> None:
         if service in self.busy:
             raise RemoteError(
                 "migration_in_progress", f"{service} is already being moved ({self.busy[service]})"
@@ -598,7 +608,7 @@ class Scheduler:
     async def _launch(self, plan: Plan) -> dict[str, Any]:
         """Record the plan, then run it in the background; the reply names the migration."""
         assert self.runner is not None and self.store is not None
-        self._claim(plan.service, plan.id)
+        self._mark_busy(plan.service, plan.id)
         try:
             await self.runner.plan(plan)
         except BaseException:
@@ -670,7 +680,7 @@ class Scheduler:
             if record.get("device") != device or record.get("node") in (node, None):
                 continue
             try:
-                await self._cmd_migrate({"service": record["service"], "node": node}, "mobility")
+                await self._cmd_migrate(self._move(record["service"], node), "mobility")
             except RemoteError as exc:
                 log.warning("mobility of %s: cannot move %s: %s", device, record["service"], exc)
 
@@ -805,7 +815,7 @@ class Scheduler:
 
     #: Every operator command, as scheduler-command.schema.json names them.
     COMMANDS: ClassVar[
-        dict[str, Callable[[Scheduler, dict[str, Any]], Awaitable[dict[str, Any]]]]
+        dict[str, Callable[[Scheduler, Any], Awaitable[dict[str, Any]]]]
     ] = {
         "deploy": _cmd_deploy,
         "migrate": _cmd_migrate,

@@ -28,12 +28,19 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from services.common import contract, topics
 from services.common.blobstore import BlobError, BlobNotFound, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
 from services.common.config import FerryConfig
+from services.common.messages import (
+    ListRequest,
+    MigrationRequest,
+    RecordRequest,
+    ServiceRequest,
+    StatestoreRequest,
+)
 from services.common.metrics import metrics_port
 from services.statestore.db import DEFAULT_LIMIT, Conflict, Database, NotFound
 from services.statestore.metrics import StatestoreMetrics
@@ -329,7 +336,8 @@ class StatestoreService:
     async def _answer(self, bus: Bus, message: Inbound) -> None:
         op = message.payload["op"]
         try:
-            result = await self.execute(message.payload)
+            # The bus checked the payload against statestore-request.schema.json.
+            result = await self.execute(cast(StatestoreRequest, message.payload))
         except RemoteError as exc:
             await self._reply(bus, message, error=exc)
         except sqlite3.Error as exc:
@@ -360,7 +368,7 @@ class StatestoreService:
         except Exception as exc:
             log.warning("statestore: could not reply to %s: %s", message.payload.get("op"), exc)
 
-    async def execute(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def execute(self, request: StatestoreRequest) -> dict[str, Any]:
         """Carry out one schema-valid request; raise RemoteError with a clear code on failure."""
         handler = self.OPS.get(request["op"])
         if handler is None:
@@ -373,19 +381,19 @@ class StatestoreService:
             raise RemoteError(exc.code, str(exc), exc.details) from exc
         return result
 
-    def _record(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, request: RecordRequest) -> dict[str, Any]:
         return dict(request["record"])
 
-    async def _op_list_nodes(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_list_nodes(self, request: ListRequest) -> dict[str, Any]:
         return {"nodes": await self._call(self._database().list_nodes)}
 
-    async def _op_list_services(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_list_services(self, request: ListRequest) -> dict[str, Any]:
         return {"services": await self._call(self._database().list_services)}
 
-    async def _op_get_service(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_get_service(self, request: ServiceRequest) -> dict[str, Any]:
         return await self._call(self._database().get_service, request["service"])
 
-    async def _op_put_service(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_put_service(self, request: RecordRequest) -> dict[str, Any]:
         record = self._record(request)
         if request.get("service") not in (None, record.get("service")):
             raise RemoteError(
@@ -400,7 +408,7 @@ class StatestoreService:
         await self.bus.publish(topics.service_state(doc["service"]), doc, retain=True)
         return doc
 
-    async def _op_delete_service(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_delete_service(self, request: ServiceRequest) -> dict[str, Any]:
         """Forget a service; with ``purge``, retire its checkpoints and end its input session
         now (one sweep) instead of after ``statestore.stopped_grace``."""
         service, purge = request["service"], bool(request.get("purge"))
@@ -415,7 +423,7 @@ class StatestoreService:
         self._collect_now.set()  # its blobs go as soon as checkpoint_grace allows
         return {"service": service, "deleted": existed, "checkpoints": swept["checkpoints"]}
 
-    async def _op_record_checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_record_checkpoint(self, request: RecordRequest) -> dict[str, Any]:
         # The record's shape is checked by the bus (statestore-request.schema.json).
         record = self._record(request)
         record.setdefault("time", now_ms())
@@ -427,32 +435,32 @@ class StatestoreService:
         self._collect_now.set()  # the S3 deletions happen after this reply, in the collector
         return doc
 
-    async def _op_latest_checkpoint(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_latest_checkpoint(self, request: ServiceRequest) -> dict[str, Any]:
         return await self._call(self._database().latest_checkpoint, request["service"])
 
-    async def _op_list_checkpoints(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_list_checkpoints(self, request: ServiceRequest) -> dict[str, Any]:
         limit = request.get("limit", DEFAULT_LIMIT)
         rows = await self._call(self._database().list_checkpoints, request["service"], limit)
         return {"checkpoints": rows}
 
-    async def _op_put_migration(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_put_migration(self, request: RecordRequest) -> dict[str, Any]:
         record = self._record(request)
         return await self._call(self._database().put_migration, record, now_ms())
 
-    async def _op_get_migration(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_get_migration(self, request: MigrationRequest) -> dict[str, Any]:
         return await self._call(self._database().get_migration, request["migration"])
 
-    async def _op_list_migrations(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_list_migrations(self, request: ListRequest) -> dict[str, Any]:
         limit = request.get("limit", DEFAULT_LIMIT)
         rows = await self._call(self._database().list_migrations, limit, request.get("service"))
         return {"migrations": rows}
 
-    async def _op_open_migrations(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _op_open_migrations(self, request: ListRequest) -> dict[str, Any]:
         return {"migrations": await self._call(self._database().open_migrations)}
 
     #: Every op, as statestore-request.schema.json names them.
     OPS: ClassVar[
-        dict[str, Callable[[StatestoreService, dict[str, Any]], Awaitable[dict[str, Any]]]]
+        dict[str, Callable[[StatestoreService, Any], Awaitable[dict[str, Any]]]]
     ] = {
         "list_nodes": _op_list_nodes,
         "list_services": _op_list_services,
