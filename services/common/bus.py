@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -657,7 +657,7 @@ class Bus:
     async def reply(
         self,
         request: Inbound,
-        result: dict[str, Any] | None = None,
+        result: Mapping[str, Any] | None = None,
         *,
         error: RemoteError | None = None,
     ) -> None:

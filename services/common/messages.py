@@ -219,6 +219,77 @@ class NodeCommand(TypedDict):
 SchedulerCommand = DeployCommand | MoveCommand | ServiceCommand | BindCommand | NodeCommand
 
 
+# -- scheduler replies (what the operator's CLI reads) -------------------------------------------
+
+
+class Versions(TypedDict, total=False):
+    """An upgrade's app versions (absent for every other kind of move)."""
+
+    from_version: str | None
+    to_version: str | None
+
+
+class MigrationStarted(Versions):
+    """A migrate, suspend, resume, upgrade or recovery was planned and runs in the background."""
+
+    migration: str
+    service: str
+    kind: str
+
+
+class DeployReply(StartReply):
+    service: str
+    node: str
+
+
+class Purged(TypedDict, total=False):
+    """What ``purge`` removed at once (stop and rm)."""
+
+    purged: bool
+    checkpoints: int
+
+
+class StopServiceReply(Purged):
+    service: str
+    status: str
+
+
+class RemoveReply(Purged):
+    service: str
+    removed: bool
+
+
+class CheckpointTakenReply(CheckpointNowReply):
+    service: str
+    node: str
+
+
+class BindReply(TypedDict):
+    service: str
+    device: str
+
+
+class CordonReply(TypedDict):
+    node: str
+    cordoned: bool
+
+
+class DrainStarted(MigrationStarted):
+    target: str
+
+
+class DrainRefusal(TypedDict):
+    service: str
+    error: str
+
+
+class DrainReply(CordonReply):
+    """The migrations a drain started (each then runs like any) and what it could not move."""
+
+    migrations: list[DrainStarted]
+    refused: list[DrainRefusal]
+
+
 # -- statestore requests (statestore-request.schema.json) ---------------------------------------
 
 

@@ -41,7 +41,14 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_before_delay, wait_
 from services.common import topics
 from services.common.bus import Bus, BusError, RemoteError, RequestTimeout, now_ms
 from services.common.clients import ExecutorClient, StatestoreClient
-from services.common.messages import BlobRefDoc, CheckpointReply, Claim, Expect, RestoreReply
+from services.common.messages import (
+    BlobRefDoc,
+    CheckpointReply,
+    Claim,
+    Expect,
+    RestoreReply,
+    Versions,
+)
 from services.common.states import Phase, ServiceStatus
 from services.scheduler.liveness import Liveness
 from services.scheduler.metrics import SchedulerMetrics
@@ -102,11 +109,13 @@ class Plan:
     #: until the commit, so a rollback leaves it as it was.
     upgrade: dict[str, Any] | None = None
 
-    def versions(self) -> dict[str, Any]:
+    def versions(self) -> Versions:
         """An upgrade's from/to versions, for the record and the phase events."""
         if self.upgrade is None:
             return {}
-        return {k: self.upgrade.get(k) for k in ("from_version", "to_version")}
+        return Versions(
+            from_version=self.upgrade.get("from_version"), to_version=self.upgrade.get("to_version")
+        )
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, cast
 
 from services.common import images, names, topics
@@ -32,11 +32,22 @@ from services.common.clients import ExecutorClient, StatestoreClient
 from services.common.config import FerryConfig
 from services.common.messages import (
     BindCommand,
+    BindReply,
+    CheckpointTakenReply,
+    CordonReply,
     DeployCommand,
+    DeployReply,
+    DrainRefusal,
+    DrainReply,
+    DrainStarted,
+    MigrationStarted,
     MoveCommand,
     NodeCommand,
+    Purged,
+    RemoveReply,
     SchedulerCommand,
     ServiceCommand,
+    StopServiceReply,
 )
 from services.common.metrics import metrics_port
 from services.common.states import Phase, ServiceStatus
@@ -178,7 +189,7 @@ class Scheduler:
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def execute(self, command: SchedulerCommand) -> dict[str, Any]:
+    async def execute(self, command: SchedulerCommand) -> Mapping[str, Any]:
         return await self.COMMANDS[command["command"]](self, command)
 
     @staticmethod
@@ -211,7 +222,7 @@ class Scheduler:
                 f"placements are kept off it; `ferry uncordon {node}` lets them back",
             )
 
-    async def _cmd_deploy(self, command: DeployCommand) -> dict[str, Any]:
+    async def _cmd_deploy(self, command: DeployCommand) -> DeployReply:
         assert self.store is not None and self.executors is not None
         name, node = command["service"], command["node"]
         runtime = command.get("runtime", "microvm")
@@ -274,7 +285,7 @@ class Scheduler:
         await self.store.put_service({**record, "status": ServiceStatus.SERVING})
         return {"service": name, "node": node, "instance": record["instance"], **started}
 
-    async def _cmd_stop(self, command: ServiceCommand) -> dict[str, Any]:
+    async def _cmd_stop(self, command: ServiceCommand) -> StopServiceReply:
         assert self.store is not None and self.executors is not None
         record = await self._service(command["service"])
         self._mark_busy(record["service"], "stop")
@@ -289,13 +300,13 @@ class Scheduler:
             self.busy.pop(record["service"], None)
         return {"service": record["service"], "status": ServiceStatus.STOPPED, **purged}
 
-    async def _purge(self, service: str) -> dict[str, Any]:
+    async def _purge(self, service: str) -> Purged:
         """Forget a stopped service now, with everything the statestore keeps of it."""
         assert self.store is not None
         done = await self.store.delete_service(service, purge=True)
         return {"purged": True, "checkpoints": done.get("checkpoints", 0)}
 
-    async def _cmd_rm(self, command: ServiceCommand) -> dict[str, Any]:
+    async def _cmd_rm(self, command: ServiceCommand) -> RemoveReply:
         """Forget a stopped or failed service; a live one must be stopped first (its state)."""
         assert self.store is not None and self.executors is not None
         record = await self._service(command["service"])
@@ -319,7 +330,7 @@ class Scheduler:
             self.busy.pop(name, None)
         return {"service": name, "removed": True, **purged}
 
-    async def _cmd_checkpoint_now(self, command: ServiceCommand) -> dict[str, Any]:
+    async def _cmd_checkpoint_now(self, command: ServiceCommand) -> CheckpointTakenReply:
         """A fresh checkpoint of a serving service, taken by the node that serves it (operators
         command only the scheduler); the reply carries its blob reference.
 
@@ -366,13 +377,15 @@ class Scheduler:
             raise RemoteError("node_unreachable", f"cannot reach {node}: {exc}") from exc
         return {"service": name, "node": node, **taken}
 
-    async def _cmd_bind(self, command: BindCommand) -> dict[str, Any]:
+    async def _cmd_bind(self, command: BindCommand) -> BindReply:
         assert self.store is not None
         record = await self._service(command["service"])
         await self.store.put_service({**record, "device": command["device"]})
         return {"service": record["service"], "device": command["device"]}
 
-    async def _cmd_migrate(self, command: MoveCommand, trigger: str = "operator") -> dict[str, Any]:
+    async def _cmd_migrate(
+        self, command: MoveCommand, trigger: str = "operator"
+    ) -> MigrationStarted:
         record = await self._service(command["service"])
         target = command["node"]
         if record.get("status") == ServiceStatus.FAILED:
@@ -400,7 +413,7 @@ class Scheduler:
         )
         return await self._launch(plan)
 
-    async def _cmd_upgrade(self, command: ServiceCommand) -> dict[str, Any]:
+    async def _cmd_upgrade(self, command: ServiceCommand) -> MigrationStarted:
         """Move a serving service into another pushed version of its app (see the docstring)."""
         record = await self._service(command["service"])
         service, app = record["service"], record["app"]
@@ -452,7 +465,7 @@ class Scheduler:
         )
         return {**await self._launch(plan), **plan.versions()}
 
-    async def _cmd_suspend(self, command: ServiceCommand) -> dict[str, Any]:
+    async def _cmd_suspend(self, command: ServiceCommand) -> MigrationStarted:
         record = await self._service(command["service"])
         if record.get("status") != ServiceStatus.SERVING:
             raise RemoteError(
@@ -472,7 +485,7 @@ class Scheduler:
         )
         return await self._launch(plan)
 
-    async def _cmd_resume(self, command: MoveCommand) -> dict[str, Any]:
+    async def _cmd_resume(self, command: MoveCommand) -> MigrationStarted:
         record = await self._service(command["service"])
         if record.get("status") == ServiceStatus.FAILED:
             # A failed service resumes from its latest durable checkpoint, like a recovery.
@@ -500,19 +513,19 @@ class Scheduler:
 
     # -- cordon and drain -------------------------------------------------------------------
 
-    async def _cmd_cordon(self, command: NodeCommand) -> dict[str, Any]:
+    async def _cmd_cordon(self, command: NodeCommand) -> CordonReply:
         node = command["node"]
         self._require_known(node)
         await self._set_cordon(node, command.get("reason") or "cordoned by the operator")
         return {"node": node, "cordoned": True}
 
-    async def _cmd_uncordon(self, command: NodeCommand) -> dict[str, Any]:
+    async def _cmd_uncordon(self, command: NodeCommand) -> CordonReply:
         node = command["node"]
         self._require_known(node)
         await self._set_cordon(node, None)
         return {"node": node, "cordoned": False}
 
-    async def _cmd_drain(self, command: NodeCommand) -> dict[str, Any]:
+    async def _cmd_drain(self, command: NodeCommand) -> DrainReply:
         """Cordon ``node``, then move every service on it to the least loaded node with room.
 
         Returns at once with the migrations started (each then runs like any migration, within
@@ -524,8 +537,8 @@ class Scheduler:
         await self._set_cordon(node, command.get("reason") or "drained by the operator")
         on_node = [s for s in await self.store.list_services() if s.get("node") == node]
         planned: dict[str, set[str]] = {}
-        migrations: list[dict[str, Any]] = []
-        refused: list[dict[str, Any]] = []
+        migrations: list[DrainStarted] = []
+        refused: list[DrainRefusal] = []
         for record in sorted(on_node, key=lambda r: str(r["service"])):
             service = record["service"]
             if record.get("status") not in (ServiceStatus.SERVING, ServiceStatus.FAILED):
@@ -605,7 +618,7 @@ class Scheduler:
             )
         self.busy[service] = migration
 
-    async def _launch(self, plan: Plan) -> dict[str, Any]:
+    async def _launch(self, plan: Plan) -> MigrationStarted:
         """Record the plan, then run it in the background; the reply names the migration."""
         assert self.runner is not None and self.store is not None
         self._mark_busy(plan.service, plan.id)
@@ -815,7 +828,7 @@ class Scheduler:
 
     #: Every operator command, as scheduler-command.schema.json names them.
     COMMANDS: ClassVar[
-        dict[str, Callable[[Scheduler, Any], Awaitable[dict[str, Any]]]]
+        dict[str, Callable[[Scheduler, Any], Awaitable[Mapping[str, Any]]]]
     ] = {
         "deploy": _cmd_deploy,
         "migrate": _cmd_migrate,
