@@ -60,7 +60,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "timeout": 300.0,
     },
     "executor": {
-        "runtimes": ["unix", "microvm", "microvm-snapshot", "podman"],
+        "runtimes": [],  # every registered runtime (services/executor/runtimes/__init__.py)
         "accel": "auto",
         "capacity": 32,
         "heartbeat_interval": 5.0,

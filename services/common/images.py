@@ -2,8 +2,9 @@
 
 ``ferry image push`` uploads ``unikernel/build/<target>/<app>`` builds and rewrites
 ``images/<app>/manifest.json``; the scheduler reads it at deploy time and hands the executor a
-verified ``BlobRef``. The ``unix`` build serves the unix and podman runtimes, the ``microvm`` build
-(``<app>.elf``) the microvm and microvm-snapshot runtimes.
+verified ``BlobRef``. Which build a runtime boots (its *image target*: ``unix``, or ``microvm`` for
+``<app>.elf``) is the runtime's own business: its line in the executor's runtime registry, which
+each node advertises in its status (``image_targets``).
 
 The manifest's ``app`` member is what the app says of itself in its HELLO (name, version, mode,
 its declared ``params`` and the versions it ``upgrades_from``): push boots the unix build for a
@@ -29,14 +30,6 @@ from typing import Any
 import orjson
 
 from services.common.blobstore import BlobNotFound, BlobRef, BlobStore
-
-TARGET_OF_RUNTIME = {
-    "unix": "unix",
-    "podman": "unix",
-    "microvm": "microvm",
-    "microvm-snapshot": "microvm",
-}
-
 
 HELLO_TIMEOUT = 10.0
 #: What a version must look like to name a manifest (as in scheduler-command.schema.json).
@@ -104,6 +97,10 @@ def manifest_key(app: str, version: str | None = None) -> str:
     return f"images/{app}/versions/{version}.json"
 
 
+#: The builds of an app (``make -C unikernel``): a Linux process, and the microvm unikernel.
+TARGETS = ("unix", "microvm")
+
+
 def build_file(build_dir: Path, target: str, app: str) -> Path:
     """Where ``make -C unikernel`` leaves an app's build for a target."""
     return build_dir / target / (f"{app}.elf" if target == "microvm" else app)
@@ -129,7 +126,7 @@ async def push(
                 f"`ferry image push {hello.get('app')} --build {build}`"
             )
     manifest: dict[str, BlobRef] = {}
-    for target in ("unix", "microvm"):
+    for target in TARGETS:
         path = build_file(build_dir, target, build)
         if path.is_file():
             data = path.read_bytes()
@@ -189,12 +186,12 @@ def declared_params(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 
 async def resolve(
-    store: BlobStore, app: str, runtime: str, manifest: dict[str, Any] | None = None
+    store: BlobStore, app: str, target: str, manifest: dict[str, Any] | None = None
 ) -> BlobRef:
-    """The image blob a runtime needs for ``app``, from the app's (latest, or given) manifest."""
-    target = TARGET_OF_RUNTIME[runtime]
+    """``app``'s image for ``target`` (a build: ``unix``, ``microvm``), from its (latest, or
+    given) manifest."""
     if manifest is None:
         manifest = await describe(store, app)
     if target not in manifest:
-        raise ImageNotFound(f"app {app!r} has no {target} build (needed by runtime {runtime})")
+        raise ImageNotFound(f"app {app!r} has no {target} build (`ferry image push {app}`)")
     return BlobRef.from_dict(manifest[target])

@@ -9,7 +9,9 @@ resumes a checkpointed guest (a rolled-back move) and terminates it. Two familie
 
 Either way the executor talks to a running guest through one ``GuestChannel``, stores and fetches
 captures alike (``executor.capture``) and never needs to know which runtime it is driving; a new
-runtime is a module in ``runtimes/`` and a line in ``runtimes.REGISTRY``.
+runtime is a module in ``runtimes/`` and a line in ``runtimes.REGISTRY`` (its probe and the build it
+boots), plus its name in the wire's runtime enum (``schemas/common.schema.json``: the contract says
+which names exist; ``tests/executor/test_registry.py`` checks the two agree).
 """
 
 from __future__ import annotations

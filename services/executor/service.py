@@ -53,7 +53,7 @@ from services.executor.image_cache import ImageCache
 from services.executor.instance import CheckpointPolicy, Claim, Instance, InstanceError
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runtime import GuestRuntimeError, LaunchSpec, Runtime
-from services.executor.runtimes import available_runtimes
+from services.executor.runtimes import REGISTRY, available_runtimes
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class Executor:
             "time": now_ms(),
             "version": VERSION,
             "runtimes": sorted(self.runtimes),
+            "image_targets": {name: REGISTRY[name].image_target for name in sorted(self.runtimes)},
             "unavailable": self.unavailable,
             "accel": self.accel,
             "capacity": self.config.executor.capacity,

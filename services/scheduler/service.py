@@ -211,6 +211,22 @@ class Scheduler:
         if self.nodes[node].get("status") != "online":
             raise RemoteError("node_offline", f"node {node} is offline")
 
+    def _image_target(self, node: str, runtime: str) -> str:
+        """Which build of an app ``runtime`` boots on ``node``, as the node advertises it
+        (its executor's runtime registry); refused if the node does not offer ``runtime``."""
+        status = self.nodes[node]
+        if runtime not in status.get("runtimes", []):
+            reason = status.get("unavailable", {}).get(runtime, "not offered")
+            raise RemoteError("runtime_unavailable", f"{node} cannot run {runtime}: {reason}")
+        target: str | None = status.get("image_targets", {}).get(runtime)
+        if target is None:
+            raise RemoteError(
+                "runtime_unavailable",
+                f"{node} offers {runtime} but does not say which build it boots "
+                "(image_targets in its status): is its executor older than this scheduler?",
+            )
+        return target
+
     def _require_placeable(self, node: str) -> None:
         """A new instance may go to ``node``: it is online and not cordoned."""
         self._require_online(node)
@@ -239,12 +255,10 @@ class Scheduler:
                     "service_exists", f"{name} already exists ({existing.get('status')})"
                 )
             epoch = int(existing["epoch"]) + 1  # a redeploy never reuses an instance id
-        if runtime not in self.nodes[node].get("runtimes", []):
-            reason = self.nodes[node].get("unavailable", {}).get(runtime, "not offered")
-            raise RemoteError("runtime_unavailable", f"{node} cannot run {runtime}: {reason}")
+        build = self._image_target(node, runtime)
         try:
             manifest = await images.describe(self.blobs, command["app"])
-            image = await images.resolve(self.blobs, command["app"], runtime, manifest)
+            image = await images.resolve(self.blobs, command["app"], build, manifest)
             declared = images.declared_params(manifest)
         except images.ImageNotFound as exc:
             raise RemoteError("unknown_image", str(exc)) from None
@@ -424,11 +438,10 @@ class Scheduler:
             self._require_online(target)  # in place: nothing new lands on a cordoned node
         else:
             self._require_placeable(target)
-        if record["runtime"] not in self.nodes[target].get("runtimes", []):
-            raise RemoteError("runtime_unavailable", f"{target} cannot run {record['runtime']}")
+        build = self._image_target(target, record["runtime"])
         try:
             manifest = await images.describe(self.blobs, app, command.get("version"))
-            image = await images.resolve(self.blobs, app, record["runtime"], manifest)
+            image = await images.resolve(self.blobs, app, build, manifest)
         except images.ImageNotFound as exc:
             raise RemoteError("unknown_image", str(exc)) from None
         except BlobError as exc:

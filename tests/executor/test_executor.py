@@ -20,6 +20,7 @@ from services.common import checkpoint_blob, contract, images, topics
 from services.common.blobstore import BlobRef, BlobStore
 from services.common.bus import Bus, RemoteError, now_ms
 from services.common.config import FerryConfig
+from services.executor.runtimes import REGISTRY
 from services.executor.service import instance_dir
 from tests.conftest import ServiceProcesses, stack_config, wait_online
 from tools.cli.simulate import Simulator
@@ -63,7 +64,7 @@ async def cluster(
 def start_args(
     service: str, instance: str, runtime: str, manifests: dict[str, Any], app: str = "counter"
 ) -> dict[str, Any]:
-    target = images.TARGET_OF_RUNTIME[runtime]
+    target = REGISTRY[runtime].image_target
     return {
         "service": service,
         "instance": instance,
