@@ -199,8 +199,20 @@ class StatestoreClient:
         checkpoint: BlobRefDoc = latest["checkpoint"]
         return checkpoint
 
-    async def put_migration(self, record: dict[str, Any]) -> None:
-        await self._send(RecordRequest(op="put_migration", record=record))
+    async def put_migration(
+        self,
+        record: dict[str, Any],
+        service_record: dict[str, Any] | None = None,
+        expect: Expect | None = None,
+    ) -> None:
+        """Record a migration; with ``service_record``, store that in the same write,
+        compare-and-set by ``expect`` (both or neither)."""
+        request = RecordRequest(op="put_migration", record=record)
+        if service_record is not None:
+            request["service_record"] = service_record
+            if expect is not None:
+                request["expect"] = expect
+        await self._send(request)
 
     async def open_migrations(self) -> list[dict[str, Any]]:
         migrations: list[dict[str, Any]] = (await self._send(ListRequest(op="open_migrations")))[

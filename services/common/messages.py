@@ -317,6 +317,7 @@ class RecordRequest(TypedDict):
     record: dict[str, Any]
     expect: NotRequired[Expect]
     service: NotRequired[str]
+    service_record: NotRequired[dict[str, Any]]
 
 
 class MigrationRequest(TypedDict):

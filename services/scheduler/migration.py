@@ -193,7 +193,16 @@ class MigrationRunner:
         await retrying(lambda: self.bus.publish(topics.migration_events(plan.id), event))
 
     async def plan(self, plan: Plan) -> None:
-        """Record the plan before anything moves (a restarted scheduler reads it back)."""
+        """Record the plan before anything moves (a restarted scheduler reads it back).
+
+        A move of a serving service (migrate, suspend, upgrade) marks it migrating in the same
+        write, compare-and-set on its instance and status: the plan and the mark are one fact,
+        written once (both or neither; a RemoteError means neither)."""
+        marked: dict[str, Any] | None = None
+        expect: Expect | None = None
+        if plan.kind in ("migrate", "suspend", "upgrade"):
+            marked = {**plan.record, "status": ServiceStatus.MIGRATING}
+            expect = Expect(instance=plan.source_instance, status=ServiceStatus.SERVING)
         await self.store.put_migration(
             {
                 "id": plan.id,
@@ -204,7 +213,9 @@ class MigrationRunner:
                 "target": plan.target,
                 "plan": plan.to_record(),
                 **plan.versions(),
-            }
+            },
+            service_record=marked,
+            expect=expect,
         )
         await self.emit(plan, Phase.PLANNED, detail=plan.versions() or None)
 

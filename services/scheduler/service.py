@@ -637,21 +637,16 @@ class Scheduler:
         self._mark_busy(plan.service, plan.id)
         try:
             await self.runner.plan(plan)
+        except RemoteError as exc:  # refused (the service changed meanwhile): nothing written
+            self.busy.pop(plan.service, None)
+            raise RemoteError("not_started", f"{plan.id} not started: {exc}") from exc
+        except BusError as exc:
+            # Written or not, nobody can tell: undo whatever was, so it never stays open.
+            self._spawn(self._abandon(plan, f"not started: {exc}"))
+            raise RemoteError("not_started", f"{plan.id} not started: {exc}") from exc
         except BaseException:
             self.busy.pop(plan.service, None)
             raise
-        if plan.kind in ("migrate", "suspend", "upgrade"):
-            try:
-                await self.store.put_service(
-                    {**plan.record, "status": ServiceStatus.MIGRATING},
-                    expect={"instance": plan.source_instance, "status": ServiceStatus.SERVING},
-                )
-            except (RemoteError, BusError) as exc:
-                # Recorded as planned: close it now rather than leave it open.
-                self.busy.pop(plan.service, None)
-                with contextlib.suppress(Exception):
-                    await self.runner.emit(plan, Phase.ROLLED_BACK, detail={"error": str(exc)})
-                raise RemoteError("not_started", f"{plan.id} not started: {exc}") from exc
         self._spawn(self._drive(plan))
         return {"migration": plan.id, "service": plan.service, "kind": plan.kind}
 
@@ -681,6 +676,18 @@ class Scheduler:
             self.busy.pop(plan.service, None)
         if outcome.get("outcome_status") == "failed":
             self._spawn(self._recover_later(plan.service, "its move failed and left it failed"))
+
+    async def _abandon(self, plan: Plan, reason: str) -> None:
+        """Undo a plan that may have been recorded (and its service marked) but never ran; the
+        service stays busy until then. Rolling back a plan that never started only moves the
+        record past its epoch and closes its migration record."""
+        assert self.runner is not None
+        try:
+            await self.runner.roll_back(plan, reason, forward=False)
+        except Exception:
+            log.exception("%s: undoing a plan that never started failed", plan.id)
+        finally:
+            self.busy.pop(plan.service, None)
 
     def _free_slots(self, plan: Plan) -> None:
         """The target serves: free the plan's node slots before the commit bookkeeping."""

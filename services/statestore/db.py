@@ -275,48 +275,55 @@ class Database:
         (a commit and a paused source claiming its service back cannot both win).
         """
         with self._tx() as conn:
-            row = conn.execute(
-                "SELECT epoch, instance, status FROM services WHERE name = ?", (doc["service"],)
-            ).fetchone()
-            for field_name, wanted in (expect or {}).items():
-                stored = row[field_name] if row is not None else None
-                if stored != wanted:
-                    raise Conflict(
-                        "conflict",
-                        f"service {doc['service']!r} has {field_name} {stored!r}, "
-                        f"not {wanted!r}; refusing the write",
-                        {field_name: stored},
-                    )
-            if row is not None and doc["epoch"] < row["epoch"]:
-                raise Conflict(
-                    "stale_epoch",
-                    f"service {doc['service']!r} is at epoch {row['epoch']}; "
-                    f"refusing a record with epoch {doc['epoch']}",
-                    {"stored_epoch": row["epoch"]},
-                )
-            params = doc.get("params")
-            image = doc.get("image")
-            conn.execute("DELETE FROM retired WHERE service = ?", (doc["service"],))
-            conn.execute(
-                "INSERT OR REPLACE INTO services (name, app, runtime, node, instance, epoch, "
-                "status, device, params, image, version, time) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    doc["service"],
-                    doc["app"],
-                    doc["runtime"],
-                    doc.get("node"),
-                    doc.get("instance"),
-                    doc["epoch"],
-                    doc["status"],
-                    doc.get("device"),
-                    None if params is None else _dumps(params),
-                    None if image is None else _dumps(image),
-                    doc.get("version"),
-                    doc["time"],
-                ),
-            )
+            self._write_service(conn, doc, expect)
         return self.get_service(doc["service"])
+
+    @staticmethod
+    def _write_service(
+        conn: sqlite3.Connection, doc: dict[str, Any], expect: dict[str, Any] | None
+    ) -> None:
+        """``put_service``'s checks and write, inside the caller's transaction."""
+        row = conn.execute(
+            "SELECT epoch, instance, status FROM services WHERE name = ?", (doc["service"],)
+        ).fetchone()
+        for field_name, wanted in (expect or {}).items():
+            stored = row[field_name] if row is not None else None
+            if stored != wanted:
+                raise Conflict(
+                    "conflict",
+                    f"service {doc['service']!r} has {field_name} {stored!r}, "
+                    f"not {wanted!r}; refusing the write",
+                    {field_name: stored},
+                )
+        if row is not None and doc["epoch"] < row["epoch"]:
+            raise Conflict(
+                "stale_epoch",
+                f"service {doc['service']!r} is at epoch {row['epoch']}; "
+                f"refusing a record with epoch {doc['epoch']}",
+                {"stored_epoch": row["epoch"]},
+            )
+        params = doc.get("params")
+        image = doc.get("image")
+        conn.execute("DELETE FROM retired WHERE service = ?", (doc["service"],))
+        conn.execute(
+            "INSERT OR REPLACE INTO services (name, app, runtime, node, instance, epoch, "
+            "status, device, params, image, version, time) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                doc["service"],
+                doc["app"],
+                doc["runtime"],
+                doc.get("node"),
+                doc.get("instance"),
+                doc["epoch"],
+                doc["status"],
+                doc.get("device"),
+                None if params is None else _dumps(params),
+                None if image is None else _dumps(image),
+                doc.get("version"),
+                doc["time"],
+            ),
+        )
 
     def get_service(self, name: str) -> dict[str, Any]:
         """The service-state document of ``name``; NotFound('unknown_service') if none."""
@@ -514,17 +521,28 @@ class Database:
 
     # -- migrations --------------------------------------------------------------------------
 
-    def put_migration(self, record: dict[str, Any], now: int) -> dict[str, Any]:
+    def put_migration(
+        self,
+        record: dict[str, Any],
+        now: int,
+        service: dict[str, Any] | None = None,
+        expect: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Create or update a migration from ``record`` (``id`` + any of _MIGRATION_FIELDS).
 
         Only the fields present and non-null are written, so a late or repeated record never
-        erases what events already filled in. A new migration needs ``service``.
+        erases what events already filled in. A new migration needs ``service``. With
+        ``service`` (a service-state document), that record is stored in the same transaction,
+        compare-and-set by ``expect`` as ``put_service`` does it: a move is planned and its
+        service marked migrating together, or neither is (Conflict).
         """
         fields = {k: record[k] for k in _MIGRATION_FIELDS if record.get(k) is not None}
         for name in ("error", "plan"):
             if name in fields:
                 fields[name] = _dumps(fields[name])
         with self._tx() as conn:
+            if service is not None:
+                self._write_service(conn, service, expect)
             exists = conn.execute(
                 "SELECT 1 FROM migrations WHERE id = ?", (record["id"],)
             ).fetchone()

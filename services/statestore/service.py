@@ -404,9 +404,13 @@ class StatestoreService:
         record["time"] = now_ms()
         _check(self._service_state, record, "service-state record")
         doc = await self._call(self._database().put_service, record, request.get("expect"))
+        await self._publish(doc)
+        return doc
+
+    async def _publish(self, doc: dict[str, Any]) -> None:
+        """A service's stored record, as its retained state."""
         assert self.bus is not None
         await self.bus.publish(topics.service_state(doc["service"]), doc, retain=True)
-        return doc
 
     async def _op_delete_service(self, request: ServiceRequest) -> dict[str, Any]:
         """Forget a service; with ``purge``, retire its checkpoints and end its input session
@@ -445,7 +449,16 @@ class StatestoreService:
 
     async def _op_put_migration(self, request: RecordRequest) -> dict[str, Any]:
         record = self._record(request)
-        return await self._call(self._database().put_migration, record, now_ms())
+        marked = request.get("service_record")
+        if marked is None:
+            return await self._call(self._database().put_migration, record, now_ms())
+        marked = {**marked, "time": now_ms()}
+        _check(self._service_state, marked, "service-state record")
+        row = await self._call(
+            self._database().put_migration, record, now_ms(), marked, request.get("expect")
+        )
+        await self._publish(await self._call(self._database().get_service, marked["service"]))
+        return row
 
     async def _op_get_migration(self, request: MigrationRequest) -> dict[str, Any]:
         return await self._call(self._database().get_migration, request["migration"])

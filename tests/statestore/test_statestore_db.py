@@ -118,6 +118,25 @@ def test_events_out_of_order_and_twice(tmp_path: Path) -> None:
     assert db.open_migrations() == []
 
 
+def test_a_plan_and_its_service_mark_are_one_write(tmp_path: Path) -> None:
+    db = Database(tmp_path / "s.db")
+    db.put_service(service(1))
+    serving = {"instance": "svc.1", "status": "serving"}
+    plan = {"id": "m-1", "service": "svc", "kind": "migrate", "source": "edge-a"}
+    db.put_migration(plan, 2, service={**service(1), "status": "migrating"}, expect=serving)
+    assert db.get_service("svc")["status"] == "migrating"
+    assert db.get_migration("m-1")["migration"]["kind"] == "migrate"
+    # a second plan for the same service is refused whole: no migration row, no mark
+    with pytest.raises(Conflict) as refused:
+        db.put_migration(
+            {**plan, "id": "m-2"}, 3, service={**service(1), "status": "migrating"}, expect=serving
+        )
+    assert refused.value.code == "conflict"
+    with pytest.raises(NotFound):
+        db.get_migration("m-2")
+    assert db.get_service("svc")["status"] == "migrating"
+
+
 def test_put_migration_does_not_erase_events(tmp_path: Path) -> None:
     db = Database(tmp_path / "s.db")
     with pytest.raises(Conflict):
