@@ -69,14 +69,16 @@ class ServiceProcesses:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *extra: str, env: dict[str, str] | None = None) -> None:
-        """Start ``python -m services.<package>``; ``env`` adds to this process's environment."""
+        """Start ``python -m services.<package>`` (``tools.cli`` for ``cli``); ``env`` adds to
+        this process's environment."""
         package = name.split("@")[0]
+        module = "tools.cli" if package == "cli" else f"services.{package}"
         log = (self.log_dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                f"services.{package}",
+                module,
                 "--config",
                 str(self.config_path),
                 *extra,

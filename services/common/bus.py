@@ -136,8 +136,9 @@ class Bus:
         self._background: set[asyncio.Task[None]] = set()
         #: PUBACKs ``publish_many`` waits for on the current connection, by message id.
         self._acks: dict[int, tuple[_Batch, int]] = {}
-        #: The waits of ``publish`` calls for their PUBACK on the current connection.
-        self._awaiting_puback: set[asyncio.Timeout] = set()
+        #: The waits of ``publish`` and ``subscribe`` calls for their PUBACK or SUBACK on the
+        #: current connection (``_fail_unconfirmed`` ends them when it drops).
+        self._awaiting_broker: set[asyncio.Timeout] = set()
         #: Built once (TLSError here names the bad file before any connection is tried).
         self._tls = tls.broker_context(broker)
 
@@ -306,12 +307,24 @@ class Bus:
 
     async def _subscribe_on(self, client: aiomqtt.Client, filters: list[tuple[str, int]]) -> None:
         """Subscribe to all of ``filters`` in one SUBSCRIBE (one round trip), and fail loudly if
-        the broker refuses one (an ACL that does not allow it)."""
+        the broker refuses one (an ACL that does not allow it). A connection that drops (or that
+        the broker handed to another client) fails it at once, not after aiomqtt's 10 s."""
         names = ", ".join(repr(f) for f, _ in filters)
+        wait: asyncio.Timeout | None = None
         try:
-            granted = await client.subscribe(filters)
+            async with asyncio.timeout(None) as wait:  # cut short by _fail_unconfirmed
+                self._awaiting_broker.add(wait)
+                granted = await client.subscribe(filters)
+        except TimeoutError:
+            raise BusError(
+                f"{self.client_id}: subscribe to {names} failed: the broker connection was lost "
+                "before its SUBACK"
+            ) from None
         except aiomqtt.MqttError as exc:
             raise BusError(f"{self.client_id}: subscribe to {names} failed: {exc}") from exc
+        finally:
+            if wait is not None:
+                self._awaiting_broker.discard(wait)
         refused = [
             (topic_filter, code)
             for (topic_filter, _), code in zip(filters, granted, strict=False)
@@ -358,9 +371,9 @@ class Bus:
             if not batch.done.done():
                 batch.done.set_result(None)
         now = asyncio.get_running_loop().time()
-        for wait in self._awaiting_puback:
+        for wait in self._awaiting_broker:
             wait.reschedule(now)
-        self._awaiting_puback.clear()
+        self._awaiting_broker.clear()
 
     async def _announce_again(self) -> None:
         for topic, make_payload in list(self._announcements.items()):
@@ -496,7 +509,7 @@ class Bus:
         wait: asyncio.Timeout | None = None
         try:
             async with asyncio.timeout(None) as wait:  # cut short by _fail_unconfirmed
-                self._awaiting_puback.add(wait)
+                self._awaiting_broker.add(wait)
                 await client.publish(topic, body, qos=qos, retain=retain, properties=props)
         except TimeoutError:
             raise BusError(
@@ -506,7 +519,7 @@ class Bus:
             raise BusError(f"publish to {topic} failed: {exc}") from exc
         finally:
             if wait is not None:
-                self._awaiting_puback.discard(wait)
+                self._awaiting_broker.discard(wait)
 
     async def announce(self, topic: str, make_payload: Callable[[], dict[str, Any]]) -> None:
         """Publish ``make_payload()`` retained now, and again after every reconnect.

@@ -157,13 +157,16 @@ async def test_a_service_holding_a_second_of_input_unacknowledged_does_not_stall
     assert received == held, f"delivery stalled at {received} unacknowledged inputs"
 
 
+@pytest.mark.parametrize("call", ["publish", "subscribe"])
 async def test_a_publish_waiting_for_its_puback_fails_when_the_connection_drops(
-    durable: FerryConfig,
+    durable: FerryConfig, call: str
 ) -> None:
-    """The broker stops answering (SIGSTOP) while a QoS 1 publish waits for its PUBACK, then dies:
-    the publish fails as soon as the connection is known lost, saying so, rather than waiting
-    out aiomqtt's publish timeout (a scheduler whose broker restarted sat 10 s in such a wait
-    before it rolled anything back). The bus then publishes on the new connection."""
+    """The broker stops answering (SIGSTOP) while a QoS 1 publish waits for its PUBACK (or a
+    subscribe for its SUBACK), then dies: the call fails as soon as the connection is known
+    lost, saying so, rather than waiting out aiomqtt's 10 s timeout (a scheduler whose broker
+    restarted sat 10 s in such a wait before it rolled anything back; a fenced target sat as
+    long in a subscribe on a session the broker had handed to its owner). The bus then
+    publishes on the new connection."""
     import os
 
     from services.common.bus import BusError
@@ -175,7 +178,9 @@ async def test_a_publish_waiting_for_its_puback_fails_when_the_connection_drops(
         payload = {"component": "statestore", "status": "online", "time": now_ms()}
         os.killpg(int(pid), signal.SIGSTOP)
         try:
-            waiting = asyncio.create_task(bus.publish(topic, payload))
+            waiting = asyncio.create_task(
+                bus.publish(topic, payload) if call == "publish" else bus.subscribe(topic)
+            )
             await asyncio.sleep(0.5)
             assert not waiting.done()  # no PUBACK from a stopped broker
             await kill_broker(durable)  # killed while stopped: the connection resets
@@ -183,7 +188,8 @@ async def test_a_publish_waiting_for_its_puback_fails_when_the_connection_drops(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(int(pid), signal.SIGCONT)
             raise
-        with pytest.raises(BusError, match="connection was lost before its PUBACK"):
+        acked = "PUBACK" if call == "publish" else "SUBACK"
+        with pytest.raises(BusError, match=f"connection was lost before its {acked}"):
             await waiting
         async with asyncio.timeout(15):
             while True:  # reconnected: publishing works again
