@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 REMEMBERED_REQUESTS = 2048
+#: Most seconds a change waits for the full status that reports it (``publish_status_soon``).
+STATUS_COALESCE = 0.1
 
 
 class Executor:
@@ -84,6 +86,9 @@ class Executor:
         self._answers: OrderedDict[str, asyncio.Future[dict[str, Any]]] = OrderedDict()
         self._service_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._status_due: asyncio.Task[None] | None = None
+        self._status_wanted = False
+        self._leaving = False
         self.bus: Bus | None = None
         self.metrics = ExecutorMetrics(self)
         self._metrics_port = metrics_port
@@ -133,6 +138,9 @@ class Executor:
                     with contextlib.suppress(Exception):
                         await instance.stop()
                 self.metrics.stop()
+                self._leaving = True
+                if self._status_due is not None:  # it would overwrite the offline status
+                    self._status_due.cancel()
                 bus.withdraw(topics.node_status(self.node))
                 await bus.publish(topics.node_status(self.node), offline, retain=True)
 
@@ -209,7 +217,7 @@ class Executor:
                 await bus.reply(message, error=outcome["error"])
         if message.payload["command"] != "status":
             # After the reply: a migration's downtime must not wait for bookkeeping.
-            await self.publish_status_quietly()
+            self.publish_status_soon()
 
     async def execute(self, command: ExecutorCommand) -> Mapping[str, Any]:
         """Carry out one validated command; raise RemoteError with a clear code on failure."""
@@ -521,7 +529,7 @@ class Executor:
         log.warning(reason)
         await self._report(instance.service, reason)
         await self._stop(instance)
-        await self.publish_status_quietly()
+        self.publish_status_soon()
 
     async def _watch_paused(self) -> None:
         """A source paused for a move serves again on its own if nobody finishes the hand-over.
@@ -568,16 +576,33 @@ class Executor:
                     f"{instance.service}: nobody completed its hand-over within "
                     f"{self.config.executor.pause_timeout:g} s; it serves again on {self.node}",
                 )
-        await self.publish_status_quietly()
+        self.publish_status_soon()
 
     async def _report(self, service: str, reason: str) -> None:
         await self._bus().report(topics.node_status(self.node), reason, service=service)
 
-    async def publish_status_quietly(self) -> None:
-        try:
-            await self.publish_status()
-        except BusError as exc:
-            log.warning("%s: status not published: %s", self.node, exc)
+    def publish_status_soon(self) -> None:
+        """Publish the full status within ``STATUS_COALESCE`` s; what changes meanwhile shares
+        that one publish.
+
+        Why: a drain sends a node hundreds of commands, and a full status after each (built,
+        then validated by this executor, the statestore and the scheduler, each O(instances))
+        was the control plane's largest cost (bench/README.md, "Drain").
+        """
+        if self._leaving:
+            return  # the offline status is the last word
+        self._status_wanted = True
+        if self._status_due is None or self._status_due.done():
+            self._status_due = asyncio.create_task(self._publish_wanted_status())
+
+    async def _publish_wanted_status(self) -> None:
+        while self._status_wanted:  # again if something changed while it was being published
+            await asyncio.sleep(STATUS_COALESCE)
+            self._status_wanted = False
+            try:
+                await self.publish_status()
+            except BusError as exc:
+                log.warning("%s: status not published: %s", self.node, exc)
 
     def _in_background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -670,7 +695,7 @@ class Executor:
     def _instance_failed(self, instance: Instance) -> None:
         """A guest died on its own: tell the scheduler and operators through the node status."""
         self.metrics.guest_failures.labels(self.node).inc()
-        self._in_background(self.publish_status_quietly())
+        self.publish_status_soon()
 
     def _statestore(self) -> StatestoreClient:
         return StatestoreClient(self._bus(), self.config.broker.request_timeout)

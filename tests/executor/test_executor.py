@@ -5,6 +5,7 @@ input checked per sequence number, and the failure cases that must leave the sou
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -256,6 +257,42 @@ async def test_executor_restart_ends_and_reports_the_instances_it_ran(
     assert "executor process ended" in lost["reason"]
     assert not Path(f"/proc/{record['pid']}").exists() or _is_zombie(record["pid"])
     assert instance["state"] == "serving"
+
+
+async def test_a_burst_of_commands_shares_its_status_publishes_and_offline_is_the_last_word(
+    cluster: Any, processes: ServiceProcesses
+) -> None:
+    """Three starts, then fifty commands at once: the node's retained status (O(instances) for
+    every consumer) goes out a few times, not once per command; the last one lists what runs;
+    and a stopped executor's offline status is not overwritten by a status still due."""
+    config, edge_a, _, manifests = cluster
+    names = [f"burst-{uuid.uuid4().hex[:4]}-{i}" for i in range(3)]
+    commands = 50
+    seen: list[dict[str, Any]] = []
+    async with Bus(config.broker, f"test-status-{uuid.uuid4().hex[:6]}") as watcher:
+        await watcher.subscribe(topics.node_status("edge-a"))
+
+        async def collect() -> None:
+            async for message in watcher.messages():
+                seen.append(message.payload)
+
+        collecting = asyncio.create_task(collect())
+        await asyncio.sleep(0.5)  # the retained status first
+        seen.clear()
+        for name in names:
+            await edge_a("start", mode="fresh", **start_args(name, f"{name}.1", "unix", manifests))
+        await asyncio.gather(
+            *(edge_a("stop", service="nobody", instance=f"nobody.{i}") for i in range(commands))
+        )
+        await asyncio.sleep(1.0)
+        published = len(seen)
+        listed = {i["service"] for i in seen[-1]["instances"]} if seen else set()
+        processes.kill("executor@edge-a", signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        collecting.cancel()
+    assert set(names) <= listed
+    assert 1 <= published <= 10, f"{published} statuses for {commands + len(names)} commands"
+    assert seen[-1]["status"] == "offline"
 
 
 def _is_zombie(pid: int) -> bool:
