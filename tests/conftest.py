@@ -23,6 +23,7 @@ from services.common.blobstore import BlobStore
 from services.common.bus import Bus
 from services.common.config import FerryConfig, load_config
 from tools.cli.operator import Operator
+from tools.cli.simulate import connect_paho
 from tools.stack.process import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +170,9 @@ async def start_system(
     store = BlobStore(config.s3)
     for app in apps:
         await images.push(store, app, builds)
+    end_sessions(
+        config, ["ferry-statestore", "ferry-scheduler", *(f"ferry-executor-{n}" for n in nodes)]
+    )
     procs.start("statestore")
     procs.start("scheduler")
     for node in nodes:
@@ -178,6 +182,17 @@ async def start_system(
         [topics.component_status("statestore"), topics.component_status("scheduler")]
         + [topics.node_status(n) for n in nodes],
     )
+
+
+def end_sessions(config: FerryConfig, client_ids: list[str]) -> None:
+    """End the broker's persistent sessions of ``client_ids`` (a clean start, then a disconnect
+    with no expiry): the modules share one broker, and what was queued for an earlier module's
+    statestore (the raw requests other modules publish on its topics) must not be replayed into
+    this module's fresh database."""
+    for client_id in client_ids:
+        client = connect_paho(config.broker, client_id)
+        client.disconnect()
+        client.loop_stop()
 
 
 # -- the end-to-end modules' system: each module defines ``system`` (its config, then

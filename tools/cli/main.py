@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import math
 import re
 import sys
@@ -31,6 +32,7 @@ from tools.cli.operator import Operator
 from tools.cli.output import console, err, format_detail
 
 REPO = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 # Names and runtimes as the bus contract defines them, so a bad one is refused before anything
 # is contacted instead of failing deep in a publish.
@@ -811,11 +813,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _without_loop_tracebacks(work: Awaitable[int]) -> int:
+    """Run ``work`` with the event loop's own error reports kept to the debug log.
+
+    Why: after a failure the CLI reports in one line (a refused TLS handshake, say), the MQTT
+    client's socket callbacks can still fire on the closed socket; asyncio would print those
+    with a traceback, and the CLI never prints one.
+    """
+
+    def quietly(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        log.debug("event loop: %s (%r)", context.get("message"), context.get("exception"))
+
+    asyncio.get_running_loop().set_exception_handler(quietly)
+    return await work
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        return asyncio.run(args.handler(config, args))
+        return asyncio.run(_without_loop_tracebacks(args.handler(config, args)))
     except ConfigError as exc:
         err.print(f"error: configuration: {exc}", markup=False)
     except (BusError, ConnectionError) as exc:
