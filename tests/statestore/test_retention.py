@@ -276,3 +276,73 @@ async def test_blobs_wait_out_an_unreachable_s3_store_and_are_deleted_later(
 
 async def _count(keys: Awaitable[list[str]], n: int) -> bool:
     return len(await keys) == n
+
+
+async def test_storage_stays_flat_across_a_thousand_migrations(
+    infra: FerryConfig, start: Callable[[FerryConfig], Awaitable[Any]], client: Bus
+) -> None:
+    """A thousand migrations of one service, each recorded the way the components record it:
+    the plan, its phase events, and the source's checkpoint with its object in S3. Rows of every
+    table and objects in the bucket stay bounded (the newest KEEP checkpoints; finished
+    migrations and their events compacted after ``migration_retention``), and the database's
+    used pages after the thousandth are those after the two hundredth (give or take two pages:
+    a B-tree's shape varies with the order its rows went)."""
+    statestore = await start(retention(infra, migration_retention=0.0))
+    blobs = BlobStore(infra.s3)
+    service = name("flat")
+    prefix = f"checkpoints/{service}/"
+
+    async def migrate(n: int) -> None:
+        migration = f"m-{service}-{n}"
+        plan = {"id": migration, "service": service, "kind": "migrate", "trigger": "mobility"}
+        await ask(client, "put_migration", record=plan)
+        for step, phase in enumerate(("planned", "source_paused", "checkpoint_stored")):
+            await client.publish(topics.migration_events(migration), event(plan, phase, n, step))
+        await checkpoint(client, blobs, service, n, migration=migration)
+        for step, phase in enumerate(("target_serving", "source_stopped", "committed"), 3):
+            await client.publish(topics.migration_events(migration), event(plan, phase, n, step))
+
+    async def settled() -> bool:
+        counts = await statestore._call(statestore._db.storage_counts)
+        return bool(
+            counts["migrations"] == 0
+            and counts["migration_events"] == 0
+            and counts["checkpoints"] == KEEP
+            and len(await blobs.list_keys(prefix)) == KEEP
+        )
+
+    async def used_pages() -> int:
+        def pages() -> int:
+            conn = statestore._db.conn
+            return int(conn.execute("PRAGMA page_count").fetchone()[0]) - int(
+                conn.execute("PRAGMA freelist_count").fetchone()[0]
+            )
+
+        return int(await statestore._call(pages))
+
+    for n in range(1, 201):
+        await migrate(n)
+    await until(settled, "the first 200 migrations compacted to KEEP checkpoints")
+    after_200 = await used_pages()
+    for n in range(201, 1001):
+        await migrate(n)
+    await until(settled, "1000 migrations compacted to KEEP checkpoints")
+    assert await used_pages() <= after_200 + 2
+    assert (await ask(client, "latest_checkpoint", service=service))["checkpoint"]["key"] == (
+        f"{prefix}1000.json"
+    )
+
+
+def event(plan: dict[str, Any], phase: str, n: int, step: int) -> dict[str, Any]:
+    """A phase event of migration ``n`` as the scheduler publishes it."""
+    return {
+        "migration": plan["id"],
+        "service": plan["service"],
+        "kind": "migrate",
+        "phase": phase,
+        "time": 10_000 * n + step,
+        "actor": "scheduler",
+        "source": "edge-a",
+        "target": "edge-b",
+        "trigger": "mobility",
+    }
