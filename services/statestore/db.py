@@ -1,7 +1,9 @@
 """The statestore's SQLite database: schema, migrations of that schema, and every query.
 
 Pure ``sqlite3``, no MQTT and no asyncio: ``service.py`` calls these methods from one dedicated
-worker thread, so each method is one short transaction and all writes are serialised.
+worker thread, so each method is one short transaction and all writes are serialised. The writes
+that arrive together go through ``batch``: one transaction, one commit (one WAL sync) for all of
+them, each inside a savepoint of its own so that one refused write undoes only itself.
 
 Why WAL + ``synchronous=FULL``: the service acknowledges an MQTT message only after its write is
 committed, and an acknowledged message is never delivered again. With ``NORMAL`` a committed WAL
@@ -25,7 +27,7 @@ with their events.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,10 @@ class Database:
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        self._batching = False
+        #: Commits made and writes they carried (``batch``): what group commit saves.
+        self.commits = 0
+        self.batched_writes = 0
         self._upgrade()
 
     def close(self) -> None:
@@ -195,7 +201,19 @@ class Database:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE so a second process fails fast instead of mid-way."""
+        """One write transaction; IMMEDIATE so a second process fails fast instead of mid-way.
+        Inside ``batch``, a savepoint of the batch's transaction instead."""
+        if self._batching:
+            self.conn.execute("SAVEPOINT write")
+            try:
+                yield self.conn
+            except BaseException:
+                if self.conn.in_transaction:  # not if SQLite already rolled it all back
+                    self.conn.execute("ROLLBACK TO write")
+                    self.conn.execute("RELEASE write")
+                raise
+            self.conn.execute("RELEASE write")
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -203,6 +221,34 @@ class Database:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+        self.commits += 1
+
+    def batch(self, writes: Sequence[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        """Run ``writes`` (calls of this class's write methods) in one transaction: one commit
+        for all, and for each ``(True, result)`` or ``(False, exception)``. A write that raises
+        is undone alone (its savepoint); if the commit itself fails, every write fails with it."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._batching = True
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for write in writes:
+                try:
+                    outcomes.append((True, write()))
+                except Exception as exc:
+                    if not self.conn.in_transaction:  # SQLite rolled the whole batch back
+                        return [(False, exc)] * len(writes)
+                    outcomes.append((False, exc))
+        finally:
+            self._batching = False
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            return [(False, exc)] * len(writes)
+        self.commits += 1
+        self.batched_writes += len(writes)
+        return outcomes
 
     def _upgrade(self) -> None:
         version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])

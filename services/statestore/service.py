@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
@@ -95,6 +96,11 @@ class StatestoreService:
         self.ready = asyncio.Event()
         self._db: Database | None = None
         self._thread: ThreadPoolExecutor | None = None
+        #: Writes waiting for the next group commit (``_write``), and the task committing them.
+        self._writes: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        #: The messages being handled (``_serve``).
+        self._handling: set[asyncio.Task[None]] = set()
         self._service_state = contract.validator("service-state.schema.json")
         self.blobs: BlobStore | None = None
         self._collect_now = asyncio.Event()
@@ -151,7 +157,8 @@ class StatestoreService:
                     self.ready.clear()
                     serve.cancel()
                     collector.cancel()
-                    for task in (serve, collector):
+                    for task in (serve, collector, *self._handling):
+                        task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
                     bus.withdraw(topics.component_status(COMPONENT))
@@ -164,6 +171,8 @@ class StatestoreService:
         finally:
             self.bus = None
             self.metrics.stop()
+            if self._flusher is not None:  # the writes already handed over get committed
+                await asyncio.gather(self._flusher, return_exceptions=True)
             if self._db is not None:
                 await self._call(self._db.close)
                 self._db = None
@@ -177,6 +186,40 @@ class StatestoreService:
         assert self._thread is not None
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """A database write, committed together with every other write waiting (group commit).
+
+        Why: writes are serialised on one thread and each commit syncs the WAL; in a drain,
+        hundreds of events and requests arrive at once. The writes that arrive while a batch
+        commits wait for the next one, so a lone write is committed at once, and a crowd costs
+        one sync per batch. Each write still succeeds or fails alone (``Database.batch``), and
+        its caller hears of it only after the commit: acks and replies stay after the write.
+        """
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._writes.append((functools.partial(fn, *args), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._commit_writes(), name="statestore-commit")
+        return await future
+
+    async def _commit_writes(self) -> None:
+        while self._writes:
+            writes, self._writes = self._writes, []
+            try:
+                outcomes = await self._call(self._database().batch, [w for w, _ in writes])
+            except asyncio.CancelledError:
+                for _, future in writes:
+                    future.cancel()
+                raise
+            except Exception as exc:  # the database thread itself failed
+                outcomes = [(False, exc)] * len(writes)
+            for (_, future), (ok, value) in zip(writes, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
     def _database(self) -> Database:
         assert self._db is not None
         return self._db
@@ -188,22 +231,31 @@ class StatestoreService:
             await self.bus.publish(topics.service_state(doc["service"]), doc, retain=True)
 
     async def _serve(self, bus: Bus) -> None:
+        """Handle each message in a task of its own: independent requests and events do not
+        wait behind each other's replies. Their writes still reach the database in the order
+        the messages arrived (each handler hands its write to ``_write`` before it first
+        waits) and are committed together."""
         async for message in bus.messages():
-            try:
-                if message.topic in (topics.STATESTORE_REQUESTS, topics.STATESTORE_QUERIES):
-                    await self._answer(bus, message)
-                elif message.topic.endswith("/events"):
-                    await self._on_event(bus, message)
-                elif message.topic == topics.node_cordon(message.payload["node"]):
-                    await self._write_then_ack(
-                        bus, message, self._database().put_cordon, message.payload
-                    )
-                else:
-                    await self._on_node_status(bus, message)
-            except Exception:
-                # Never let one message stop the service; it stays unacked and comes again
-                # after the next reconnect.
-                log.exception("statestore: could not handle a message on %s", message.topic)
+            task = asyncio.create_task(self._handle(bus, message))
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
+
+    async def _handle(self, bus: Bus, message: Inbound) -> None:
+        try:
+            if message.topic in (topics.STATESTORE_REQUESTS, topics.STATESTORE_QUERIES):
+                await self._answer(bus, message)
+            elif message.topic.endswith("/events"):
+                await self._on_event(bus, message)
+            elif message.topic == topics.node_cordon(message.payload["node"]):
+                await self._write_then_ack(
+                    bus, message, self._database().put_cordon, message.payload
+                )
+            else:
+                await self._on_node_status(bus, message)
+        except Exception:
+            # Never let one message stop the service; it stays unacked and comes again
+            # after the next reconnect.
+            log.exception("statestore: could not handle a message on %s", message.topic)
 
     # -- retention ---------------------------------------------------------------------------
 
@@ -321,7 +373,7 @@ class StatestoreService:
         """Commit, then ack. A transient DB failure leaves the message unacked (redelivered
         later); any other failure would fail again, so it is acked and reported instead."""
         try:
-            await self._call(write, *args)
+            await self._write(write, *args)
         except sqlite3.OperationalError as exc:
             log.error("statestore: %s not stored, will be redelivered: %s", message.topic, exc)
             return
@@ -403,7 +455,7 @@ class StatestoreService:
             )
         record["time"] = now_ms()
         _check(self._service_state, record, "service-state record")
-        doc = await self._call(self._database().put_service, record, request.get("expect"))
+        doc = await self._write(self._database().put_service, record, request.get("expect"))
         await self._publish(doc)
         return doc
 
@@ -417,7 +469,7 @@ class StatestoreService:
         now (one sweep) instead of after ``statestore.stopped_grace``."""
         service, purge = request["service"], bool(request.get("purge"))
         since = 0 if purge else now_ms()
-        existed = await self._call(self._database().delete_service, service, since)
+        existed = await self._write(self._database().delete_service, service, since)
         assert self.bus is not None
         # Cleared even if it was not stored: a retained state left over is worse than none.
         await self.bus.publish(topics.service_state(service), None, retain=True)
@@ -433,7 +485,7 @@ class StatestoreService:
         record.setdefault("time", now_ms())
         retention = self.config.statestore
         due = now_ms() + int(retention.checkpoint_grace * 1000)
-        doc = await self._call(
+        doc = await self._write(
             self._database().record_checkpoint, record, retention.keep_checkpoints, due
         )
         self._collect_now.set()  # the S3 deletions happen after this reply, in the collector
@@ -451,10 +503,10 @@ class StatestoreService:
         record = self._record(request)
         marked = request.get("service_record")
         if marked is None:
-            return await self._call(self._database().put_migration, record, now_ms())
+            return await self._write(self._database().put_migration, record, now_ms())
         marked = {**marked, "time": now_ms()}
         _check(self._service_state, marked, "service-state record")
-        row = await self._call(
+        row = await self._write(
             self._database().put_migration, record, now_ms(), marked, request.get("expect")
         )
         await self._publish(await self._call(self._database().get_service, marked["service"]))

@@ -247,3 +247,21 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     assert db.latest_checkpoint("svc")["checkpoint"]["key"] == "old"
     db.record_checkpoint(checkpoint("svc", 2), keep=1, due=0)
     assert db.due_garbage(now=0) == [("ferry", "old")]
+
+
+def test_a_batch_commits_once_and_a_refused_write_undoes_only_itself(tmp_path: Path) -> None:
+    db = Database(tmp_path / "s.db")
+    db.put_service(service(1))
+    before = db.commits
+    other = {**service(1), "service": "other"}
+    outcomes = db.batch(
+        [
+            lambda: db.put_service({**service(2), "node": "edge-b"}),
+            lambda: db.put_service({**service(3)}, expect={"instance": "svc.9"}),  # refused
+            lambda: db.put_service(other),
+        ]
+    )
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1][1], Conflict)
+    assert db.commits == before + 1
+    assert db.get_service("svc")["epoch"] == 2 and db.get_service("other")["epoch"] == 1

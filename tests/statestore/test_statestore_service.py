@@ -430,3 +430,32 @@ async def test_event_not_stored_is_not_acked(
     record = await eventually(stored, "the redelivered event")
     assert record["events"] == [event]
     await running.stop()
+
+
+async def test_writes_that_arrive_together_share_a_commit_and_fail_alone(
+    statestore: Running, client: Bus
+) -> None:
+    """Forty service records at once, one of them a compare-and-set that must lose: every other
+    write is stored and answered, the loser alone is refused, and the forty took far fewer
+    commits than forty (group commit: one WAL sync per batch of writes)."""
+    assert statestore.service is not None and statestore.service._db is not None
+    db = statestore.service._db
+    names = [name("crowd") for _ in range(40)]
+    await ask(client, "put_service", record=service_record(names[0]))
+    commits_before = db.commits
+    loser = {"instance": "someone-else"}
+    results = await asyncio.gather(
+        *(
+            ask(client, "put_service", record=service_record(n, epoch=2), expect=loser)
+            if n == names[0]
+            else ask(client, "put_service", record=service_record(n))
+            for n in names
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, RemoteError)]
+    assert len(refused) == 1 and refused[0].code == "conflict"
+    assert (await ask(client, "get_service", service=names[0]))["epoch"] == 1
+    for n in names[1:]:
+        assert (await ask(client, "get_service", service=n))["status"] == "serving"
+    assert db.commits - commits_before < len(names)
