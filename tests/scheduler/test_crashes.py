@@ -672,7 +672,17 @@ async def test_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
     """kill -9 of one component when a phase is announced, under steady input: the migration
     ends committed or rolled back, exactly one instance serves, every input is applied exactly
     once, and the service migrates again afterwards."""
-    await fault_at_phase(system, ops, procs, victim, phase, freeze=False)
+    await fault_at_phase(system, ops, procs, victim, phase, "KILL")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("victim", KILLS)
+async def test_sigterm_at_every_phase_ends_the_migration_and_loses_nothing(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, victim: str, phase: str
+) -> None:
+    """SIGTERM (an orderly stop: an executor ends its guests and says offline) of one component
+    when a phase is announced, then a restart: the same guarantees as after a kill -9."""
+    await fault_at_phase(system, ops, procs, victim, phase, "TERM")
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -683,7 +693,18 @@ async def test_sigstop_at_every_phase_ends_the_migration_and_loses_nothing(
     """SIGSTOP of one component when a phase is announced, for ``FREEZE`` s, then SIGCONT: the
     frozen one wakes to a world that moved on (a source that claimed its service back, a
     rollback, a restore it must no longer act on) and the same guarantees hold."""
-    await fault_at_phase(system, ops, procs, victim, phase, freeze=True)
+    await fault_at_phase(system, ops, procs, victim, phase, "STOP")
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("victim", ["source-guest", "target-guest"])
+async def test_a_guest_killed_at_every_phase_ends_the_migration_and_loses_nothing(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses, victim: str, phase: str
+) -> None:
+    """kill -9 of the source's or the target's guest process (the app itself, not its
+    executor) when a phase is announced: a checkpoint or restore that fails rolls back, a guest
+    that dies serving is recovered from its checkpoint; nothing is lost or applied twice."""
+    await fault_at_phase(system, ops, procs, victim, phase, "KILL")
 
 
 async def fault_at_phase(
@@ -692,13 +713,19 @@ async def fault_at_phase(
     procs: ServiceProcesses,
     victim: str,
     phase: str,
-    freeze: bool,
+    fault: str,
 ) -> None:
+    """``fault`` (``KILL``, ``TERM`` or ``STOP``: a signal) hits ``victim`` when the migration
+    announces ``phase``; a killed or stopped component is started again, a frozen one thawed
+    after ``FREEZE`` s. A ``*-guest`` victim is that node's guest process of the service."""
+    freeze = fault == "STOP"
     process = {
         "source": ("executor@edge-a", "--node", "edge-a"),
         "target": ("executor@edge-b", "--node", "edge-b"),
         "scheduler": ("scheduler",),
         "statestore": ("statestore",),
+        "source-guest": ("guest", "edge-a"),
+        "target-guest": ("guest", "edge-b"),
     }[victim]
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service)
@@ -706,8 +733,10 @@ async def fault_at_phase(
     await asyncio.sleep(1.0)
     started = await ops.command("migrate", service=service, node="edge-b")
     hit = asyncio.Event()
-    pid = procs.procs[process[0]].pid
+    guest = process[0] == "guest"
+    pid = 0 if guest else procs.procs[process[0]].pid
     thawed = asyncio.get_running_loop().create_future()
+    killing: list[asyncio.Future[None]] = []
 
     def thaw() -> None:
         os.killpg(pid, signal.SIGCONT)
@@ -717,11 +746,15 @@ async def fault_at_phase(
     def fault_at(event: dict[str, Any]) -> None:
         if event["phase"] == phase and not hit.is_set():
             hit.set()
-            if freeze:
+            if guest:
+                kill_guest(system, process[1], service)
+            elif freeze:
                 os.killpg(pid, signal.SIGSTOP)
                 asyncio.get_running_loop().call_later(FREEZE, thaw)
-            else:
-                procs.kill(process[0])
+            else:  # in a thread: an orderly stop takes a moment, and the test's loop goes on
+                sig = getattr(signal, f"SIG{fault}")
+                kill = asyncio.to_thread(procs.kill, process[0], sig)
+                killing.append(asyncio.ensure_future(kill))
 
     try:
         await ops.follow(started["migration"], fault_at, timeout=25)
@@ -732,7 +765,9 @@ async def fault_at_phase(
             await thawed
     if not hit.is_set():
         pytest.skip(f"the migration never announced {phase}")
-    if not freeze:
+    for kill in killing:
+        await kill
+    if not freeze and not guest:
         await restart(system, procs, *process)
     async with asyncio.timeout(40):  # whatever happened, it ends (a restarted scheduler ends it)
         while True:
@@ -753,6 +788,17 @@ async def fault_at_phase(
     assert (await ops.move("migrate", service, target))["phase"] == "committed"
     outputs.close()
     await ops.command("stop", service=service)
+
+
+def kill_guest(system: FerryConfig, node: str, service: str) -> None:
+    """kill -9 of every guest process ``node``'s executor runs for ``service`` (the pids it
+    notes in each instance's ``instance.json``)."""
+    instances = system.stack.dir / "nodes" / node / "instances"
+    for record in instances.glob(f"{service}.*/instance.json"):
+        pid = orjson.loads(record.read_bytes()).get("pid")
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 async def test_a_frozen_s3_during_the_upload_holds_the_source_down_only_briefly(
