@@ -505,6 +505,8 @@ class Instance:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
             self._pump = None
+        if self.state == InstanceState.FAILED:
+            return  # a dead guest finishes nothing: its unfinished input stays with the broker
         try:
             await asyncio.wait_for(self._drained.wait(), DRAIN_TIMEOUT)
         except TimeoutError:
