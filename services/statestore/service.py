@@ -226,9 +226,8 @@ class StatestoreService:
 
     async def _republish_states(self) -> None:
         """Publish every stored service state, so retained state matches the DB after a crash."""
-        assert self.bus is not None
         for doc in await self._call(self._database().list_services):
-            await self.bus.publish(topics.service_state(doc["service"]), doc, retain=True)
+            await self._publish(doc)
 
     async def _serve(self, bus: Bus) -> None:
         """Handle each message in a task of its own: independent requests and events do not
