@@ -840,10 +840,11 @@ async def test_a_frozen_s3_during_the_upload_holds_the_source_down_only_briefly(
     await ops.command("stop", service=service)
 
 
-def broker_pid(infra: FerryConfig) -> int:
-    """The process (group) id of the stack's Mosquitto, as the stack recorded it."""
+def infra_pid(infra: FerryConfig, part: str) -> int:
+    """The process (group) id of one part of the stack (``mosquitto``, ``swift-proxy``), as the
+    stack recorded it."""
     state = orjson.loads((infra.stack.dir / "stack.json").read_bytes())
-    [pid] = [c["pid"] for c in state["components"] if c["name"] == "mosquitto"]
+    [pid] = [c["pid"] for c in state["components"] if c["name"] == part]
     return int(pid)
 
 
@@ -858,30 +859,32 @@ async def settled(ops: Operator, migration: str, timeout: float = 40.0) -> dict[
             await asyncio.sleep(0.2)
 
 
-async def broker_fault_at_phase(
+async def infra_fault_at_phase(
     system: FerryConfig,
     infra: FerryConfig,
     ops: Operator,
+    part: str,
     phase: str,
     sig: signal.Signals,
 ) -> tuple[str, Outputs, dict[str, int], dict[str, Any]]:
-    """Deploy, feed 2 producers at 200/s, migrate to edge-b and stop the broker with ``sig`` when
-    ``phase`` is announced; Mosquitto is started again at once (same config and data). Returns
-    the service, its outputs, what was sent, and the migration record once it ended."""
+    """Deploy, feed 2 producers at 200/s, migrate to edge-b and stop ``part`` of the stack
+    (``mosquitto``: the broker, ``swift-proxy``: the S3 server) with ``sig`` when ``phase`` is
+    announced; it is started again at once (same config and data). Returns the service, its
+    outputs, what was sent, and the migration record once it ended."""
     service = await deployed(ops, "edge-a")
     outputs = Outputs(system, service, persistent=True)
     sim = simulate(system, service, 2, 200)
     await asyncio.sleep(1.0)
     started = await ops.command("migrate", service=service, node="edge-b")
-    pid = broker_pid(infra)
+    pid = infra_pid(infra, part)
     hit = asyncio.Event()
 
-    def stop_broker_at_phase(event: dict[str, Any]) -> None:
+    def stop_part_at_phase(event: dict[str, Any]) -> None:
         if event["phase"] == phase and not hit.is_set():
             os.killpg(pid, sig)  # at once, in the callback: phases are milliseconds apart
             hit.set()
 
-    follow = asyncio.create_task(ops.follow(started["migration"], stop_broker_at_phase, 25))
+    follow = asyncio.create_task(ops.follow(started["migration"], stop_part_at_phase, 25))
     await asyncio.wait(
         [follow, asyncio.create_task(hit.wait())], timeout=30, return_when="FIRST_COMPLETED"
     )
@@ -889,22 +892,22 @@ async def broker_fault_at_phase(
     if not hit.is_set():
         pytest.skip(f"the migration never announced {phase}")
     restarted = now_ms()
-    status = await Stack(infra).restart("mosquitto", sig)
+    status = await Stack(infra).restart(part, sig)
     assert status.ready, status.detail
-    # every component says online again, in a status published after the restart
-    await wait_online(
-        system,
-        [topics.component_status("statestore"), topics.component_status("scheduler")]
-        + [topics.node_status(n) for n in NODES],
-        since=restarted,
-    )
+    if part == "mosquitto":  # every component says online again, in a status published since
+        await wait_online(
+            system,
+            [topics.component_status("statestore"), topics.component_status("scheduler")]
+            + [topics.node_status(n) for n in NODES],
+            since=restarted,
+        )
     record = await settled(ops, started["migration"])
     await asyncio.sleep(GRACE + 1.0)  # a rollback or recovery it caused has time to happen
     await ops.wait_serving(service, timeout=40)
     await asyncio.sleep(1.0)
     sim.stop_sending()
     sent = dict(sim._sent)
-    if sig == signal.SIGTERM:
+    if sig == signal.SIGTERM or part != "mosquitto":
         await outputs.wait_for(sent)
     else:  # what the broker lost has no output: wait until outputs stop coming
         while True:
@@ -935,8 +938,8 @@ async def test_a_broker_restart_at_every_phase_ends_the_migration_and_loses_noth
     restarted at once, under steady input: the migration ends, exactly one instance serves,
     every input is applied exactly once, outputs keep input order (they may repeat: an output
     whose PUBACK the restart cut off is sent again), and every component is online again."""
-    service, outputs, sent, record = await broker_fault_at_phase(
-        system, infra, ops, phase, signal.SIGTERM
+    service, outputs, sent, record = await infra_fault_at_phase(
+        system, infra, ops, "mosquitto", phase, signal.SIGTERM
     )
     print(f"broker restart at {phase}: {record['outcome']}, sent {sent}")
     outputs.assert_exactly_once(sent)
@@ -955,12 +958,31 @@ async def test_a_broker_kill_9_at_every_phase_ends_the_migration_and_applies_not
     ``stack.broker_autosave`` changes), so PUBACKed input can be lost. What must still hold:
     the migration ends, exactly one instance serves, no input is applied twice, and the
     service migrates again. The loss is printed (measured: see the README)."""
-    service, outputs, sent, record = await broker_fault_at_phase(
-        system, infra, ops, phase, signal.SIGKILL
+    service, outputs, sent, record = await infra_fault_at_phase(
+        system, infra, ops, "mosquitto", phase, signal.SIGKILL
     )
     lost = outputs.assert_never_applied_twice()
     print(f"broker kill -9 at {phase}: {record['outcome']}, sent {sent}, inputs lost {lost}")
     assert sum(lost.values()) <= 2 * infra.stack.broker_autosave, lost
+    await one_instance_serves_and_migrates_again(ops, system, service)
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+async def test_an_s3_kill_9_at_every_phase_ends_the_migration_and_loses_nothing(
+    system: FerryConfig, infra: FerryConfig, ops: Operator, phase: str
+) -> None:
+    """kill -9 of the S3 server (Swift's proxy) when a phase is announced, restarted at once,
+    under steady input: an upload or a fetch it broke fails the move (rolled back) or is
+    retried; either way the migration ends, exactly one instance serves, every input is applied
+    exactly once and in order, and the service migrates again."""
+    service, outputs, sent, record = await infra_fault_at_phase(
+        system, infra, ops, "swift-proxy", phase, signal.SIGKILL
+    )
+    print(f"S3 kill -9 at {phase}: {record['outcome']}, sent {sent}")
+    outputs.assert_exactly_once(sent)
+    outputs.assert_in_order()
     await one_instance_serves_and_migrates_again(ops, system, service)
     outputs.close()
     await ops.command("stop", service=service)
