@@ -562,6 +562,60 @@ async def test_a_statestore_restarted_during_the_hand_over_delays_the_claim_not_
     await ops.command("stop", service=service)
 
 
+async def test_a_plan_the_statestore_never_confirms_is_undone_and_the_service_moves_later(
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses
+) -> None:
+    """The statestore freezes (SIGSTOP) right after it answered the scheduler's read of the
+    service, so the write of the plan and its ``migrating`` mark goes unanswered: stored or
+    not, nobody can tell. The migrate is refused (``not_started``); once the statestore wakes,
+    the plan is undone (its record closed rolled back, the service serving on its node, never
+    left marked migrating), nothing is lost, and the next migrate commits."""
+    service = await deployed(ops, "edge-a")
+    outputs = Outputs(system, service)
+    sim = simulate(system, service, 1, 100)
+    await asyncio.sleep(1.0)
+    statestore = procs.procs["statestore"].pid
+    frozen = threading.Event()
+
+    def freeze_after_the_read(client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        record = orjson.loads(message.payload).get("result") or {}
+        if not frozen.is_set() and record.get("service") == service and "epoch" in record:
+            os.killpg(statestore, signal.SIGSTOP)  # at once: the plan's write follows in ~1 ms
+            frozen.set()
+
+    watcher = connect_paho(
+        system.broker, f"test-freeze-{uuid.uuid4().hex[:6]}", freeze_after_the_read
+    )
+    subscribed = threading.Event()
+    watcher.on_subscribe = lambda *args: subscribed.set()
+    watcher.subscribe(topics.replies("+", "ferry-scheduler"), qos=1)
+    assert subscribed.wait(10)
+    try:
+        with pytest.raises(RemoteError) as refused:
+            await ops.command("migrate", service=service, node="edge-b")
+    finally:
+        os.killpg(statestore, signal.SIGCONT)
+        watcher.disconnect()
+        watcher.loop_stop()
+    assert frozen.is_set(), "the scheduler never read the service"
+    assert refused.value.code == "not_started", refused.value
+    migration = refused.value.message.split()[0]
+    async with asyncio.timeout(30):  # undone in the background once the statestore answers
+        while True:
+            found = (await ops.query("get_migration", migration=migration))["migration"]
+            if found.get("outcome"):
+                break
+            await asyncio.sleep(0.2)
+    assert found["outcome"] == "rolled_back", found
+    record = await ops.wait_serving(service)
+    assert record["node"] == "edge-a", record
+    assert (await ops.move("migrate", service, "edge-b"))["phase"] == "committed"
+    sent = await finish(sim, outputs)
+    outputs.assert_exactly_once(sent)
+    outputs.close()
+    await ops.command("stop", service=service)
+
+
 async def test_outputs_stay_in_input_order_across_migrations_at_2000_per_second(
     system: FerryConfig, ops: Operator
 ) -> None:
