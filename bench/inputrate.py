@@ -18,23 +18,18 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from bench import load
 from services.common import images, topics
 from services.common.blobstore import BlobStore
 from services.common.config import load_config
 from tools.cli.operator import Operator
-from tools.cli.simulate import connect_paho
 from tools.stack import ServiceSpec, Stack
 from tools.stack.ferry_services import default_services
 
@@ -84,65 +79,6 @@ def _executor_spec(config_path: Path, profile: Path | None) -> ServiceSpec:
     return ServiceSpec(name=f"executor-{NODE}", argv=argv, status_topic=topics.node_status(NODE))
 
 
-class LeanFeeder(load.Feeder):
-    """``load.Feeder``'s producer, with outputs recorded by ``mosquitto_sub`` (C) instead.
-
-    Why: the Feeder receives every output in the same Python process that publishes, and at
-    5000/s that client (not the executor) was what saturated on a 2-core machine.
-    """
-
-    def __init__(self, broker: Any, service: str, producer: str, rate: float) -> None:
-        self.service = service
-        self.producer = producer
-        self.rate = rate
-        self.sent_at = []
-        self.outputs = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = None
-        self._log = Path(tempfile.mkstemp(prefix="inputrate-out-")[1])
-        self._sub = subprocess.Popen(
-            [
-                "mosquitto_sub",
-                "-h",
-                broker.host,
-                "-p",
-                str(broker.port),
-                "-q",
-                "1",
-                "-V",
-                "mqttv5",
-                "-t",
-                topics.app_output(service),
-                "-F",
-                "%U %p",
-            ],
-            stdout=self._log.open("wb"),
-        )
-        time.sleep(0.5)  # subscribed (mosquitto_sub has no "ready" signal)
-        self._client = connect_paho(broker, f"ferry-bench-{uuid.uuid4().hex[:8]}")
-
-    def snapshot(self) -> list[load.Output]:
-        outputs = []
-        for line in self._log.read_bytes().splitlines():
-            at, _, payload = line.partition(b" ")
-            try:
-                body = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue  # a line still being written
-            count = (body.get("data") or {}).get("count")
-            outputs.append(load.Output(int(body["seq"]), count, str(body["node"]), float(at)))
-        return outputs
-
-    def close(self) -> None:
-        self.stop_sending()
-        self._sub.terminate()
-        self._sub.wait(5)
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._log.unlink(missing_ok=True)
-
-
 async def _step(
     ops: Operator, pids: dict[str, int], runtime: str, rate: float, seconds: float, lean: bool
 ) -> dict[str, Any]:
@@ -151,7 +87,7 @@ async def _step(
         "deploy", service=service, app="counter", node=NODE, runtime=runtime, params={}
     )
     await ops.wait_serving(service, timeout=120.0)
-    kind = LeanFeeder if lean else load.Feeder
+    kind = load.LeanFeeder if lean else load.Feeder
     feeder = kind(ops.config.broker, service, "dev-1", rate)
     try:
         cpu = _cpu(pids)
@@ -233,7 +169,7 @@ if __name__ == "__main__":
     parser.add_argument("--rates", default="1000,2000,5000", help="comma-separated inputs/s")
     parser.add_argument("--seconds", type=float, default=8.0, help="feeding time per rate")
     parser.add_argument(
-        "--lean", action="store_true", help="record outputs with mosquitto_sub (see LeanFeeder)"
+        "--lean", action="store_true", help="record outputs with mosquitto_sub (load.LeanFeeder)"
     )
     parser.add_argument("--profile", help="run the executor under cProfile, writing this file")
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -16,11 +16,14 @@ exactly once, so the outputs alone prove loss and double application per seq:
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -29,7 +32,7 @@ import paho.mqtt.client as mqtt
 from bench import stats
 from services.common import topics
 from services.common.config import BrokerConfig
-from tools.cli.simulate import connect_paho
+from tools.cli.simulate import connect_paho, mosquitto_login_options
 
 #: Publishing granularity: every tick publishes what is due (a sleep per message cannot keep
 #: 5000/s on a loaded 2-core machine).
@@ -207,3 +210,79 @@ class Feeder:
         self.stop_sending()
         self._client.disconnect()
         self._client.loop_stop()
+
+
+class LeanFeeder(Feeder):
+    """``Feeder``'s producer, with its outputs recorded by ``mosquitto_sub`` (C) instead.
+
+    Why: the Feeder receives every output in the same Python process that publishes, and at
+    5000/s that client, not the service, is what saturates a 2-core machine (its latencies are
+    then the harness's own). ``mosquitto_sub`` stamps each output as it arrives (``%U``).
+    """
+
+    def __init__(self, broker: BrokerConfig, service: str, producer: str, rate: float) -> None:
+        self.service = service
+        self.producer = producer
+        self.rate = rate
+        self.sent_at = []
+        self.outputs = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        self._log = Path(tempfile.mkstemp(prefix="ferry-bench-out-")[1])
+        self._parsed = 0  # bytes of the log already parsed into self.outputs
+        self._closed = False
+        argv = ["mosquitto_sub", *mosquitto_login_options(broker), "-V", "mqttv5", "-q", "1"]
+        argv += ["-i", f"ferry-bench-sub-{uuid.uuid4().hex[:8]}", "-t", topics.app_output(service)]
+        # -d: its log lines ("Client … received SUBACK") say when it is subscribed; outputs are
+        # the lines that start with their arrival time. Line-buffered, or a file gets them late.
+        argv = ["stdbuf", "-oL", *argv, "-d", "-F", "%U %p"]
+        self._sub = subprocess.Popen(argv, stdout=self._log.open("wb"))
+        deadline = time.monotonic() + 10
+        while b"received SUBACK" not in self._log.read_bytes():
+            if self._sub.poll() is not None or time.monotonic() > deadline:
+                self._sub.kill()
+                raise TimeoutError(f"mosquitto_sub did not subscribe: {self._log.read_text()}")
+            time.sleep(0.02)
+        self._client = connect_paho(broker, f"ferry-bench-{uuid.uuid4().hex[:8]}")
+
+    def snapshot(self) -> list[Output]:
+        with self._lock:
+            if self._closed:  # everything was parsed
+                return list(self.outputs)
+            with self._log.open("rb") as log:
+                log.seek(self._parsed)
+                tail = log.read()
+            complete = tail.rpartition(b"\n")[0]  # a last line may still be being written
+            self._parsed += len(complete) + 1 if complete else 0
+            for line in complete.splitlines():
+                at, _, payload = line.partition(b" ")
+                if not at[:1].isdigit():
+                    continue  # mosquitto_sub's own log
+                try:
+                    body = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(body, dict) or body.get("producer") != self.producer:
+                    continue  # another producer's outputs
+                data = body.get("data") or {}
+                count = data.get("count") if isinstance(data, dict) else None
+                self.outputs.append(
+                    Output(
+                        int(body.get("seq") or 0),
+                        count if isinstance(count, int) else None,
+                        str(body.get("node")),
+                        float(at),
+                    )
+                )
+            return list(self.outputs)
+
+    def close(self) -> None:
+        """Stop sending and recording; ``snapshot`` still has every output recorded."""
+        self.stop_sending()
+        self._sub.terminate()
+        self._sub.wait(5)
+        self.snapshot()  # what it wrote before it ended
+        self._closed = True
+        super().close()
+        self._log.unlink(missing_ok=True)

@@ -232,14 +232,12 @@ def _purged(done: dict[str, Any]) -> str:
 
 async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
     """Shell lines (``eval "$(ferry env)"``) and a ready ``mosquitto_pub`` line."""
+    from tools.cli.simulate import mosquitto_login_options
+
     broker = config.broker
     # A password login, or (``ferry up``) a client certificate whose CN is the username.
     by_password = bool(broker.username and broker.password)
-    login = f' -u {broker.username} -P "$FERRY_BROKER_PASSWORD"' if by_password else ""
-    if broker.tls:
-        login += f" --cafile {broker.tls_ca}" if broker.tls_ca else " --capath /etc/ssl/certs"
-        if broker.tls_cert:
-            login += f" --cert {broker.tls_cert} --key {broker.tls_key}"
+    login = " ".join(mosquitto_login_options(broker, password='"$FERRY_BROKER_PASSWORD"'))
     lines = [
         f"FERRY_CONFIG={config.source or ''}",
         f"FERRY_BROKER={'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}",
@@ -255,11 +253,10 @@ async def cmd_env(config: FerryConfig, args: argparse.Namespace) -> int:
     lines += [
         "# send one reading to SERVICE as device dev-1, on its own input topic (seq must grow",
         "# per producer; a device login may write only in/<its login>: docs/writing-an-app.md):",
-        f"#   mosquitto_pub -h {broker.host} -p {broker.port}{login} -q 1 "
+        f"#   mosquitto_pub {login} -q 1 "
         f"-t {topics.app_input_from('SERVICE', 'dev-1')} -m '{reading}'",
         "# and read its answers:",
-        f"#   mosquitto_sub -h {broker.host} -p {broker.port}{login} -q 1 "
-        f"-t {topics.app_output('SERVICE')}",
+        f"#   mosquitto_sub {login} -q 1 -t {topics.app_output('SERVICE')}",
     ]
     for line in lines:
         print(line)

@@ -343,6 +343,20 @@ def publish_mobility(broker: BrokerConfig, device: str, node: str, cell: str | N
         client.loop_stop()
 
 
+def mosquitto_login_options(broker: BrokerConfig, password: str | None = None) -> list[str]:
+    """The ``mosquitto_pub`` / ``mosquitto_sub`` options that reach and log in to ``broker`` as
+    ``connect_paho`` does: host, port, the login (``password`` is what ``-P`` gets, by default
+    ``broker.password``) and the TLS files."""
+    options = ["-h", broker.host, "-p", str(broker.port)]
+    if broker.username and broker.password:  # a password login; else a certificate's CN
+        options += ["-u", broker.username, "-P", password or broker.password]
+    if broker.tls:
+        options += ["--cafile", broker.tls_ca] if broker.tls_ca else ["--capath", "/etc/ssl/certs"]
+        if broker.tls_cert:
+            options += ["--cert", broker.tls_cert, "--key", broker.tls_key or ""]
+    return options
+
+
 def connect_paho(
     broker: BrokerConfig,
     client_id: str,
