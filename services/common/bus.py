@@ -127,6 +127,9 @@ class Bus:
         self._on_lost = on_lost
         self._client: aiomqtt.Client | None = None
         self._generation = 0
+        #: The last CONNACK's Session Present flag: the broker resumed this client id's session
+        #: (its subscriptions and queued messages) rather than starting a new one.
+        self.session_present = False
         self._subscriptions: dict[str, int] = {}
         self._announcements: dict[str, Callable[[], dict[str, Any]]] = {}
         self._pending: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
@@ -243,6 +246,13 @@ class Bus:
                 aiomqtt_on_publish(paho, userdata, mid, reason, props)
 
         client._client.on_publish = on_publish
+        aiomqtt_on_connect: Any = client._client.on_connect
+
+        def on_connect(paho: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            self.session_present = bool(flags.session_present)
+            aiomqtt_on_connect(paho, userdata, flags, reason, props)
+
+        client._client.on_connect = on_connect
         loop = asyncio.get_running_loop()
 
         def on_log(paho: Any, userdata: Any, level: int, text: str) -> None:

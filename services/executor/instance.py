@@ -209,6 +209,7 @@ class Instance:
         self._session: Bus | None = None
         self._pump: asyncio.Task[None] | None = None
         self._durable_task: asyncio.Task[None] | None = None
+        self._resubscribing: asyncio.Future[None] | None = None  # held: see _open_session
         self._capture = asyncio.Lock()
         self._sent = 0
         self._forwarded: deque[tuple[int, Inbound, Bus]] = deque()
@@ -472,10 +473,19 @@ class Instance:
                 on_lost=self._session_lost,
             )
             await session.__aenter__()
+            subscribing = session.subscribe(
+                topics.app_input(self.service), topics.app_input_from(self.service, "+")
+            )
+            if session.session_present:
+                # The broker resumed the session with its subscriptions and starts delivering
+                # its queue at once; the SUBACK of subscribing again would come only after that
+                # backlog (≈ 0.1 s at 5000 inputs/s, inside the downtime). Subscribing again
+                # still matters (a session an older executor made), just not before we forward.
+                self._resubscribing = asyncio.ensure_future(subscribing)
+                self._resubscribing.add_done_callback(self._resubscribed)
+                return session
             try:
-                await session.subscribe(
-                    topics.app_input(self.service), topics.app_input_from(self.service, "+")
-                )
+                await subscribing
                 return session
             except asyncio.CancelledError:
                 await session.close()
@@ -488,6 +498,16 @@ class Instance:
                     raise
                 await asyncio.sleep(0.1)
         raise AssertionError("unreachable")
+
+    def _resubscribed(self, task: asyncio.Future[None]) -> None:
+        """A resumed session's subscribe again ended: only a failure is news (a lost
+        connection is handled by ``_session_lost``)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.warning(
+                "%s: subscribing its resumed input session again failed: %s",
+                self.instance_id,
+                task.exception(),
+            )
 
     def _session_lost(self, exc: BaseException) -> None:
         if self.state != InstanceState.SERVING or self._stopping:

@@ -705,9 +705,7 @@ class Executor:
         return self.bus
 
     #: Every command but `status` (answered by `execute`), named as executor-command.schema.json.
-    COMMANDS: ClassVar[
-        dict[str, Callable[[Executor, Any], Awaitable[Mapping[str, Any]]]]
-    ] = {
+    COMMANDS: ClassVar[dict[str, Callable[[Executor, Any], Awaitable[Mapping[str, Any]]]]] = {
         "start": _cmd_start,
         "checkpoint": _cmd_checkpoint,
         "checkpoint_now": _cmd_checkpoint_now,

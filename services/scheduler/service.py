@@ -847,9 +847,7 @@ class Scheduler:
                 self.busy.pop(plan.service, None)
 
     #: Every operator command, as scheduler-command.schema.json names them.
-    COMMANDS: ClassVar[
-        dict[str, Callable[[Scheduler, Any], Awaitable[Mapping[str, Any]]]]
-    ] = {
+    COMMANDS: ClassVar[dict[str, Callable[[Scheduler, Any], Awaitable[Mapping[str, Any]]]]] = {
         "deploy": _cmd_deploy,
         "migrate": _cmd_migrate,
         "stop": _cmd_stop,

@@ -523,9 +523,7 @@ class StatestoreService:
         return {"migrations": await self._call(self._database().open_migrations)}
 
     #: Every op, as statestore-request.schema.json names them.
-    OPS: ClassVar[
-        dict[str, Callable[[StatestoreService, Any], Awaitable[dict[str, Any]]]]
-    ] = {
+    OPS: ClassVar[dict[str, Callable[[StatestoreService, Any], Awaitable[dict[str, Any]]]]] = {
         "list_nodes": _op_list_nodes,
         "list_services": _op_list_services,
         "get_service": _op_get_service,
