@@ -214,6 +214,8 @@ class Instance:
         self._sent = 0
         self._forwarded: deque[tuple[int, Inbound, Bus]] = deque()
         self._applied: deque[_Applied] = deque()
+        #: Redeliveries the guest would drop, not sent to it; acknowledged like applied input.
+        self._skipped: deque[_Applied] = deque()
         self._drained = asyncio.Event()
         self._drained.set()
         self._window_open = asyncio.Event()
@@ -560,6 +562,13 @@ class Instance:
             if refusal is not None:
                 await self._dead_letter(session, message, refusal)
                 continue
+            if self._policy.durable and self._already_applied(message.payload):
+                # A takeover redelivers what the last owner had not acknowledged yet (up to a
+                # checkpoint interval of input): the restored watermark covers it, so the guest
+                # would only drop it. Skipping the round trip keeps it from delaying new input.
+                self._sent += 1
+                self._skipped.append(_Applied(self._sent, self.outputs.submitted, message, session))
+                continue
             if len(self._forwarded) >= FORWARD_WINDOW:
                 self._window_open.clear()
                 await self._window_open.wait()
@@ -667,13 +676,28 @@ class Instance:
             counts.last_seq = max(counts.last_seq, seq)
             counts.reset_reported = False
         else:
-            self.dropped += 1
-            counts.dropped += 1
-            if counts.last_seq - seq >= RESET_GAP and not counts.reset_reported:
-                counts.reset_reported = True
-                self._report_reset(producer, seq, counts.last_seq)
+            self._count_drop(producer, counts, seq)
         if not self._policy.durable:
             self._outputs_confirmed(self.outputs.confirmed)
+
+    def _already_applied(self, payload: dict[str, Any]) -> bool:
+        """Is this input at or below what this instance knows its guest applied (the restored
+        watermark, or an input the guest reported applied)? The guest's own watermark is never
+        lower, so it would drop the input; counted as its drop would be."""
+        producer = sequence_of(payload)
+        counts = self.producers.get(producer)
+        seq = int(payload["seq"])
+        if counts is None or seq > counts.last_seq:
+            return False
+        self._count_drop(producer, counts, seq)
+        return True
+
+    def _count_drop(self, producer: str, counts: ProducerCounts, seq: int) -> None:
+        self.dropped += 1
+        counts.dropped += 1
+        if counts.last_seq - seq >= RESET_GAP and not counts.reset_reported:
+            counts.reset_reported = True
+            self._report_reset(producer, seq, counts.last_seq)
 
     def _report_reset(self, producer: str, seq: int, watermark: int) -> None:
         """A producer far below its watermark has probably restarted its sequence: say so."""
@@ -700,9 +724,10 @@ class Instance:
 
     def acknowledge(self, covers: int) -> None:
         """Acknowledge every input up to number ``covers`` (a stored checkpoint covers them)."""
-        while self._applied and self._applied[0].index <= covers:
-            entry = self._applied.popleft()
-            entry.session.ack(entry.message)
+        for done in (self._applied, self._skipped):
+            while done and done[0].index <= covers:
+                entry = done.popleft()
+                entry.session.ack(entry.message)
         self._durability.acknowledged = max(self._durability.acknowledged, covers)
 
     # -- durable checkpoints ----------------------------------------------------------------
