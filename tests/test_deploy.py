@@ -129,6 +129,18 @@ def test_credentials_give_every_acl_user_a_hashed_password_and_an_env_file(secre
     )
 
 
+def test_the_operator_reads_every_channel_but_other_logins_replies() -> None:
+    """`ferry watch` sees every channel asyncapi.yaml declares; replies only by the %u pattern
+    (its own). A channel added to the contract without a read for the operator fails here."""
+    spec = yaml.safe_load((REPO / "schemas" / "asyncapi.yaml").read_text())
+    channels = {re.sub(r"\{[^}]+\}", "+", c["address"]) for c in spec["channels"].values()}
+    acl = (DEPLOY / "mosquitto" / "acl").read_text()
+    operator = acl.split("\nuser operator\n", 1)[1].split("\nuser ", 1)[0]
+    reads = {line.split()[-1] for line in operator.splitlines() if line.startswith("topic read")}
+    assert reads == channels - {"ferry/v1/replies/+/+"}
+    assert "pattern read ferry/v1/replies/%u/#" in acl.split("\nuser ", 1)[0]
+
+
 def test_compose_file_references_only_what_exists(secrets: Path) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services: dict[str, dict[str, Any]] = compose["services"]
@@ -521,8 +533,10 @@ async def test_a_device_login_cannot_hijack_a_session_read_replies_or_report_err
             observed.append(message.topic)
             if message.topic == topics.ERRORS:
                 reports.append(message.payload)
-        for requester in ("operator", "scheduler"):
-            assert any(t.startswith(topics.replies(requester, "")) for t in observed), observed
+        # The operator reads its own replies only: the deploy's statestore round trips of the
+        # scheduler happened (it is serving) without one reaching the operator's observer.
+        assert any(t.startswith(topics.replies("operator", "")) for t in observed), observed
+        assert not any(t.startswith(topics.replies("scheduler", "")) for t in observed), observed
         assert [topic for topic, _ in seen] == []
         assert topics.ERRORS not in observed, reports
         assert topics.mobility("someone-else") not in observed
