@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -484,7 +485,9 @@ class Instance:
                 # backlog (≈ 0.1 s at 5000 inputs/s, inside the downtime). Subscribing again
                 # still matters (a session an older executor made), just not before we forward.
                 self._resubscribing = asyncio.ensure_future(subscribing)
-                self._resubscribing.add_done_callback(self._resubscribed)
+                self._resubscribing.add_done_callback(
+                    functools.partial(self._resubscribed, session=session)
+                )
                 return session
             try:
                 await subscribing
@@ -501,10 +504,13 @@ class Instance:
                 await asyncio.sleep(0.1)
         raise AssertionError("unreachable")
 
-    def _resubscribed(self, task: asyncio.Future[None]) -> None:
-        """A resumed session's subscribe again ended: only a failure is news (a lost
-        connection is handled by ``_session_lost``)."""
-        if not task.cancelled() and task.exception() is not None:
+    def _resubscribed(self, task: asyncio.Future[None], session: Bus) -> None:
+        """A resumed session's subscribe again ended: only a failure of the session still in
+        use is news (one closed meanwhile, by a move or a lost claim, fails it as planned; a
+        lost connection is handled by ``_session_lost``)."""
+        if self._session is not session or task.cancelled():
+            return
+        if task.exception() is not None:
             log.warning(
                 "%s: subscribing its resumed input session again failed: %s",
                 self.instance_id,
