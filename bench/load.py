@@ -143,23 +143,27 @@ class Feeder:
             raise TimeoutError("feeder: broker did not confirm the output subscription")
 
     def _on_output(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        at = time.time()
+        out = self._output_of(message.payload, time.time())
+        if out is not None:
+            with self._lock:
+                self.outputs.append(out)
+
+    def _output_of(self, payload: bytes, at: float) -> Output | None:
+        """This producer's output in ``payload`` (an ``.../out`` message), arrived at ``at``."""
         try:
-            body = orjson.loads(message.payload)
+            body = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return
+            return None
         if not isinstance(body, dict) or body.get("producer") != self.producer:
-            return
+            return None  # another producer's output
         data = body.get("data") or {}
         count = data.get("count") if isinstance(data, dict) else None
-        out = Output(
+        return Output(
             int(body.get("seq") or 0),
             count if isinstance(count, int) else None,
             str(body.get("node")),
             at,
         )
-        with self._lock:
-            self.outputs.append(out)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="feeder")
@@ -254,22 +258,9 @@ class LeanFeeder(Feeder):
             self._parsed += len(complete) + 1 if complete else 0
             for line in complete.splitlines():
                 at, _, payload = line.partition(b" ")
-                try:
-                    body = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(body, dict) or body.get("producer") != self.producer:
-                    continue  # another producer's outputs
-                data = body.get("data") or {}
-                count = data.get("count") if isinstance(data, dict) else None
-                self.outputs.append(
-                    Output(
-                        int(body.get("seq") or 0),
-                        count if isinstance(count, int) else None,
-                        str(body.get("node")),
-                        float(at),
-                    )
-                )
+                out = self._output_of(payload, float(at))
+                if out is not None:
+                    self.outputs.append(out)
             return list(self.outputs)
 
     def close(self) -> None:
