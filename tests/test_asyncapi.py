@@ -157,11 +157,17 @@ def test_every_request_and_only_requests_have_a_reply() -> None:
 
 
 def test_the_scheduler_subscribes_to_neither_heartbeats_nor_service_state() -> None:
-    """The spec once listed both; the scheduler reads node status, its own retained cordons,
-    mobility and its commands."""
+    """The spec once listed both; the scheduler reads node status and changes, its own retained
+    cordons, mobility and its commands."""
     ops = {(op.action, op.channel) for op in operations() if op.component == "scheduler"}
     receives = {channel for action, channel in ops if action == "receive"}
-    assert receives == {"schedulerCommands", "nodeStatus", "nodeCordon", "mobility"}
+    assert receives == {
+        "schedulerCommands",
+        "nodeStatus",
+        "nodeCordon",
+        "nodeChanges",
+        "mobility",
+    }
 
 
 def _node() -> str:

@@ -105,11 +105,15 @@ class Bus:
         connect_timeout: float = 30.0,
         receive_maximum: int = 1000,
         on_lost: Callable[[BaseException], None] | None = None,
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
         """``on_lost``: instead of reconnecting after a lost connection, call it and stop.
 
         A service's input session must not come back on its own: the session may have moved to
         another node meanwhile, and taking it back would take it from the rightful owner.
+
+        ``on_reconnect``: called once the connection came back (and subscribed again), e.g. to
+        catch up on the non-retained messages that went by meanwhile.
         """
         self.broker = broker
         self.client_id = client_id
@@ -125,6 +129,7 @@ class Bus:
         self._connect_timeout = connect_timeout
         self._receive_maximum = receive_maximum
         self._on_lost = on_lost
+        self._on_reconnect = on_reconnect
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         #: The last CONNACK's Session Present flag: the broker resumed this client id's session
@@ -370,6 +375,8 @@ class Bus:
                 await self._connect()
                 if self._announcements:
                     self._in_background(self._announce_again())
+                if self._on_reconnect is not None:
+                    self._on_reconnect()
 
     def _fail_unconfirmed(self) -> None:
         """The connection is gone: the PUBACKs ``publish_many`` and ``publish`` wait for will

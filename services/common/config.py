@@ -64,6 +64,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "accel": "auto",
         "capacity": 32,
         "heartbeat_interval": 5.0,
+        "status_interval": 30.0,
         "cache_dir": "",
         "microvm_memory_mb": 64,
         "checkpoint_interval": 1.0,
@@ -142,6 +143,8 @@ class ExecutorConfig:
     accel: str
     capacity: int
     heartbeat_interval: float
+    #: s between full node statuses; in between only each instance's changes are published.
+    status_interval: float
     cache_dir: str
     microvm_memory_mb: int
     #: s between durable checkpoints of a serving app-level instance (0: none; inputs are then

@@ -14,6 +14,11 @@ def node_status(node: str) -> str:
     return f"{PREFIX}/nodes/{node}/status"
 
 
+def node_changes(node: str) -> str:
+    """Each instance's state change between two full statuses (not retained)."""
+    return f"{PREFIX}/nodes/{node}/changes"
+
+
 def node_heartbeat(node: str) -> str:
     return f"{PREFIX}/nodes/{node}/heartbeat"
 
@@ -79,6 +84,7 @@ TEMPLATES = (
     STATESTORE_REQUESTS,
     STATESTORE_QUERIES,
     node_status("{node}"),
+    node_changes("{node}"),
     node_heartbeat("{node}"),
     node_commands("{node}"),
     node_cordon("{node}"),

@@ -3,6 +3,12 @@
 Commands arrive as MQTT 5 requests on ``ferry/v1/nodes/{node}/commands``. They are idempotent per
 ``request_id`` (a retried request gets the first answer, even while the first is still running)
 and serialised per service, so a checkpoint can never race a restore of the same service.
+
+Status is published as changes: the full node status (retained) when the executor connects or
+reconnects and every ``executor.status_interval``; in between, one small message per instance
+whose state changed (``ferry/v1/nodes/{node}/changes``), after the reply of the command that
+changed it, so nothing is published or awaited between a checkpoint and its reply. The
+``status`` command answers a full snapshot on demand.
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 REMEMBERED_REQUESTS = 2048
-#: Most seconds a change waits for the full status that reports it (``publish_status_soon``).
-STATUS_COALESCE = 0.1
+#: Most seconds an instance's change waits to be published (``publish_changes_soon``).
+CHANGES_COALESCE = 0.05
 
 
 class Executor:
@@ -86,8 +92,13 @@ class Executor:
         self._answers: OrderedDict[str, asyncio.Future[dict[str, Any]]] = OrderedDict()
         self._service_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._status_due: asyncio.Task[None] | None = None
-        self._status_wanted = False
+        #: When this process started, and its changes so far (see node-change.schema.json).
+        self.boot = now_ms()
+        self.seq = 0
+        #: By instance id: what consumers were last told of each instance (state and reason).
+        self._announced: dict[str, dict[str, Any]] = {}
+        self._changes_due: asyncio.Task[None] | None = None
+        self._changes_wanted = False
         self._leaving = False
         self.bus: Bus | None = None
         self.metrics = ExecutorMetrics(self)
@@ -115,14 +126,15 @@ class Executor:
         self.runtimes, self.unavailable, self.accel = await available_runtimes(self.config)
         port = metrics_port(self.config, "executor", self._metrics_port)
         self.metrics.start(self.config.metrics.host, port)
-        offline = {"node": self.node, "status": "offline", "time": now_ms()}
+        offline = {"node": self.node, "status": "offline", "time": now_ms(), "boot": self.boot}
         will = (topics.node_status(self.node), offline)
         async with Bus(self.config.broker, f"ferry-executor-{self.node}", will=will) as bus:
             self.bus = bus
             await bus.subscribe(topics.node_commands(self.node))
             # Re-announced after every reconnect, or a broker restart leaves the node "offline".
-            await bus.announce(topics.node_status(self.node), self.status)
+            await bus.announce(topics.node_status(self.node), self._full_status)
             heartbeat = asyncio.create_task(self._heartbeat())
+            full_status = asyncio.create_task(self._full_status_periodically())
             watch_paused = asyncio.create_task(self._watch_paused())
             serve = asyncio.create_task(self._serve(bus))
             try:
@@ -132,6 +144,7 @@ class Executor:
                     await stop.wait()
             finally:
                 heartbeat.cancel()
+                full_status.cancel()
                 watch_paused.cancel()
                 serve.cancel()
                 for instance in list(self.instances.values()):
@@ -139,8 +152,8 @@ class Executor:
                         await instance.stop()
                 self.metrics.stop()
                 self._leaving = True
-                if self._status_due is not None:  # it would overwrite the offline status
-                    self._status_due.cancel()
+                if self._changes_due is not None:  # the offline status is the last word
+                    self._changes_due.cancel()
                 bus.withdraw(topics.node_status(self.node))
                 await bus.publish(topics.node_status(self.node), offline, retain=True)
 
@@ -166,12 +179,25 @@ class Executor:
                     },
                     qos=0,
                 )
+            # A change no command announced (say, an instance that lost its session).
+            self.publish_changes_soon()
+
+    async def _full_status_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.config.executor.status_interval, 1.0))
+            try:
+                await self.publish_status()
+            except BusError as exc:
+                log.warning("%s: full status not published: %s", self.node, exc)
 
     def status(self) -> dict[str, Any]:
+        """The full status: every instance, and ``seq``, the last change it includes."""
         return {
             "node": self.node,
             "status": "online",
             "time": now_ms(),
+            "boot": self.boot,
+            "seq": self.seq,
             "version": VERSION,
             "runtimes": sorted(self.runtimes),
             "image_targets": {name: REGISTRY[name].image_target for name in sorted(self.runtimes)},
@@ -185,9 +211,46 @@ class Executor:
             "cleaned_up": self.cleaned_up,
         }
 
+    def _full_status(self) -> dict[str, Any]:
+        """The full status about to be published: consumers now know every instance in it."""
+        status = self.status()
+        self._announced = {i["instance"]: _as_changed(i) for i in status["instances"]}
+        return status
+
     async def publish_status(self) -> None:
+        """The full status, retained: what a consumer that (re)subscribes starts from."""
         assert self.bus is not None
-        await self.bus.publish(topics.node_status(self.node), self.status(), retain=True)
+        await self.bus.publish(topics.node_status(self.node), self._full_status(), retain=True)
+
+    def _changes(self) -> list[dict[str, Any]]:
+        """One change per instance whose state (or failure reason) differs from what consumers
+        were last told, and one with state ``stopped`` per instance gone from this node."""
+        current = {i["instance"]: _as_changed(i) for i in self.status()["instances"]}
+        changed = [
+            entry
+            for instance, entry in current.items()
+            if (told := self._announced.get(instance)) is None
+            or (told["state"], told.get("reason")) != (entry["state"], entry.get("reason"))
+        ]
+        changed += [
+            {**_without(entry, "reason"), "state": "stopped"}
+            for instance, entry in self._announced.items()
+            if instance not in current
+        ]
+        self._announced = current
+        changes = []
+        for entry in changed:
+            self.seq += 1
+            changes.append(
+                {
+                    "node": self.node,
+                    "boot": self.boot,
+                    "seq": self.seq,
+                    "time": now_ms(),
+                    "instance": entry,
+                }
+            )
+        return changes
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -217,7 +280,7 @@ class Executor:
                 await bus.reply(message, error=outcome["error"])
         if message.payload["command"] != "status":
             # After the reply: a migration's downtime must not wait for bookkeeping.
-            self.publish_status_soon()
+            self.publish_changes_soon()
 
     async def execute(self, command: ExecutorCommand) -> Mapping[str, Any]:
         """Carry out one validated command; raise RemoteError with a clear code on failure."""
@@ -529,7 +592,7 @@ class Executor:
         log.warning(reason)
         await self._report(instance.service, reason)
         await self._stop(instance)
-        self.publish_status_soon()
+        self.publish_changes_soon()
 
     async def _watch_paused(self) -> None:
         """A source paused for a move serves again on its own if nobody finishes the hand-over.
@@ -576,33 +639,43 @@ class Executor:
                     f"{instance.service}: nobody completed its hand-over within "
                     f"{self.config.executor.pause_timeout:g} s; it serves again on {self.node}",
                 )
-        self.publish_status_soon()
+        self.publish_changes_soon()
 
     async def _report(self, service: str, reason: str) -> None:
         await self._bus().report(topics.node_status(self.node), reason, service=service)
 
-    def publish_status_soon(self) -> None:
-        """Publish the full status within ``STATUS_COALESCE`` s; what changes meanwhile shares
-        that one publish.
+    def publish_changes_soon(self) -> None:
+        """Publish, within ``CHANGES_COALESCE`` s, each instance's change of state since
+        consumers were last told; what changes meanwhile goes out with it.
 
-        Why: a drain sends a node hundreds of commands, and a full status after each (built,
-        then validated by this executor, the statestore and the scheduler, each O(instances))
-        was the control plane's largest cost (bench/README.md, "Drain").
+        Why changes, not the full status: a drain sends a node hundreds of commands, and a full
+        status after each (built, then validated by this executor, the statestore and the
+        scheduler, each O(instances)) was the control plane's largest cost (bench/README.md,
+        "Drain"). A change is one instance's, whatever the node holds.
         """
         if self._leaving:
             return  # the offline status is the last word
-        self._status_wanted = True
-        if self._status_due is None or self._status_due.done():
-            self._status_due = asyncio.create_task(self._publish_wanted_status())
+        self._changes_wanted = True
+        if self._changes_due is None or self._changes_due.done():
+            self._changes_due = asyncio.create_task(self._publish_wanted_changes())
 
-    async def _publish_wanted_status(self) -> None:
-        while self._status_wanted:  # again if something changed while it was being published
-            await asyncio.sleep(STATUS_COALESCE)
-            self._status_wanted = False
-            try:
-                await self.publish_status()
-            except BusError as exc:
-                log.warning("%s: status not published: %s", self.node, exc)
+    async def _publish_wanted_changes(self) -> None:
+        while self._changes_wanted:  # again if something changed while they were published
+            await asyncio.sleep(CHANGES_COALESCE)
+            self._changes_wanted = False
+            changes = self._changes()
+            if not changes:
+                continue
+            topic = topics.node_changes(self.node)
+            failed = await self._bus().publish_many([(topic, change) for change in changes])
+            if any(failed):
+                # Consumers see the gap in ``seq`` and ask for the full status (or take the
+                # next periodic one), which says the same.
+                log.warning(
+                    "%s: a status change was not published: %s",
+                    self.node,
+                    next(e for e in failed if e),
+                )
 
     def _in_background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -693,9 +766,9 @@ class Executor:
         shutil.rmtree(instance.spec.workdir, ignore_errors=True)
 
     def _instance_failed(self, instance: Instance) -> None:
-        """A guest died on its own: tell the scheduler and operators through the node status."""
+        """A guest died on its own: tell the scheduler and operators (a node change)."""
         self.metrics.guest_failures.labels(self.node).inc()
-        self.publish_status_soon()
+        self.publish_changes_soon()
 
     def _statestore(self) -> StatestoreClient:
         return StatestoreClient(self._bus(), self.config.broker.request_timeout)
@@ -713,6 +786,15 @@ class Executor:
         "resume": _cmd_resume,
         "stop": _cmd_stop,
     }
+
+
+def _as_changed(summary: dict[str, Any]) -> dict[str, Any]:
+    """An instance as a change reports it: its summary without the per-producer counts."""
+    return _without(summary, "producers")
+
+
+def _without(entry: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != key}
 
 
 # -- leftovers of an earlier executor process ---------------------------------------------------

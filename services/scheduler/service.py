@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, cast
 
-from services.common import images, names, topics
+from services.common import contract, images, names, topics
 from services.common import params as app_params
 from services.common.blobstore import BlobError, BlobStore
 from services.common.bus import Bus, BusError, Inbound, RemoteError, RequestTimeout, now_ms
@@ -106,6 +106,7 @@ class Scheduler:
         self.liveness = Liveness()
         self.nodes: dict[str, dict[str, Any]] = self.liveness.nodes
         self._offline_timers: dict[str, asyncio.Task[None]] = {}
+        self._refreshing: set[str] = set()  # nodes whose full status was asked for
         self.cordons: dict[str, dict[str, Any]] = {}  # node -> its retained cordon (cordoned only)
         self.busy: dict[str, str] = {}
         self._slot_releases: dict[str, Callable[[], None]] = {}  # plan id -> its slots' release
@@ -119,7 +120,9 @@ class Scheduler:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         offline = {"component": "scheduler", "status": "offline", "time": now_ms()}
         will = (topics.component_status("scheduler"), offline)
-        async with Bus(self.config.broker, "ferry-scheduler", will=will) as bus:
+        async with Bus(
+            self.config.broker, "ferry-scheduler", will=will, on_reconnect=self._refresh_all
+        ) as bus:
             self.bus = bus
             timeout = self.config.scheduler.phase_timeout
             self.store = StatestoreClient(bus, timeout)
@@ -133,6 +136,7 @@ class Scheduler:
                 topics.SCHEDULER_COMMANDS,
                 topics.mobility("+"),
                 topics.node_status("+"),
+                topics.node_changes("+"),
                 topics.node_cordon("+"),  # our own, retained: a restart keeps the cordons
             ):
                 await bus.subscribe(topic_filter)
@@ -172,6 +176,8 @@ class Scheduler:
                 self._on_mobility(message.payload)
             elif message.topic == topics.node_cordon(message.payload["node"]):
                 self._on_cordon(message.payload)
+            elif message.topic == topics.node_changes(message.payload["node"]):
+                self._on_node_change(message.payload)
             else:
                 await self._on_node_status(message.payload)
 
@@ -717,10 +723,13 @@ class Scheduler:
             except RemoteError as exc:
                 log.warning("mobility of %s: cannot move %s: %s", device, record["service"], exc)
 
-    async def _on_node_status(self, status: dict[str, Any]) -> None:
+    async def _on_node_status(self, status: dict[str, Any], fresh: bool = False) -> None:
+        """A full status: the retained one, the will, or an answer to ``_refresh`` (``fresh``)."""
         node = status["node"]
+        known = node in self.liveness.nodes
         was_online = self.liveness.online(node)
-        self.liveness.update(status)
+        if not self.liveness.update(status):
+            return  # older than the view (a retained copy we get again on resubscribing)
         if status["status"] == "offline":
             if was_online:
                 await self._report(node, f"node {node} went offline")
@@ -730,9 +739,44 @@ class Scheduler:
         timer = self._offline_timers.pop(node, None)
         if timer is not None:
             timer.cancel()
+        if not known and not fresh:
+            # The retained status may be up to executor.status_interval old, and the changes
+            # published since went by before we subscribed: ask for the present.
+            self._refresh(node)
         for instance in status.get("instances", []):
             if instance["state"] in ("failed", "lost"):
                 self._spawn(self._instance_lost(node, instance))
+
+    def _on_node_change(self, change: dict[str, Any]) -> None:
+        """One instance changed state: keep the view, and recover a service whose guest died."""
+        if self.liveness.change(change):
+            self._refresh(change["node"])
+        instance = change["instance"]
+        if instance["state"] in ("failed", "lost"):
+            self._spawn(self._instance_lost(change["node"], instance))
+
+    def _refresh_all(self) -> None:
+        """Back on the broker: the changes published while we were away are lost to us."""
+        for node in list(self.liveness.nodes):
+            self._refresh(node)
+
+    def _refresh(self, node: str) -> None:
+        if node not in self._refreshing:
+            self._refreshing.add(node)
+            self._spawn(self._refresh_node(node))
+
+    async def _refresh_node(self, node: str) -> None:
+        """Ask an executor for its full status (its ``status`` command) and take it in."""
+        assert self.executors is not None
+        try:
+            status = await self.executors.status(node)
+            contract.validate(topics.node_status(node), status)
+        except (RemoteError, BusError, contract.ContractError) as exc:
+            log.info("no full status from %s yet: %s", node, exc)
+            return
+        finally:
+            self._refreshing.discard(node)
+        await self._on_node_status(status, fresh=True)
 
     async def _instance_lost(self, node: str, instance: dict[str, Any]) -> None:
         """A guest died, or its executor restarted without it: recover its service."""

@@ -34,6 +34,8 @@ from typing import Any
 
 import orjson
 
+from services.common import node_view
+
 SCHEMA_VERSION = 4
 
 # One script per schema version; a database at version n runs scripts n+1.. on open.
@@ -270,16 +272,36 @@ class Database:
     # -- nodes -------------------------------------------------------------------------------
 
     def upsert_node(self, doc: dict[str, Any], received: int) -> bool:
-        """Store a node-status document unless a newer one is stored; True if it was stored."""
+        """Store a full node status unless the stored view is newer (``node_view``: by the
+        executor's boot and change number); True if it was stored."""
         with self._tx() as conn:
-            cursor = conn.execute(
-                "INSERT INTO nodes (name, status, doc, time, received) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET status = excluded.status, doc = excluded.doc, "
-                "time = excluded.time, received = excluded.received "
-                "WHERE excluded.time >= nodes.time",
-                (doc["node"], doc["status"], _dumps(doc), doc["time"], received),
-            )
-            return cursor.rowcount > 0
+            merged = node_view.merge_status(self._node(conn, doc["node"]), doc)
+            if merged is not None:
+                self._put_node(conn, merged, received)
+            return merged is not None
+
+    def apply_node_change(self, change: dict[str, Any], received: int) -> bool:
+        """Apply one instance change to the stored node view; True if it applied (a change of
+        another executor process, or one already applied, waits for the next full status)."""
+        with self._tx() as conn:
+            merged, _ = node_view.apply_change(self._node(conn, change["node"]), change)
+            if merged is not None:
+                self._put_node(conn, merged, received)
+            return merged is not None
+
+    @staticmethod
+    def _node(conn: sqlite3.Connection, name: str) -> dict[str, Any] | None:
+        row = conn.execute("SELECT doc FROM nodes WHERE name = ?", (name,)).fetchone()
+        return orjson.loads(row[0]) if row is not None else None
+
+    @staticmethod
+    def _put_node(conn: sqlite3.Connection, doc: dict[str, Any], received: int) -> None:
+        conn.execute(
+            "INSERT INTO nodes (name, status, doc, time, received) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET status = excluded.status, doc = excluded.doc, "
+            "time = excluded.time, received = excluded.received",
+            (doc["node"], doc["status"], _dumps(doc), doc["time"], received),
+        )
 
     def put_cordon(self, doc: dict[str, Any]) -> bool:
         """Store a node-cordon document unless a newer one is stored; True if it was stored."""

@@ -135,6 +135,7 @@ class StatestoreService:
                 await bus.subscribe(topics.STATESTORE_QUERIES)
                 await bus.subscribe(topics.node_status("+"))
                 await bus.subscribe(topics.node_cordon("+"))
+                await bus.subscribe(topics.node_changes("+"))
                 await bus.subscribe(topics.migration_events("+"))
                 await self._republish_states()
                 # Again after every reconnect: a broker restart loses it (or fires the will).
@@ -245,6 +246,8 @@ class StatestoreService:
                 await self._answer(bus, message)
             elif message.topic.endswith("/events"):
                 await self._on_event(bus, message)
+            elif message.topic.endswith("/changes"):
+                await self._on_node_change(bus, message)
             elif message.topic == topics.node_cordon(message.payload["node"]):
                 await self._write_then_ack(
                     bus, message, self._database().put_cordon, message.payload
@@ -359,6 +362,11 @@ class StatestoreService:
     async def _on_node_status(self, bus: Bus, message: Inbound) -> None:
         await self._write_then_ack(
             bus, message, self._database().upsert_node, message.payload, now_ms()
+        )
+
+    async def _on_node_change(self, bus: Bus, message: Inbound) -> None:
+        await self._write_then_ack(
+            bus, message, self._database().apply_node_change, message.payload, now_ms()
         )
 
     async def _on_event(self, bus: Bus, message: Inbound) -> None:

@@ -43,6 +43,8 @@ async def system(
         FERRY_EXECUTOR__CHECKPOINT_INPUTS="100000",
         FERRY_SCHEDULER__RECOVERY_GRACE="0.5",
         FERRY_SCHEDULER__PHASE_TIMEOUT=str(PHASE_TIMEOUT),
+        # Counters (checkpoints taken, input unacknowledged) come with the full status only.
+        FERRY_EXECUTOR__STATUS_INTERVAL="1.0",
     )
     await start_system(config, procs, unikernel_builds, nodes=(NODE,))
     yield config
@@ -114,8 +116,8 @@ async def test_fresh_shows_every_input_applied_while_the_latest_durable_one_cann
 async def instance_summary(
     ops: Operator, instance: str, ready: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
-    """The node status's entry of ``instance`` once ``ready`` holds (the status is retained and
-    republished after every command, so it may lag a moment)."""
+    """The statestore's view of ``instance`` once ``ready`` holds (its counters come with the
+    node's full status, every ``executor.status_interval``)."""
     async with asyncio.timeout(10):
         while True:
             for node in (await ops.query("list_nodes"))["nodes"]:

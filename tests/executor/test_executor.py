@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from services.common import checkpoint_blob, contract, images, topics
+from services.common import checkpoint_blob, contract, images, node_view, topics
 from services.common.blobstore import BlobRef, BlobStore
 from services.common.bus import Bus, RemoteError, now_ms
 from services.common.config import FerryConfig
@@ -259,40 +259,54 @@ async def test_executor_restart_ends_and_reports_the_instances_it_ran(
     assert instance["state"] == "serving"
 
 
-async def test_a_burst_of_commands_shares_its_status_publishes_and_offline_is_the_last_word(
+async def test_commands_publish_each_instance_change_not_the_full_status(
     cluster: Any, processes: ServiceProcesses
 ) -> None:
-    """Three starts, then fifty commands at once: the node's retained status (O(instances) for
-    every consumer) goes out a few times, not once per command; the last one lists what runs;
-    and a stopped executor's offline status is not overwritten by a status still due."""
+    """Three starts, then fifty commands at once: no full status goes out (that is for a
+    (re)connect and every status_interval), each instance's change of state goes out once,
+    numbered without a gap, and those changes alone give a consumer the node's current view;
+    a stopped executor's offline status is the last word."""
     config, edge_a, _, manifests = cluster
     names = [f"burst-{uuid.uuid4().hex[:4]}-{i}" for i in range(3)]
     commands = 50
-    seen: list[dict[str, Any]] = []
+    statuses: list[dict[str, Any]] = []
+    changes: list[dict[str, Any]] = []
     async with Bus(config.broker, f"test-status-{uuid.uuid4().hex[:6]}") as watcher:
         await watcher.subscribe(topics.node_status("edge-a"))
+        await watcher.subscribe(topics.node_changes("edge-a"))
 
         async def collect() -> None:
             async for message in watcher.messages():
-                seen.append(message.payload)
+                kind = changes if message.topic.endswith("/changes") else statuses
+                kind.append(message.payload)
 
         collecting = asyncio.create_task(collect())
         await asyncio.sleep(0.5)  # the retained status first
-        seen.clear()
+        [retained] = statuses
+        statuses.clear()
         for name in names:
             await edge_a("start", mode="fresh", **start_args(name, f"{name}.1", "unix", manifests))
         await asyncio.gather(
             *(edge_a("stop", service="nobody", instance=f"nobody.{i}") for i in range(commands))
         )
         await asyncio.sleep(1.0)
-        published = len(seen)
-        listed = {i["service"] for i in seen[-1]["instances"]} if seen else set()
+        full_statuses = len(statuses)
+        view = retained
+        for change in changes:
+            view, missed = node_view.apply_change(view, change)
+            assert view is not None and not missed, change
         processes.kill("executor@edge-a", signal.SIGTERM)
         await asyncio.sleep(1.0)
         collecting.cancel()
-    assert set(names) <= listed
-    assert 1 <= published <= 10, f"{published} statuses for {commands + len(names)} commands"
-    assert seen[-1]["status"] == "offline"
+    assert full_statuses == 0
+    mine = [c for c in changes if c["instance"]["service"] in names]
+    assert len(mine) == len(names), [
+        (c["instance"]["instance"], c["instance"]["state"]) for c in mine
+    ]
+    assert [c["seq"] for c in changes] == list(range(retained["seq"] + 1, view["seq"] + 1))
+    serving = {i["service"] for i in view["instances"] if i["state"] == "serving"}
+    assert set(names) <= serving
+    assert statuses[-1]["status"] == "offline" and statuses[-1]["boot"] == retained["boot"]
 
 
 def _is_zombie(pid: int) -> bool:

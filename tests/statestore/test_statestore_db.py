@@ -95,9 +95,7 @@ def test_a_rollback_that_moves_the_epoch_makes_a_late_claim_lose(tmp_path: Path)
     db.put_service({**service(3, "migrating"), "instance": "svc.1"})
     db.put_service({**service(4), "node": "edge-b"}, expect={"instance": "svc.1", "epoch": 3})
     with pytest.raises(Conflict):
-        db.put_service(
-            {**service(1), "epoch": 4}, expect={"instance": "svc.1", "epoch": 3}
-        )
+        db.put_service({**service(1), "epoch": 4}, expect={"instance": "svc.1", "epoch": 3})
     assert db.get_service("svc")["instance"] == "svc.4"
 
 
@@ -265,3 +263,33 @@ def test_a_batch_commits_once_and_a_refused_write_undoes_only_itself(tmp_path: P
     assert isinstance(outcomes[1][1], Conflict)
     assert db.commits == before + 1
     assert db.get_service("svc")["epoch"] == 2 and db.get_service("other")["epoch"] == 1
+
+
+def test_node_changes_update_the_stored_status_and_a_stale_status_does_not(tmp_path: Path) -> None:
+    """list_nodes stays current between full statuses, and the retained status a resubscribing
+    statestore gets again (older than the changes applied since) leaves it so."""
+    db = Database(tmp_path / "s.db")
+    instance = {"service": "svc", "instance": "svc.1", "runtime": "unix", "state": "serving"}
+    full = {
+        "node": "edge-a",
+        "status": "online",
+        "time": 1000,
+        "boot": 900,
+        "seq": 0,
+        "instances": [instance],
+    }
+    assert db.upsert_node(full, 1)
+    change = {"node": "edge-a", "boot": 900, "seq": 1, "time": 1100}
+    assert db.apply_node_change({**change, "instance": {**instance, "state": "paused"}}, 2)
+    assert not db.apply_node_change({**change, "instance": {**instance, "state": "paused"}}, 3)
+    assert not db.upsert_node(full, 4)
+    [node] = db.list_nodes()
+    assert node["seq"] == 1 and [i["state"] for i in node["instances"]] == ["paused"]
+    stopped = {**change, "seq": 2, "instance": {**instance, "state": "stopped"}}
+    assert db.apply_node_change(stopped, 5)
+    assert db.list_nodes()[0]["instances"] == []
+    # The last will (same process) replaces it; a change after it waits for a full status.
+    assert db.upsert_node({"node": "edge-a", "status": "offline", "time": 950, "boot": 900}, 6)
+    assert not db.apply_node_change({**change, "seq": 3, "instance": instance}, 7)
+    assert db.list_nodes()[0]["status"] == "offline"
+    db.close()

@@ -6,8 +6,8 @@ on anyone's event loop). The simulator also reads the service's outputs and coun
 number, how often each input was answered: the proof that nothing was lost or applied twice, for
 an app that answers every input (``expect_outputs``). For an app that answers only some inputs
 (alerts), an input without an answer proves nothing: the simulator then judges loss by the
-executors' own count of applied inputs (``applied`` per instance in ``nodes/+/heartbeat`` and
-``nodes/+/status``), and says so when it has no such count.
+executors' own count of applied inputs (``applied`` per instance in ``nodes/+/heartbeat``,
+``nodes/+/changes`` and ``nodes/+/status``), and says so when it has no such count.
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ class Simulator:
                 (topics.app_output(self.service), 1),
                 (topics.node_heartbeat("+"), 0),
                 (topics.node_status("+"), 1),
+                # A source's final count comes with its change to paused, after its last input.
+                (topics.node_changes("+"), 1),
             ]
         )
         if not self._subscribed.wait(10):
@@ -249,6 +251,11 @@ class Simulator:
             return
         if message.topic.endswith("/heartbeat"):
             self._on_count(output.get("applied") or {}, fresh=True)
+            return
+        if message.topic.endswith("/changes"):
+            instance = output.get("instance") or {}
+            if isinstance(instance.get("instance"), str):
+                self._on_count({instance["instance"]: instance.get("applied")}, fresh=True)
             return
         if message.topic.endswith("/status"):
             counts = {i.get("instance"): i.get("applied") for i in output.get("instances") or []}

@@ -28,6 +28,10 @@ def summarize(topic: str, payload: dict[str, Any]) -> str:
     if kind == "nodes" and topic.endswith("/status"):
         names = [i["service"] + ":" + i["state"] for i in payload.get("instances", [])]
         return f"{payload.get('node')} {payload.get('status')} [{', '.join(names)}]"
+    if kind == "nodes" and topic.endswith("/changes"):
+        instance = payload.get("instance") or {}
+        reason = f" ({instance['reason']})" if instance.get("reason") else ""
+        return f"{payload.get('node')} {instance.get('instance')}: {instance.get('state')}{reason}"
     if kind == "errors":
         return f"{payload.get('source')}: {payload.get('reason')} (on {payload.get('topic')})"
     if kind == "apps":
