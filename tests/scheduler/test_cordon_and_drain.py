@@ -124,7 +124,7 @@ async def test_drain_moves_every_service_off_the_node_and_loses_nothing(
 
 
 async def test_drain_with_no_room_elsewhere_moves_nothing_and_fails_clearly(
-    system: FerryConfig, ops: Operator
+    system: FerryConfig, ops: Operator, procs: ServiceProcesses
 ) -> None:
     full = [name(f"full{i}") for i in range(CAPACITY)]
     stuck = [name(f"stay{i}") for i in range(2)]
@@ -133,6 +133,12 @@ async def test_drain_with_no_room_elsewhere_moves_nothing_and_fails_clearly(
     for service in stuck:
         await deploy(ops, service, "edge-a")
     await until_instances(ops, "edge-b", CAPACITY)
+    # A scheduler started now gets edge-b's retained full status, older than these instances
+    # (their changes went by before it subscribed): it must ask edge-b for the present.
+    procs.kill("scheduler")
+    since = now_ms()
+    procs.start("scheduler")
+    await wait_online(system, [topics.component_status("scheduler")], since=since)
     try:
         drained = ferry(system, "drain", "edge-a")
         assert drained.returncode == 1, drained.stdout + drained.stderr
