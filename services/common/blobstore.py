@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,11 @@ class BlobStore:
             http_client=http,
         )
         self._bucket_ready = False
+        self._last_request = float("-inf")
+
+    def idle_for(self) -> float:
+        """Seconds since this client's last request ended (inf before the first)."""
+        return time.monotonic() - self._last_request
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -118,6 +124,8 @@ class BlobStore:
                     "check s3.ca (the CA that signed the store's certificate)"
                 ) from exc
             raise BlobError(f"S3 store at {self.config.endpoint} unreachable: {exc}") from exc
+        finally:
+            self._last_request = time.monotonic()
 
     async def ensure_bucket(self) -> None:
         """Create the bucket on first use (idempotent)."""
