@@ -431,10 +431,12 @@ class Executor:
         "Downtime budget"), and the downtime is exactly such a PUT (the source's) and GET (this
         node's, on its pooled connection, which this request also wakes). Only after an idle
         spell: in a drain the store is awake and the request would only add to its load.
-        Failures are ignored: the restore fetches with its own retries and errors.
+        A failure never fails the start: the restore fetches with its own retries and errors.
         """
-        with contextlib.suppress(BlobError, TimeoutError):
+        try:
             await asyncio.wait_for(self.store.stat(image.key), WARM_UP_TIMEOUT)
+        except Exception as exc:
+            log.info("%s: S3 warm-up before a move failed (ignored): %s", self.node, exc)
 
     async def _cmd_checkpoint(self, command: CheckpointCommand) -> CheckpointReply:
         """Capture for a move; answer once the blob is stored and every output is out.
