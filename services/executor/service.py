@@ -208,17 +208,21 @@ class Executor:
             "unavailable": self.unavailable,
             "accel": self.accel,
             "capacity": self.config.executor.capacity,
-            "instances": [
-                *(i.summary() for i in self.instances.values()),
-                *(lost for service, lost in self.lost.items() if service not in self._services()),
-            ],
+            "instances": self._instance_summaries(),
             "cleaned_up": self.cleaned_up,
         }
+
+    def _instance_summaries(self) -> list[dict[str, Any]]:
+        """Every instance as the status reports it, with those an earlier process lost."""
+        return [
+            *(i.summary() for i in self.instances.values()),
+            *(lost for service, lost in self.lost.items() if service not in self._services()),
+        ]
 
     def _full_status(self) -> dict[str, Any]:
         """The full status about to be published: consumers now know every instance in it."""
         status = self.status()
-        self._announced = {i["instance"]: _as_changed(i) for i in status["instances"]}
+        self._announced = _as_told(status["instances"])
         return status
 
     async def publish_status(self) -> None:
@@ -229,7 +233,7 @@ class Executor:
     def _changes(self) -> list[dict[str, Any]]:
         """One change per instance whose state (or failure reason) differs from what consumers
         were last told, and one with state ``stopped`` per instance gone from this node."""
-        current = {i["instance"]: _as_changed(i) for i in self.status()["instances"]}
+        current = _as_told(self._instance_summaries())
         changed = [
             entry
             for instance, entry in current.items()
@@ -818,9 +822,10 @@ class Executor:
     }
 
 
-def _as_changed(summary: dict[str, Any]) -> dict[str, Any]:
-    """An instance as a change reports it: its summary without the per-producer counts."""
-    return _without(summary, "producers")
+def _as_told(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """By instance id, each instance as a change reports it: its summary without the
+    per-producer counts."""
+    return {summary["instance"]: _without(summary, "producers") for summary in summaries}
 
 
 def _without(entry: dict[str, Any], key: str) -> dict[str, Any]:
