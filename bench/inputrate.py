@@ -138,10 +138,9 @@ def _round(value: float | None) -> float | None:
 
 async def main(args: argparse.Namespace) -> int:
     directory = Path(tempfile.mkdtemp(prefix="ferry-inputrate-"))
-    # Plaintext: the outputs are read with a bare mosquitto_sub, and the rates are comparable
-    # with earlier runs (bench.run measures what TLS costs).
+    # Plaintext unless --tls: the rates stay comparable with earlier runs.
     env = {"FERRY_STACK__DIR": str(directory), "FERRY_EXECUTOR__ACCEL": "tcg"}
-    config = load_config(env={**env, "FERRY_STACK__TLS": "false"})
+    config = load_config(env={**env, "FERRY_STACK__TLS": "true" if args.tls else "false"})
     stack = Stack(config, services=[])
     cloud, _ = default_services(stack.config_path, nodes=[])
     profile = Path(args.profile).resolve() if args.profile else None
@@ -171,5 +170,6 @@ if __name__ == "__main__":
     parser.add_argument(
         "--lean", action="store_true", help="record outputs with mosquitto_sub (load.LeanFeeder)"
     )
+    parser.add_argument("--tls", action="store_true", help="run the stack over TLS (its default)")
     parser.add_argument("--profile", help="run the executor under cProfile, writing this file")
     sys.exit(asyncio.run(main(parser.parse_args())))

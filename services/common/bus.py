@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -768,31 +769,70 @@ class _FastSocket:
     buffered before it returns; ``send`` corks the socket until the end of the current
     loop iteration, so what paho writes in one iteration leaves in as few segments as the
     kernel can. Bytes and their order are exactly paho's: only the syscalls change.
+
+    Over TLS one read returns one record, and Mosquitto writes each packet as a record of its
+    own: without reading on until the kernel has nothing more, the reader would again take one
+    packet per wake-up of the loop (measured at 5000 inputs/s: 26 % more executor CPU per input
+    than plaintext, p99 latency 147 ms against 28 ms). So a TLS read takes every record there
+    is (up to ``READ_SIZE``); an end of stream or an error met after some data is kept for the
+    next ``recv``, once paho has had the data before it.
     """
 
     def __init__(self, sock: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._sock = sock
         self._loop = loop
         self._thread = threading.get_ident()
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self._data = b""
         self._pos = 0
         self._corked = False
+        #: What ended a TLS read after data: b"" (end of stream) or the exception, told next.
+        self._after: bytes | BaseException | None = None
 
     def recv(self, size: int) -> bytes:
         if self._pos < len(self._data):
             chunk = self._data[self._pos : self._pos + size]
             self._pos += len(chunk)
             return chunk
-        data: bytes = self._sock.recv(max(size, READ_SIZE))
+        data = self._read_on() if self._tls else self._sock.recv(max(size, READ_SIZE))
         if len(data) <= size:
             self._data, self._pos = b"", 0
             return data
         self._data, self._pos = data, size
         return data[:size]
 
+    def _read_on(self) -> bytes:
+        """Every TLS record readable now, joined (the first read raises as a plain one would)."""
+        if self._after is not None:
+            after, self._after = self._after, None
+            if isinstance(after, BaseException):
+                raise after
+            return after
+        first: bytes = self._sock.recv(READ_SIZE)
+        if not first:
+            return first
+        chunks, total = [first], len(first)
+        while total < READ_SIZE:
+            try:
+                more: bytes = self._sock.recv(READ_SIZE)
+            except (ssl.SSLWantReadError, BlockingIOError):
+                break
+            except Exception as exc:  # told after the data before it
+                self._after = exc
+                break
+            if not more:
+                self._after = b""
+                break
+            chunks.append(more)
+            total += len(more)
+        return first if len(chunks) == 1 else b"".join(chunks)
+
     def pending(self) -> int:
-        """Bytes read from the kernel that paho has not taken yet."""
-        return len(self._data) - self._pos
+        """Bytes read from the kernel that paho has not taken yet (the TLS layer's too)."""
+        buffered = len(self._data) - self._pos
+        if self._tls:
+            buffered += self._sock.pending() + (self._after is not None)
+        return buffered
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         if not self._corked:
@@ -824,15 +864,16 @@ class _FastSocket:
 
 
 def _speed_up(client: aiomqtt.Client) -> None:
-    """Swap paho's fresh socket for a ``_FastSocket`` (plain TCP only; a no-op otherwise).
+    """Swap paho's fresh socket for a ``_FastSocket`` (TCP or TLS over TCP; else a no-op).
 
     Called right after CONNACK, in the loop thread, before the reader ever runs again: nothing
-    is buffered yet, so no byte can be skipped or read twice.
+    is buffered outside the TLS layer yet (which the wrapper reads through), so no byte can be
+    skipped or read twice.
     """
     paho = client._client
     sock = paho._sock
     if (
-        type(sock) is socket.socket
+        type(sock) in (socket.socket, ssl.SSLSocket)
         and sock.type == socket.SOCK_STREAM
         and hasattr(socket, "TCP_CORK")
     ):
