@@ -873,7 +873,8 @@ def _speed_up(client: aiomqtt.Client) -> None:
     paho = client._client
     sock = paho._sock
     if (
-        type(sock) in (socket.socket, ssl.SSLSocket)
+        isinstance(sock, socket.socket)
+        and type(sock) in (socket.socket, ssl.SSLSocket)
         and sock.type == socket.SOCK_STREAM
         and hasattr(socket, "TCP_CORK")
     ):
