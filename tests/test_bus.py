@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
 
@@ -151,6 +152,40 @@ async def test_unacknowledged_input_is_redelivered_to_the_next_session_owner(
                 if len(again) == 3:
                     break
         assert again == [4, 5, 6]
+
+
+async def test_acks_sent_at_once_settle_exactly_the_messages_they_name(
+    infra: FerryConfig,
+) -> None:
+    """``ack_many`` (one write for a checkpoint's worth of PUBACKs) acks what ``ack`` would."""
+    service = f"svc{uuid.uuid4().hex[:6]}"
+    session = f"ferry-svc-{service}"
+    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as owner:
+        await owner.subscribe(topics.app_input(service))
+    async with Bus(infra.broker, cid("dev")) as device:
+        await device.publish_many(
+            [
+                (topics.app_input(service), {"producer": "p", "seq": seq, "data": {}})
+                for seq in range(1, 501)
+            ]
+        )
+    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as first:
+        received = []
+        async with asyncio.timeout(10):
+            async for message in first.messages():
+                received.append(message)
+                if len(received) == 500:
+                    break
+        assert [m.payload["seq"] for m in received] == list(range(1, 501))
+        first.ack_many([m for m in received if m.payload["seq"] % 7 != 0])
+    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as second:
+        again = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                async for message in second.messages():
+                    again.append(message.payload["seq"])
+                    second.ack(message)
+        assert again == list(range(7, 501, 7))
 
 
 async def test_last_will_marks_a_dead_component_offline(infra: FerryConfig) -> None:

@@ -20,6 +20,7 @@ import logging
 import math
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -31,7 +32,7 @@ from typing import Any
 import aiomqtt
 import orjson
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.client import MQTT_LOG_ERR
+from paho.mqtt.client import MQTT_LOG_ERR, PUBACK
 from paho.mqtt.client import error_string as mqtt_error
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -49,6 +50,8 @@ LOGIN_REFUSED = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
 PUBLISH_TIMEOUT = 10.0
 #: Bytes taken off the broker connection per read (see ``_FastSocket``).
 READ_SIZE = 256 * 1024
+#: A PUBACK with reason "success" and no properties (MQTT 5, 3.4.2.1): type, length 2, mid.
+_PUBACK = struct.Struct("!BBH")
 
 
 class BusError(Exception):
@@ -644,6 +647,25 @@ class Bus:
         if message.generation != self._generation:
             return
         self._client._client.ack(message.mid, message.qos)
+
+    def ack_many(self, messages: Sequence[Inbound]) -> None:
+        """Acknowledge many QoS 1 messages at once, as ``ack`` would each, in their order.
+
+        Why: a durable checkpoint covers up to a checkpoint interval of input (5000 messages at
+        5000/s), and paho builds, queues and writes every PUBACK on its own (≈ 15 µs each): a
+        move's source then acknowledged too late, and the target got all of it redelivered.
+        Here every PUBACK goes to paho as one queued packet: the bytes on the wire are exactly
+        those of one ``ack`` per message.
+        """
+        if not self._manual_ack or self._client is None:
+            return
+        mids = [m.mid for m in messages if m.qos == 1 and m.generation == self._generation]
+        for message in messages:
+            if message.qos == 2:
+                self.ack(message)
+        if mids:
+            packet = b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid in mids])
+            self._client._client._packet_queue(PUBACK, packet, 0, 0)
 
     # -- request / reply --------------------------------------------------------------------
 

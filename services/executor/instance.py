@@ -137,6 +137,15 @@ class _Applied:
     session: Bus
 
 
+def _ack(entries: list[_Applied]) -> None:
+    """Acknowledge ``entries`` at once, per input session (in order within each)."""
+    by_session: dict[int, tuple[Bus, list[Inbound]]] = {}
+    for entry in entries:
+        by_session.setdefault(id(entry.session), (entry.session, []))[1].append(entry.message)
+    for session, messages in by_session.values():
+        session.ack_many(messages)
+
+
 @dataclass
 class ProducerCounts:
     """What happened to one producer's inputs here (reported in the node status)."""
@@ -723,17 +732,20 @@ class Instance:
         """Without durable checkpoints: acknowledge inputs whose outputs are all out."""
         if self._policy.durable:
             return
+        done: list[_Applied] = []
         while self._applied and self._applied[0].output_mark <= confirmed:
-            entry = self._applied.popleft()
-            entry.session.ack(entry.message)
-            self._durability.acknowledged = entry.index
+            done.append(self._applied.popleft())
+        if done:
+            _ack(done)
+            self._durability.acknowledged = done[-1].index
 
     def acknowledge(self, covers: int) -> None:
         """Acknowledge every input up to number ``covers`` (a stored checkpoint covers them)."""
-        for done in (self._applied, self._skipped):
-            while done and done[0].index <= covers:
-                entry = done.popleft()
-                entry.session.ack(entry.message)
+        done: list[_Applied] = []
+        for waiting in (self._applied, self._skipped):
+            while waiting and waiting[0].index <= covers:
+                done.append(waiting.popleft())
+        _ack(done)
         self._durability.acknowledged = max(self._durability.acknowledged, covers)
 
     # -- durable checkpoints ----------------------------------------------------------------
