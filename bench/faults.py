@@ -18,9 +18,9 @@ counter's outputs (``bench.load.judge``).
 
 rate (``unix``, ``microvm``): one service, an input-rate ramp (``rates``, ``step_s`` each, a new
 producer per step so its seqs start at 1), latency input published → first output (p50, p99),
-durable checkpoints on (the defaults). ``rate_migration``: a fresh service at the highest rate
-the ramp sustained (p99 ≤ ``RATE_P99_MS``, nothing lost), one migration to the other edge in the
-middle of the feed.
+durable checkpoints on (the defaults). ``rate_migration``: a fresh service at the runtime's
+target rate (``RATE_TARGETS``), or the highest rate the ramp sustained if below it (p99 ≤
+``RATE_P99_MS``, nothing lost), one migration to the other edge in the middle of the feed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.fmt import fmt_ms
 from bench.load import Feeder, LeanFeeder, judge, latencies, percentile
-from bench.records import RATE_P99_MS, RunRecord
+from bench.records import RATE_P99_MS, RATE_TARGETS, RunRecord
 from services.common.blobstore import BlobStore
 from services.common.bus import BusError, RemoteError
 
@@ -393,16 +393,24 @@ async def run_rate(job: Job, unit: dict[str, Any], run: int) -> dict[str, Any]:
 
 
 async def run_rate_migration(job: Job, unit: dict[str, Any], run: int) -> dict[str, Any]:
-    """A fresh service at the ramp's best rate, one migration in the middle of the feed."""
+    """A fresh service at the method's target rate (or the ramp's best, if below it), one
+    migration in the middle of the feed: the target is what the p99 goal is stated at."""
     method = unit["method"]
-    rate = SUSTAINED.get(method) or float(unit["fallback_rate"])
+    sustained = SUSTAINED.get(method)
+    rate = sustained or float(unit["fallback_rate"])
+    if sustained and method in RATE_TARGETS:
+        rate = min(sustained, RATE_TARGETS[method])
     service = f"{job.prefix}-ratem-{method}-{uuid.uuid4().hex[:6]}"
     await _deploy(job, service, method)
     try:
         fields = await _feed(job, service, rate, float(unit["step_s"]), migrate=True)
     finally:
         await _stop(job, service)
-    fields["notes"]["rate_from"] = "ramp" if method in SUSTAINED else "fallback (none sustained)"
+    fields["notes"]["rate_from"] = (
+        "fallback (none sustained)"
+        if sustained is None
+        else ("target" if rate == RATE_TARGETS.get(method) else "ramp (below the target)")
+    )
     return fields
 
 
