@@ -338,10 +338,23 @@ def sustained(fields: dict[str, Any]) -> bool:
     )
 
 
+def _phase_timings(event: dict[str, Any]) -> dict[str, Any]:
+    """A phase event as the record keeps it: its phase, time and the timings it carries
+    (upload_ms, fetch_ms, attach_ms, …), to see where the downtime under load went."""
+    detail = event.get("detail") or {}
+    timings = {
+        k: round(v, 1)
+        for k, v in detail.items()
+        if k.endswith("_ms") and isinstance(v, float | int)
+    }
+    return {"phase": event["phase"], "time": event.get("time"), **timings}
+
+
 async def _feed(job: Job, service: str, rate: float, seconds: float, migrate: bool) -> Any:
     # Outputs recorded by mosquitto_sub: at 5000/s a Python receiver is what saturates.
     feeder = LeanFeeder(job.config.broker, service, f"dev-{uuid.uuid4().hex[:6]}", rate)
     migration: dict[str, Any] | None = None
+    phases: list[dict[str, Any]] = []
     try:
         started = time.time()
         feeder.start()
@@ -349,7 +362,9 @@ async def _feed(job: Job, service: str, rate: float, seconds: float, migrate: bo
             assert job.ops is not None
             await asyncio.sleep(seconds / 2)
             launched = await job.ops.command("migrate", service=service, node=job.edges[1])
-            migration = await job.ops.follow(launched["migration"], timeout=300.0)
+            migration = await job.ops.follow(
+                launched["migration"], on_event=phases.append, timeout=300.0
+            )
             await asyncio.sleep(max(0.0, started + seconds - time.time()))
         else:
             await asyncio.sleep(seconds)
@@ -363,7 +378,11 @@ async def _feed(job: Job, service: str, rate: float, seconds: float, migrate: bo
     if migration is not None:
         detail = migration.get("detail") or {}
         fields["downtime_ms"] = detail.get("downtime_ms")
-        fields["notes"]["migration"] = {"phase": migration["phase"], **detail}
+        fields["notes"]["migration"] = {
+            "phase": migration["phase"],
+            **detail,
+            "phases": [_phase_timings(event) for event in phases],
+        }
         if migration["phase"] != "committed":
             fields["error"] = f"migration {migration['phase']}: {detail.get('error') or detail}"
     return fields
