@@ -3,7 +3,11 @@
 Four servers (account, container, object, proxy) run from configs generated under
 ``<dir>/swift/`` with one device, replica count 1 and ``workers = 0``. The proxy pipeline puts
 ``s3api`` before ``tempauth`` (auth needs the S3 signature decoded) and ``slo`` after ``s3api``
-(multipart upload needs it); ``cache`` is mandatory for tempauth.
+(multipart upload needs it); ``cache`` is mandatory for tempauth. The object server answers a
+PUT once the object is on disk (synced) without waiting for the container listing's update,
+which it sends on alongside (``container_update_timeout = 0``): that wait was 1.2 to 1.9 ms of a
+checkpoint's PUT, inside a migration's downtime (a listing right after the PUT still had it in
+50 of 50 tries here; a failed update is queued by Swift as an async pending, as on a timeout).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ default = yes
 STORAGE_KINDS = ("account", "container", "object")
 PROXY_PIPELINE = "healthcheck proxy-logging cache s3api tempauth slo proxy-logging proxy-server"
 DEVICE = "d1"
+#: See the module docstring: a PUT does not wait for the container listing's update.
+OBJECT_SERVER_OPTIONS = "container_update_timeout = 0\n"
 
 # swift-ring-builder's own main(), driven once for all three rings: one interpreter start
 # instead of nine (the import of eventlet dominates; ~0.4 s in total instead of ~6 s of CPU).
@@ -114,6 +120,7 @@ def write_configs(
             "disable_fallocate = true\n\n"
             f"[pipeline:main]\npipeline = {kind}-server\n\n"
             f"[app:{kind}-server]\nuse = egg:swift#{kind}\n"
+            + (OBJECT_SERVER_OPTIONS if kind == "object" else "")
         )
         confs[f"swift-{kind}"] = path
     proxy = swift_dir / "proxy-server.conf"
