@@ -1,5 +1,6 @@
-"""The bus's socket wrapper (``_FastSocket``) over real TLS: every record readable is taken in one
-read, and an end of stream or error met after data reaches paho only after that data."""
+"""The bus's sockets: the wrapper (``_FastSocket``) over real TLS (every record readable is taken
+in one read, and an end of stream or error met after data reaches paho only after that data),
+and a connection opened early for a later bus (``open_connection``), against the real broker."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import asyncio
 import socket
 import ssl
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from services.common.bus import _FastSocket
+from services.common import bus as bus_module
+from services.common import topics
+from services.common.bus import Bus, _FastSocket
+from services.common.config import FerryConfig
 from tools.stack import pki
 
 RECORDS = [b"a" * 100, b"b" * 300, b"c" * 5000]
@@ -76,3 +81,32 @@ async def test_end_of_stream_after_data_comes_after_the_data(
     assert taken == b"".join(RECORDS)
     assert wrapped.pending() > 0  # the end is still to be told: aiomqtt's reader reads on
     assert wrapped.recv(1) == b""
+
+
+async def test_a_bus_connects_on_the_connection_opened_early(infra: FerryConfig) -> None:
+    """A move's target opens its input session's connection while it pre-boots: the session's
+    connect (inside the downtime) then only sends CONNECT, on that very socket."""
+    client_id = f"t-early-{uuid.uuid4().hex[:6]}"
+    early = bus_module.open_connection(infra.broker, client_id)
+    await asyncio.sleep(0.5)  # opened (and over TLS, handshaken) meanwhile
+    opened = early._task.result()
+    address = opened.getsockname()
+    async with Bus(infra.broker, client_id, connection=early) as bus:
+        assert bus._client is not None
+        assert bus._client._client._sock.getsockname() == address
+        await bus.publish(topics.app_input("early"), {"producer": "p", "seq": 1, "data": {}})
+
+
+async def test_a_stale_early_connection_is_closed_not_used(
+    infra: FerryConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client_id = f"t-stale-{uuid.uuid4().hex[:6]}"
+    early = bus_module.open_connection(infra.broker, client_id)
+    await asyncio.sleep(0.5)
+    opened = early._task.result()
+    address = opened.getsockname()
+    monkeypatch.setattr(bus_module, "EARLY_CONNECTION_MAX_AGE", 0.0)  # older than Mosquitto keeps
+    async with Bus(infra.broker, client_id, connection=early) as bus:
+        assert bus._client is not None
+        assert bus._client._client._sock.getsockname() != address
+    assert opened.fileno() == -1  # closed

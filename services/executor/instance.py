@@ -32,7 +32,15 @@ from typing import Any, NoReturn, Protocol
 
 from services.common import contract, topics
 from services.common.blobstore import BlobRef
-from services.common.bus import Bus, BusError, Inbound, RemoteError, now_ms
+from services.common.bus import (
+    Bus,
+    BusError,
+    EarlyConnection,
+    Inbound,
+    RemoteError,
+    now_ms,
+    open_connection,
+)
 from services.common.config import BrokerConfig
 from services.common.messages import BlobRefDoc
 from services.common.states import InstanceState
@@ -216,6 +224,8 @@ class Instance:
         self._on_session_lost = on_session_lost
         self._stopping = False
         self._watchdog: asyncio.Task[None] | None = None
+        #: The input session's connection, opened while a move's target pre-boots (``boot``).
+        self._early_connection: EarlyConnection | None = None
         self._session: Bus | None = None
         self._pump: asyncio.Task[None] | None = None
         self._durable_task: asyncio.Task[None] | None = None
@@ -269,6 +279,9 @@ class Instance:
         boot yet (its capture *is* the guest), only what makes ``restore`` quick.
         """
         self.outputs.start()
+        if not fresh:
+            # The restore's attach, inside the downtime, then only sends CONNECT (no handshake).
+            self._early_connection = open_connection(self._broker, session_client_id(self.service))
         guest = await (self.runtime.launch(self.spec) if fresh else self.runtime.prepare(self.spec))
         if guest is not None:
             self._adopt(guest)
@@ -373,6 +386,9 @@ class Instance:
         if self.state == InstanceState.STOPPED:
             return
         self._stopping = True
+        if self._early_connection is not None:
+            self._early_connection.close()
+            self._early_connection = None
         try:  # bounded: the whole stop must answer within the scheduler's request timeout
             await asyncio.wait_for(self._let_go(), LEAVE_TIMEOUT)
         except TimeoutError:
@@ -475,11 +491,13 @@ class Instance:
     async def _open_session(self) -> Bus:
         """Connect and subscribe the service's input session (nothing is forwarded yet)."""
         for attempt in range(3):
+            early, self._early_connection = self._early_connection, None
             session = Bus(
                 self._broker,
                 session_client_id(self.service),
                 session_expiry=SESSION_EXPIRY,
                 manual_ack=True,
+                connection=early,
                 validate_inbound=False,  # checked here, so a refusal names service, producer, seq
                 receive_maximum=RECEIVE_MAXIMUM,
                 on_lost=self._session_lost,
