@@ -161,6 +161,8 @@ class ProducerCounts:
     applied: int = 0
     dropped: int = 0
     last_seq: int = 0
+    #: The highest seq handed to the guest (ahead of ``last_seq`` by what is in flight).
+    sent_seq: int = 0
     reset_reported: bool = False
 
     def summary(self) -> dict[str, int]:
@@ -609,8 +611,9 @@ class Instance:
             self._sent += 1
             self._forwarded.append((self._sent, message, session))
             self._drained.clear()
+            name = sequence_of(payload)
             try:
-                channel.send_input(sequence_of(payload), payload["seq"], payload["data"])
+                channel.send_input(name, payload["seq"], payload["data"])
             except ChannelError as exc:  # e.g. larger than a frame: never reached the guest
                 self._forwarded.pop()
                 self._sent -= 1
@@ -618,6 +621,8 @@ class Instance:
                     self._drained.set()
                 await self._dead_letter(session, message, str(exc))
                 continue
+            counts = self._producer(name)
+            counts.sent_seq = max(counts.sent_seq, payload["seq"])
             if (
                 self._policy.inputs
                 and self._sent - self._durability.requested >= self._policy.inputs
@@ -728,9 +733,12 @@ class Instance:
     def _count_drop(self, producer: str, counts: ProducerCounts, seq: int) -> None:
         self.dropped += 1
         counts.dropped += 1
-        if counts.last_seq - seq >= RESET_GAP and not counts.reset_reported:
+        # Against the highest seq sent, not applied: with up to FORWARD_WINDOW inputs in the
+        # guest, a reset that came right behind them looked only as far below as they were.
+        watermark = max(counts.last_seq, counts.sent_seq)
+        if watermark - seq >= RESET_GAP and not counts.reset_reported:
             counts.reset_reported = True
-            self._report_reset(producer, seq, counts.last_seq)
+            self._report_reset(producer, seq, watermark)
 
     def _report_reset(self, producer: str, seq: int, watermark: int) -> None:
         """A producer far below its watermark has probably restarted its sequence: say so."""
