@@ -14,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from services.common import topics
-from services.common.bus import Bus, RemoteError, RequestTimeout
+from services.common.bus import Bus, Inbound, RemoteError, RequestTimeout
 from services.common.config import FerryConfig
 
 
@@ -121,43 +121,8 @@ async def test_malformed_message_is_reported_and_answered_and_service_survives(
             server.cancel()
 
 
-async def test_unacknowledged_input_is_redelivered_to_the_next_session_owner(
-    infra: FerryConfig,
-) -> None:
-    service = f"svc{uuid.uuid4().hex[:6]}"
-    session = f"ferry-svc-{service}"
-    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as owner:
-        await owner.subscribe(topics.app_input(service))
-    async with Bus(infra.broker, cid("dev")) as device:
-        for seq in range(1, 7):
-            await device.publish(
-                topics.app_input(service), {"producer": "p", "seq": seq, "data": {}}
-            )
-    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as first:
-        seen = []
-        async with asyncio.timeout(5):
-            async for message in first.messages():
-                seen.append(message.payload["seq"])
-                if message.payload["seq"] <= 3:
-                    first.ack(message)
-                if len(seen) == 6:
-                    break
-        assert seen == [1, 2, 3, 4, 5, 6]
-    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as second:
-        again = []
-        async with asyncio.timeout(5):
-            async for message in second.messages():
-                again.append(message.payload["seq"])
-                second.ack(message)
-                if len(again) == 3:
-                    break
-        assert again == [4, 5, 6]
-
-
-async def test_acks_sent_at_once_settle_exactly_the_messages_they_name(
-    infra: FerryConfig,
-) -> None:
-    """``ack_many`` (one write for a checkpoint's worth of PUBACKs) acks what ``ack`` would."""
+async def queued_session(infra: FerryConfig, inputs: int) -> str:
+    """A service's persistent input session (its client id), offline, with ``inputs`` queued."""
     service = f"svc{uuid.uuid4().hex[:6]}"
     session = f"ferry-svc-{service}"
     async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as owner:
@@ -166,16 +131,45 @@ async def test_acks_sent_at_once_settle_exactly_the_messages_they_name(
         await device.publish_many(
             [
                 (topics.app_input(service), {"producer": "p", "seq": seq, "data": {}})
-                for seq in range(1, 501)
+                for seq in range(1, inputs + 1)
             ]
         )
+    return session
+
+
+async def first_messages(bus: Bus, count: int, timeout: float = 10.0) -> list[Inbound]:
+    """The next ``count`` messages ``bus`` receives (none acknowledged)."""
+    received: list[Inbound] = []
+    async with asyncio.timeout(timeout):
+        async for message in bus.messages():
+            received.append(message)
+            if len(received) == count:
+                break
+    return received
+
+
+async def test_unacknowledged_input_is_redelivered_to_the_next_session_owner(
+    infra: FerryConfig,
+) -> None:
+    session = await queued_session(infra, 6)
     async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as first:
-        received = []
-        async with asyncio.timeout(10):
-            async for message in first.messages():
-                received.append(message)
-                if len(received) == 500:
-                    break
+        seen = await first_messages(first, 6)
+        assert [m.payload["seq"] for m in seen] == [1, 2, 3, 4, 5, 6]
+        for message in seen[:3]:
+            first.ack(message)
+    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as second:
+        again = await first_messages(second, 3)
+        assert [m.payload["seq"] for m in again] == [4, 5, 6]
+        second.ack_many(again)
+
+
+async def test_acks_sent_at_once_settle_exactly_the_messages_they_name(
+    infra: FerryConfig,
+) -> None:
+    """``ack_many`` (one write for a checkpoint's worth of PUBACKs) acks what ``ack`` would."""
+    session = await queued_session(infra, 500)
+    async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as first:
+        received = await first_messages(first, 500)
         assert [m.payload["seq"] for m in received] == list(range(1, 501))
         first.ack_many([m for m in received if m.payload["seq"] % 7 != 0])
     async with Bus(infra.broker, session, session_expiry=600, manual_ack=True) as second:
