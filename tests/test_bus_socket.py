@@ -110,3 +110,32 @@ async def test_a_stale_early_connection_is_closed_not_used(
         assert bus._client is not None
         assert bus._client._client._sock.getsockname() != address
     assert opened.fileno() == -1  # closed
+
+
+async def test_an_early_connection_the_broker_closed_is_not_used() -> None:
+    """One a broker dropped (it restarted meanwhile) would cost the bus a CONNACK timeout."""
+    server = socket.create_server(("127.0.0.1", 0))
+    loop = asyncio.get_running_loop()
+    opened = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    alive: asyncio.Future[socket.socket] = loop.create_future()
+    alive.set_result(opened)
+    assert bus_module.EarlyConnection(alive).take() is opened
+    accepted.close()  # the broker's side ends
+    await asyncio.sleep(0.1)
+    dropped: asyncio.Future[socket.socket] = loop.create_future()
+    dropped.set_result(opened)
+    assert bus_module.EarlyConnection(dropped).take() is None
+    assert opened.fileno() == -1  # closed
+    server.close()
+
+
+async def test_an_early_tls_connection_is_open_until_its_peer_ends_it(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    client, server = tls_pair
+    await asyncio.sleep(0.1)  # the server's TLS 1.3 session tickets arrive: not "data"
+    assert bus_module._still_open(client)
+    server.close()
+    await asyncio.sleep(0.1)
+    assert not bus_module._still_open(client)

@@ -113,7 +113,7 @@ class EarlyConnection:
             self.close()
             return None
         sock = self._task.result()
-        if time.monotonic() - self._opened > EARLY_CONNECTION_MAX_AGE:
+        if time.monotonic() - self._opened > EARLY_CONNECTION_MAX_AGE or not _still_open(sock):
             with contextlib.suppress(OSError):
                 sock.close()
             return None
@@ -125,6 +125,22 @@ class EarlyConnection:
             self._task.add_done_callback(_close_opened)
             return
         _close_opened(self._task)
+
+
+def _still_open(sock: Any) -> bool:
+    """Whether the broker still holds this CONNECT-less connection open: nothing readable but
+    TLS session tickets. A closed one would cost its bus a CONNACK timeout, not a quick retry
+    (paho reports an end of stream before CONNACK to nobody)."""
+    try:
+        sock.setblocking(False)  # as paho sets it once it has the socket
+        # Over TLS this reads the session tickets; no application data is due before CONNECT.
+        data = sock.recv(1) if isinstance(sock, ssl.SSLSocket) else sock.recv(1, socket.MSG_PEEK)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return True
+    except OSError:
+        return False
+    del data  # an end of stream (b"") or data before CONNECT: not a connection to use
+    return False
 
 
 def _returning(value: Any) -> Callable[[], Any]:
