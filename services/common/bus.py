@@ -143,8 +143,10 @@ def _still_open(sock: Any) -> bool:
     return False
 
 
-def _returning(value: Any) -> Callable[[], Any]:
-    return lambda: value
+def _first_then(sock: Any, create: Callable[[], Any]) -> Callable[[], Any]:
+    """paho's socket factory that hands out ``sock`` once, then makes sockets as before."""
+    given: list[Any] = [sock]
+    return lambda: given.pop() if given else create()
 
 
 def _close_opened(task: asyncio.Future[Any]) -> None:
@@ -373,7 +375,8 @@ class Bus:
                     early, self._early = self._early, None
                     sock = early.take() if early is not None else None
                     if sock is not None:
-                        client._client._create_socket = _returning(sock)  # type: ignore[method-assign]
+                        paho = client._client
+                        paho._create_socket = _first_then(sock, paho._create_socket)  # type: ignore[method-assign]
                     await client.__aenter__()
                     client._client.on_log = None  # paho formats every debug line for it
                     if isinstance(self._tls, tls.ResumingContext):
